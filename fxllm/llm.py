@@ -1,0 +1,340 @@
+"""``LLM``: vLLM's offline API. Validates a whole call before queueing anything."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fxllm.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU,
+    DEFAULT_MAX_NUM_SEQS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    cpu_kvcache_space_bytes,
+    derive_max_model_len,
+    resolve_device,
+    resolve_dtype,
+)
+from fxllm.models.loader import load_generation_config, load_hf_config, resolve_model_dir
+from fxllm.models.registry import resolve_architecture
+from fxllm.outputs import CompletionOutput, RequestOutput
+from fxllm.runtime.detokenizer import IncrementalDetokenizer
+from fxllm.runtime.engine import LLMEngine
+from fxllm.runtime.request import Request
+from fxllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# vLLM arguments that change nothing in fxllm: accepted with one warning.
+IGNORED_VLLM_ARGUMENTS = frozenset(
+    {
+        "trust_remote_code",
+        "swap_space",
+        "disable_log_stats",
+        "tokenizer_mode",
+        "revision",
+        "tokenizer_revision",
+        "code_revision",
+        "download_dir",
+        "load_format",
+        "cpu_offload_gb",
+        "disable_custom_all_reduce",
+        "enable_chunked_prefill",
+        "max_seq_len_to_capture",
+        "disable_async_output_proc",
+        "worker_use_ray",
+        "distributed_executor_backend",
+        "max_logprobs",
+        "served_model_name",
+    }
+)
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """An offline engine over one model: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_gpu_blocks_override: int | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        hf_overrides: Any = None,
+        generation_config: str = "auto",
+        device: str = "auto",
+        tensor_parallel_size: int = 1,
+        quantization: str | None = None,
+        **kwargs: Any,
+    ):
+        self._reject_unknown_arguments(kwargs)
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is not supported yet; use 1")
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} is not supported yet; pass quantization=None")
+        _check_int("max_num_seqs", max_num_seqs, minimum=1)
+        _check_int("block_size", block_size, minimum=1)
+        _check_int("seed", seed, minimum=None)
+        if max_num_batched_tokens is not None:
+            _check_int("max_num_batched_tokens", max_num_batched_tokens, minimum=1)
+        if num_gpu_blocks_override is not None:
+            _check_int("num_gpu_blocks_override", num_gpu_blocks_override, minimum=1)
+        if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+
+        model_dir = resolve_model_dir(model)
+        hf_config = load_hf_config(model_dir, hf_overrides)
+        architecture, _ = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
+        resolved_device = resolve_device(device)
+        model_max_len = derive_max_model_len(hf_config, max_model_len)
+        self.tokenizer = _load_tokenizer(tokenizer, model_dir)
+        gen_config = load_generation_config(generation_config, model_dir)
+        model_config = ModelConfig(
+            model=str(model_dir),
+            tokenizer=str(tokenizer or model_dir),
+            architecture=architecture,
+            dtype=resolve_dtype(dtype, hf_config, resolved_device),
+            max_model_len=model_max_len,
+            hf_config=hf_config,
+            generation_config=gen_config,
+            eos_token_ids=_eos_token_ids(self.tokenizer, hf_config, gen_config),
+        )
+        if max_num_batched_tokens is None:
+            on_cpu = resolved_device.type == "cpu"
+            max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU if on_cpu else DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU
+        if max_num_batched_tokens < max_num_seqs:
+            max_num_seqs = max_num_batched_tokens  # each running request needs a token of budget a step
+        self.llm_engine_config = EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=block_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                num_gpu_blocks_override=num_gpu_blocks_override,
+                enable_prefix_caching=enable_prefix_caching,
+                cpu_kvcache_space_bytes=cpu_kvcache_space_bytes(),
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=model_max_len,
+            ),
+            device=resolved_device,
+            seed=seed,
+            enforce_eager=enforce_eager,
+        )
+        self.llm_engine = LLMEngine(self.llm_engine_config)
+        self._request_counter = itertools.count()
+
+    @staticmethod
+    def _reject_unknown_arguments(kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - IGNORED_VLLM_ARGUMENTS)
+        if unknown:
+            raise TypeError(
+                f"LLM() got unknown argument(s): {', '.join(unknown)}. Arguments vLLM accepts that fxllm "
+                f"ignores: {', '.join(sorted(IGNORED_VLLM_ARGUMENTS))}"
+            )
+        if kwargs:
+            warnings.warn(
+                f"fxllm ignores these vLLM arguments: {', '.join(sorted(kwargs))}", UserWarning, stacklevel=3
+            )
+
+    # ---- public API -----------------------------------------------------------------
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams from the model's generation_config.json (vLLM's generation_config="auto")."""
+        return SamplingParams.from_generation_config(self.llm_engine_config.model.generation_config)
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete each prompt; outputs come back in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = self._sampling_params_list(sampling_params, len(prompt_list))
+        requests = [self._make_request(prompt, params, index) for index, (prompt, params) in enumerate(zip(prompt_list, params_list))]
+        return self._run(requests, use_tqdm)
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _sampling_params_list(
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [self.get_default_sampling_params()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(
+                f"sampling_params must be a SamplingParams, a list of them or None, got {type(sampling_params).__name__}"
+            )
+        if len(sampling_params) != num_prompts:
+            raise ValueError(
+                f"got {len(sampling_params)} sampling_params for {num_prompts} prompts: pass one "
+                f"SamplingParams, or a list with one per prompt"
+            )
+        for index, params in enumerate(sampling_params):
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
+        return list(sampling_params)
+
+    def _make_request(self, prompt: PromptType, params: SamplingParams, index: int) -> Request:
+        text, token_ids = self._tokenize(prompt, index)
+        model_config = self.llm_engine_config.model
+        max_model_len = model_config.max_model_len
+        if len(token_ids) >= max_model_len:
+            raise ValueError(
+                f"prompt {index} has {len(token_ids)} tokens but max_model_len is {max_model_len}; a prompt must "
+                f"leave room for at least one generated token: shorten it or raise max_model_len"
+            )
+        room = max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(model_config.eos_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.llm_engine_config.device)
+            generator.manual_seed(params.seed)
+        return Request(
+            request_id=str(next(self._request_counter)),
+            prompt=text,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            max_tokens=max_tokens,
+            stop_token_ids=frozenset(stop_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
+            generator=generator,
+        )
+
+    def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, token_ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            if not isinstance(token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in token_ids
+            ):
+                raise TypeError(f"prompt {index}: prompt_token_ids must be a list of ints")
+            token_ids = list(token_ids)
+            vocab_size = self.llm_engine_config.model.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        elif isinstance(prompt, dict) and "prompt" in prompt:
+            if not isinstance(prompt["prompt"], str):
+                raise TypeError(f"prompt {index}: 'prompt' must be a string, got {type(prompt['prompt']).__name__}")
+            text, token_ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        else:
+            raise TypeError(
+                f"prompt {index} must be a string, {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
+                f"got {type(prompt).__name__}"
+            )
+        if not token_ids:
+            raise ValueError(f"prompt {index} is empty; give at least one token")
+        return text, token_ids
+
+    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        for request in requests:
+            engine.add_request(request)
+        progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            num_output_tokens = 0
+            while engine.has_unfinished():
+                for request in engine.step():
+                    num_output_tokens += len(request.output_token_ids)
+                    progress.update(1)
+                    elapsed = time.perf_counter() - start
+                    progress.set_postfix_str(f"output {num_output_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+        except BaseException:
+            engine.abort(requests)  # never leave a half-run call's requests holding blocks
+            raise
+        finally:
+            progress.close()
+        return [_request_output(request) for request in requests]
+
+
+def _request_output(request: Request) -> RequestOutput:
+    completion = CompletionOutput(
+        index=0,
+        text=request.detokenizer.text,
+        token_ids=list(request.output_token_ids),
+        finish_reason=request.finish_reason,
+        stop_reason=request.stop_reason,
+    )
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=request.prompt_token_ids,
+        outputs=[completion],
+        finished=True,
+    )
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("no prompts given: pass a string or a non-empty list of prompts")
+        return list(prompts)
+    raise TypeError(
+        f"prompts must be a string, a dict (TokensPrompt/TextPrompt) or a list of them, got {type(prompts).__name__}"
+    )
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+
+
+def _load_tokenizer(tokenizer: str | None, model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    source = tokenizer or str(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not load a tokenizer from {source}: {error}") from error
+
+
+def _eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: dict) -> tuple[int, ...]:
+    """EOS ids from the tokenizer, config.json and generation_config.json (each may be a list)."""
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(hf_config, "eos_token_id", None),
+        generation_config.get("eos_token_id"),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return tuple(sorted(ids))

@@ -1,0 +1,162 @@
+"""Llama-family decoder: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), Granite (multipliers).
+
+Plain single-device modules over flattened tokens: ``forward(input_ids[T],
+positions[T]) -> hidden[T, H]``. No collectives, nothing about scheduling; the
+attention op is the only runtime piece the model calls.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, apply_rotary
+from fxllm.models.weights import FusedShard, load_named_weights
+from fxllm.runtime.attention import Attention
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _active_sliding_window(config: PretrainedConfig) -> int | None:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t == "sliding_attention" for t in layer_types):
+        return config.sliding_window
+    if getattr(config, "use_sliding_window", None) is False:
+        return None
+    if layer_types:  # every layer is full attention
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+class LlamaAttentionBlock(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_name: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        model_type = config.model_type
+        attention_bias = getattr(config, "attention_bias", False)
+        qkv_bias = attention_bias or model_type == "qwen2"  # Qwen2 always has q/k/v biases
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias and model_type != "qwen2")
+        self.qk_norm = model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # Granite replaces 1/sqrt(head_dim) with its attention_multiplier.
+        scale = getattr(config, "attention_multiplier", None) or self.head_dim**-0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, layer_name)
+
+    def forward(self, rotary: RotaryTables, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = query.view(-1, self.num_heads, self.head_dim)  # [T, heads, head_dim]
+        key = key.view(-1, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        if self.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
+        out = self.attn(query.flatten(1), key.flatten(1), value.contiguous())
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; expected 'silu'")
+        self.act = SiluAndMul()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, index: int):
+        super().__init__()
+        self.self_attn = LlamaAttentionBlock(config, f"model.layers.{index}.self_attn.attn")
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Granite scales each branch before adding it to the residual stream.
+        self.residual_multiplier = getattr(config, "residual_multiplier", None) or 1.0
+
+    def forward(self, rotary: RotaryTables, hidden: torch.Tensor) -> torch.Tensor:
+        attn_out = self.self_attn(rotary, self.input_layernorm(hidden))
+        hidden = hidden + attn_out * self.residual_multiplier
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + mlp_out * self.residual_multiplier
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.rotary = RotaryEmbedding(config, _head_dim(config), max_positions)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", None) or 1.0
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) * self.embedding_multiplier  # [T, hidden]
+        rotary = self.rotary(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(rotary, hidden)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """One implementation for Llama, Mistral, Qwen2, Qwen3 and Granite checkpoints."""
+
+    # HF checkpoint name -> (our fused parameter, shard index)
+    fused_weights = {
+        "q_proj": FusedShard("qkv_proj", 0),
+        "k_proj": FusedShard("qkv_proj", 1),
+        "v_proj": FusedShard("qkv_proj", 2),
+        "gate_proj": FusedShard("gate_up_proj", 0),
+        "up_proj": FusedShard("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: PretrainedConfig, max_positions: int):
+        super().__init__()
+        window = _active_sliding_window(config)
+        if window is not None:
+            raise ValueError(
+                f"this checkpoint uses sliding-window attention (sliding_window={window}), which fxllm "
+                f"does not support yet; pass hf_overrides={{'sliding_window': None}} to run it with full "
+                f"attention if max_model_len <= {window}"
+            )
+        self.config = config
+        self.model = LlamaModel(config, max_positions)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.logits_scaling = getattr(config, "logits_scaling", None) or 1.0  # Granite divides logits
+        attn = self.model.layers[0].self_attn
+        self.qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
+
+    def fused_shard_sizes(self, fused_name: str) -> list[int]:
+        if fused_name == "qkv_proj":
+            return self.qkv_sizes
+        return [self.config.intermediate_size] * 2
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        load_named_weights(self, weights, skip=skip)

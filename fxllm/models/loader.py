@@ -1,0 +1,85 @@
+"""From a user's ``model=`` argument to a built model with its weights loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from fxllm.models.registry import resolve_architecture
+from fxllm.models.weights import iterate_safetensors, safetensors_files
+
+HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """A local HF-style directory for ``model``: the default model, a .gguf file or a directory."""
+    if model is None:
+        from fxllm.models.default_model import default_model
+
+        return Path(default_model())
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"model must be a path (str), got {type(model).__name__}")
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {model!r} does not exist; pass a local Hugging Face model directory or a "
+            f".gguf file (fxllm does not download from model hubs)"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {model!r} is not a .gguf file; pass a model directory or a .gguf file")
+        from fxllm.models.gguf import gguf_to_hf_dir
+
+        return Path(gguf_to_hf_dir(path))
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {path}: is this a Hugging Face model directory?")
+    return path
+
+
+def load_hf_config(model_dir: Path, hf_overrides: HfOverrides) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"could not read {model_dir / 'config.json'}: {error}") from error
+    if hf_overrides is None:
+        return config
+    if callable(hf_overrides):
+        return hf_overrides(config)
+    if not isinstance(hf_overrides, dict):
+        raise TypeError(f"hf_overrides must be a dict or a callable, got {type(hf_overrides).__name__}")
+    for key, value in hf_overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def load_generation_config(source: str, model_dir: Path) -> dict:
+    """vLLM's ``generation_config``: "auto" reads the model's file, "vllm" ignores it, else a folder."""
+    if source == "vllm":
+        return {}
+    folder = model_dir if source == "auto" else Path(source)
+    file = folder / "generation_config.json"
+    if not file.exists():
+        if source != "auto":
+            raise FileNotFoundError(f"generation_config={source!r}: no generation_config.json in {folder}")
+        return {}
+    return json.loads(file.read_text())
+
+
+def build_model(
+    hf_config: PretrainedConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> nn.Module:
+    _, model_class = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(hf_config, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iterate_safetensors(safetensors_files(model_dir)))
+    return model.eval()

@@ -1,0 +1,35 @@
+"""Architecture name (config.json ``architectures``) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fxllm.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "GraniteForCausalLM": LlamaForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(MODEL_REGISTRY)
+
+
+def resolve_architecture(architectures: list[str] | None, source: str) -> tuple[str, type[nn.Module]]:
+    """The first supported architecture of a config, or a clear error."""
+    if not architectures:
+        raise ValueError(
+            f"{source} names no 'architectures'; set one with hf_overrides={{'architectures': "
+            f"['LlamaForCausalLM']}}. Supported: {', '.join(supported_architectures())}"
+        )
+    for name in architectures:
+        if name in MODEL_REGISTRY:
+            return name, MODEL_REGISTRY[name]
+    raise ValueError(
+        f"architecture {', '.join(architectures)} (from {source}) is not supported. "
+        f"Supported: {', '.join(supported_architectures())}"
+    )

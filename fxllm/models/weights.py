@@ -1,0 +1,126 @@
+"""Reading checkpoints: safetensors files (single or sharded) into a model's parameters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+# Buffers some checkpoints carry that models recompute.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class FusedShard:
+    """A checkpoint tensor that is one slice (along dim 0) of a fused parameter."""
+
+    fused_name: str
+    index: int
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{index} is not a valid safetensors index ({error}); re-download the checkpoint") from None
+        files = sorted({model_dir / name for name in weight_map.values()})
+    elif (model_dir / SAFETENSORS_SINGLE).exists():
+        files = [model_dir / SAFETENSORS_SINGLE]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no .safetensors weights in {model_dir}: fxllm reads safetensors checkpoints "
+            f"(convert .bin weights with transformers' save_pretrained(safe_serialization=True))"
+        )
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"{file} is listed in {SAFETENSORS_INDEX} but missing; re-download the checkpoint")
+    return files
+
+
+def iterate_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except Exception as error:  # safetensors raises several types for bad files
+            if isinstance(error, (KeyboardInterrupt, MemoryError)):
+                raise
+            raise ValueError(
+                f"could not read weights from {file}: {error}. The file may be truncated or "
+                f"corrupt; re-download or re-save the checkpoint"
+            ) from error
+
+
+def load_named_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], skip: set[str] = frozenset()
+) -> None:
+    """Copy checkpoint tensors into ``model`` by HF name, filling fused parameters.
+
+    The model declares ``fused_weights`` (checkpoint module name -> FusedShard) and
+    ``fused_shard_sizes(fused_name)``. Every parameter must be written exactly once.
+    """
+    params = dict(model.named_parameters())
+    fused_weights: dict[str, FusedShard] = getattr(model, "fused_weights", {})
+    pending = {name: _num_shards(model, name, fused_weights) for name in params}
+    for name, tensor in weights:
+        if name in skip or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        target, shard = _resolve(name, fused_weights)
+        if target not in params:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}; "
+                f"is the config's architecture right for these weights?"
+            )
+        param = params[target]
+        with torch.no_grad():
+            if shard is None:
+                _check_shape(name, param.shape, tensor.shape)
+                param.copy_(tensor)
+            else:
+                sizes = model.fused_shard_sizes(shard.fused_name)
+                offset = sum(sizes[: shard.index])
+                part = param.narrow(0, offset, sizes[shard.index])
+                _check_shape(name, part.shape, tensor.shape)
+                part.copy_(tensor)
+        pending[target] -= 1
+    missing = sorted(name for name, count in pending.items() if count > 0)
+    if missing:
+        raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _resolve(name: str, fused_weights: dict[str, FusedShard]) -> tuple[str, FusedShard | None]:
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        shard = fused_weights.get(part)
+        if shard is not None:
+            return ".".join(parts[:i] + [shard.fused_name] + parts[i + 1 :]), shard
+    return name, None
+
+
+def _num_shards(model: nn.Module, param_name: str, fused_weights: dict[str, FusedShard]) -> int:
+    module_name = param_name.split(".")[-2] if "." in param_name else ""
+    fused_names = {shard.fused_name for shard in fused_weights.values()}
+    if module_name in fused_names:
+        return len(model.fused_shard_sizes(module_name))
+    return 1
+
+
+def _check_shape(name: str, expected: torch.Size, got: torch.Size) -> None:
+    if expected != got:
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(got)} but the model expects {tuple(expected)}; "
+            f"the config.json does not match these weights"
+        )

@@ -1,0 +1,27 @@
+"""The interface every attention backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from fxllm.runtime.attention.layer import AttentionSpec
+from fxllm.runtime.forward_context import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        spec: AttentionSpec,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        out: torch.Tensor,  # [T, num_heads, head_dim], written in place
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+    ) -> None:
+        """Write this step's K/V into the paged cache, then attention into ``out``."""
+        ...

@@ -1,0 +1,70 @@
+"""The attention layer models call, and the custom op it lowers to.
+
+``torch.ops.fxllm.attention`` is opaque to Dynamo (a ``torch.library.custom_op``
+with a fake implementation): it is the splitting op of the piecewise compiler.
+It writes the new K/V into the layer's paged cache and the result into ``out``;
+the cache and per-step metadata come from the forward context, found by
+``layer_name`` (DESIGN.md contract 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fxllm.runtime.forward_context import get_forward_context
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a backend needs to know about one attention layer."""
+
+    layer_name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+@torch.library.custom_op("fxllm::attention", mutates_args=("out",))
+def attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, layer_name: str
+) -> None:
+    context = get_forward_context()
+    if context.attn_metadata is None:
+        out.zero_()  # profiling run: no KV cache exists yet
+        return
+    spec = context.layers[layer_name]
+    context.backend.forward(
+        spec,
+        query.view(-1, spec.num_heads, spec.head_dim),
+        key.view(-1, spec.num_kv_heads, spec.head_dim),
+        value.view(-1, spec.num_kv_heads, spec.head_dim),
+        out.view(-1, spec.num_heads, spec.head_dim),
+        context.kv_caches[layer_name],
+        context.attn_metadata,
+    )
+
+
+@attention_op.register_fake
+def _(query, key, value, out, layer_name) -> None:
+    return None
+
+
+class Attention(nn.Module):
+    """Paged attention over flattened tokens: [T, heads * head_dim] in and out."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_name: str):
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )
+        self.spec = AttentionSpec(layer_name, num_heads, num_kv_heads, head_dim, scale)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(query)
+        torch.ops.fxllm.attention(query, key, value, out, self.spec.layer_name)
+        return out

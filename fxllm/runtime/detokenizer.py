@@ -1,0 +1,34 @@
+"""Incremental detokenization: text grows as tokens arrive, multi-byte characters intact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Prompt tokens fed to the stream first, so the first output token decodes in context
+# (e.g. its leading space) without decoding the whole prompt.
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Wraps the tokenizers library's DecodeStream; falls back to full decodes for slow tokenizers."""
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool):
+        self.text = ""
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._backend = getattr(tokenizer, "_tokenizer", None)
+        self._output_ids: list[int] = []
+        if self._backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+            self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+
+    def add(self, token_id: int) -> None:
+        if self._backend is None:
+            self._output_ids.append(token_id)
+            self.text = self._tokenizer.decode(self._output_ids, skip_special_tokens=self._skip_special_tokens)
+            return
+        chunk = self._stream.step(self._backend, token_id)
+        if chunk is not None:
+            self.text += chunk

@@ -1,0 +1,68 @@
+"""The engine loop: schedule, run, append tokens, finish requests."""
+
+from __future__ import annotations
+
+import logging
+
+from fxllm.config import EngineConfig
+from fxllm.runtime.kv_cache import KVCacheManager
+from fxllm.runtime.request import Request
+from fxllm.runtime.runner import ModelRunner
+from fxllm.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        block_size = config.cache.block_size
+        max_model_len = config.model.max_model_len
+        needed = -(-max_model_len // block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks ({num_blocks * block_size} tokens) but one request "
+                f"of max_model_len={max_model_len} needs {needed}: lower max_model_len, or give the cache "
+                f"more memory (gpu_memory_utilization on GPU, FXLLM_CPU_KVCACHE_SPACE on CPU, or "
+                f"num_gpu_blocks_override)"
+            )
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB) on %s",
+            num_blocks, block_size, num_blocks * self.runner.bytes_per_block() / 2**30, config.device,
+        )
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Run one step; return the requests that finished in it."""
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return []
+        sampled = iter(self.runner.execute(step))
+        finished = []
+        for scheduled in step.scheduled:
+            request = scheduled.request
+            samples = scheduled.samples  # read before num_computed_tokens moves
+            request.num_computed_tokens += scheduled.num_new_tokens
+            self.kv_cache.commit_full_blocks(request)
+            if samples:
+                request.append_output(next(sampled))
+                if request.finish_reason is not None:
+                    self.scheduler.finish(request)
+                    finished.append(request)
+        return finished
+
+    def abort(self, requests: list[Request]) -> None:
+        """Drop unfinished requests and free their blocks (e.g. after an interrupt)."""
+        for request in requests:
+            if not request.finished:
+                self.scheduler.finish(request)

@@ -1,0 +1,141 @@
+"""Tiny random-weight checkpoints of each supported architecture, built from configs.
+
+Every parameter (biases and norm weights included) is randomized, so a loader
+that drops or misplaces any weight changes the output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB_SIZE = 320
+_CORPUS = [
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "Compilers turn graphs into fast kernels; attention reads the paged cache.",
+    "Once upon a time there was a tiny model that learned to count: one two three four five.",
+    "Hello world! How are you today? I am fine, thank you.",
+]
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+CONFIGS = {
+    # GQA, untied, llama3 RoPE scaling, biases everywhere.
+    "llama": lambda: LlamaConfig(
+        **_COMMON,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        architectures=["LlamaForCausalLM"],
+    ),
+    # MHA, tied, explicit head_dim.
+    "mistral": lambda: MistralConfig(
+        **_COMMON, num_key_value_heads=4, head_dim=16, tie_word_embeddings=True, sliding_window=None,
+        architectures=["MistralForCausalLM"],
+    ),
+    # GQA, tied, q/k/v biases.
+    "qwen2": lambda: Qwen2Config(
+        **_COMMON, num_key_value_heads=2, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"]
+    ),
+    # head_dim (32) != hidden / heads (16), q/k norms, untied.
+    "qwen3": lambda: Qwen3Config(
+        **_COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"]
+    ),
+    # Granite's four multipliers.
+    "granite": lambda: GraniteConfig(
+        **_COMMON,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        embedding_multiplier=4.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+        logits_scaling=2.0,
+        architectures=["GraniteForCausalLM"],
+    ),
+}
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(0.15 * noise)
+
+
+def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
+    """Write a random-weight HF checkpoint of ``arch`` (a key of CONFIGS) with a tokenizer."""
+    config = CONFIGS[arch]()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    model.save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The oracle: HF transformers, fp32, one prompt at a time, no padding, no EOS stop."""
+    model = _hf_model(model_dir)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0, len(prompt_ids) :].tolist()
+
+
+_HF_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def _hf_model(model_dir: Path) -> torch.nn.Module:
+    key = str(model_dir)
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _HF_MODELS[key]
