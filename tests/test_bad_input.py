@@ -1,0 +1,140 @@
+"""Bad input raises a clear error for the whole call, queues nothing, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fxllm import LLM, SamplingParams
+
+GOOD_PROMPTS = ["The capital of France is", "Hello world"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+MAX_MODEL_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    return LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def baseline(llm):
+    return _tokens(llm.generate(GOOD_PROMPTS, GREEDY, use_tqdm=False))
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _assert_still_serves(llm, baseline):
+    engine = llm.llm_engine
+    assert not engine.has_unfinished(), "a rejected call left requests queued"
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    assert _tokens(llm.generate(GOOD_PROMPTS, GREEDY, use_tqdm=False)) == baseline
+
+
+GOOD = GOOD_PROMPTS[0]
+# Each bad call puts a good prompt first: nothing of the call may run half-way.
+BAD_CALLS = {
+    "prompt_longer_than_max_model_len": ([GOOD, "word " * 200], GREEDY, ValueError, "max_model_len"),
+    "token_id_above_vocab": ([GOOD, {"prompt_token_ids": [1, 2, 10**6]}], GREEDY, ValueError, "vocabulary"),
+    "negative_token_id": ([GOOD, {"prompt_token_ids": [-1, 2]}], GREEDY, ValueError, "vocabulary"),
+    "empty_prompt": ([GOOD, ""], GREEDY, ValueError, "prompt 1 is empty"),
+    "empty_token_list": ([GOOD, {"prompt_token_ids": []}], GREEDY, ValueError, "prompt 1 is empty"),
+    "sampling_params_list_of_wrong_length": (GOOD_PROMPTS, [GREEDY] * 3, ValueError, "3 sampling_params for 2 prompts"),
+    "prompt_of_wrong_type": ([GOOD, 42], GREEDY, TypeError, "prompt 1 must be a string"),
+    "prompts_not_a_list": (42, GREEDY, TypeError, "prompts must be"),
+    "token_ids_not_ints": ([GOOD, {"prompt_token_ids": ["a"]}], GREEDY, TypeError, "list of ints"),
+    "dict_without_prompt_keys": ([GOOD, {"text": "hi"}], GREEDY, TypeError, "prompt 1 must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_prompt_in_a_batch_raises_and_engine_still_serves(llm, baseline, case):
+    prompts, params, error_type, message = BAD_CALLS[case]
+    with pytest.raises(error_type, match=message):
+        llm.generate(prompts, params, use_tqdm=False)
+    _assert_still_serves(llm, baseline)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an int >= 1"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -2}, "top_k must be an int >= -1"),
+    ],
+)
+def test_invalid_sampling_params_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_zero_and_minus_one_mean_all_tokens(llm, top_k):
+    params = SamplingParams(temperature=1.0, top_k=top_k, seed=3, max_tokens=6, ignore_eos=True)
+    reference = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    assert _tokens(llm.generate(GOOD_PROMPTS, params, use_tqdm=False)) == _tokens(
+        llm.generate(GOOD_PROMPTS, reference, use_tqdm=False)
+    )
+
+
+def test_missing_model_path_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(model=str(tmp_path / "nowhere"))
+
+
+def test_directory_without_config_json_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLM(model=str(tmp_path))
+
+
+def test_unknown_architecture_lists_supported_ones(tmp_path, llama_dir):
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["FancyNewForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="FancyNewForCausalLM.*Supported: .*LlamaForCausalLM"):
+        LLM(model=str(model_dir))
+
+
+def test_truncated_safetensors_error_names_the_file(tmp_path, llama_dir):
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(model=str(model_dir), enforce_eager=True)
+
+
+def test_corrupt_safetensors_error_names_the_file(tmp_path, llama_dir):
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(model=str(model_dir), enforce_eager=True)
+
+
+def test_unknown_keyword_is_named(llama_dir):
+    with pytest.raises(TypeError, match="not_a_vllm_argument"):
+        LLM(model=str(llama_dir), not_a_vllm_argument=1)
+
+
+def test_ignored_vllm_arguments_warn_once(llama_dir):
+    with pytest.warns(UserWarning, match="ignores these vLLM arguments: swap_space, trust_remote_code"):
+        LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, trust_remote_code=True, swap_space=4)
+
+
+def test_max_model_len_that_cannot_fit_says_how_to_fix(llama_dir):
+    with pytest.raises(ValueError, match="lower max_model_len"):
+        LLM(model=str(llama_dir), enforce_eager=True, max_model_len=256, num_gpu_blocks_override=4)
+
+
+def test_max_model_len_above_the_models_limit_is_rejected(llama_dir):
+    with pytest.raises(ValueError, match="larger than the model's maximum length 512"):
+        LLM(model=str(llama_dir), enforce_eager=True, max_model_len=100000)
