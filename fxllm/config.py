@@ -6,8 +6,9 @@ This is the only module that reads environment variables; the documented
 
 from __future__ import annotations
 
+import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "FXLLM_CACHE_DIR": "where fxllm keeps the converted default model and other caches "
     "(default: $XDG_CACHE_HOME/fxllm or ~/.cache/fxllm)",
     "FXLLM_CPU_KVCACHE_SPACE": "GiB of memory for the KV cache on CPU (default 4; fractions allowed)",
+    "FXLLM_DISABLE_COMPILE_CACHE": "1 turns off the on-disk compile cache (every start compiles)",
 }
 
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
@@ -30,6 +32,10 @@ def fxllm_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "fxllm"
+
+
+def compile_cache_disabled() -> bool:
+    return os.environ.get("FXLLM_DISABLE_COMPILE_CACHE", "0").strip().lower() in ("1", "true", "yes")
 
 
 def cpu_kvcache_space_bytes() -> int:
@@ -99,14 +105,119 @@ class SchedulerConfig:
     max_model_len: int = 0
 
 
+class CompilationLevel(enum.IntEnum):
+    """vLLM's compilation levels."""
+
+    NO_COMPILATION = 0  # eager
+    DYNAMO_AS_IS = 1  # plain torch.compile of the model
+    DYNAMO_ONCE = 2  # capture once, whole graph to the backend
+    PIECEWISE = 3  # capture once, split at attention, compile each piece (default)
+
+
+class CUDAGraphMode(enum.Enum):
+    NONE = "NONE"
+    PIECEWISE = "PIECEWISE"
+    FULL = "FULL"
+    FULL_AND_PIECEWISE = "FULL_AND_PIECEWISE"
+
+
+ATTENTION_OP = "fxllm.attention"
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Switches for the FX passes run on the captured graph (vLLM's names)."""
+
+    enable_noop: bool = True
+    enable_fusion: bool = True
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    """How the model is compiled; vLLM's ``CompilationConfig``.
+
+    ``LLM(compilation_config=...)`` takes this object, a dict of its fields, or an
+    int (the level). ``enforce_eager=True`` means level 0 and no CUDA graphs.
+    """
+
+    level: CompilationLevel = CompilationLevel.PIECEWISE
+    use_inductor: bool = True  # False: pieces run eagerly (the debugging kill switch)
+    splitting_ops: tuple[str, ...] | None = None  # None: the attention op; () = no split
+    compile_sizes: tuple[int, ...] = ()  # T values also compiled with static shapes
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
+    cudagraph_mode: CUDAGraphMode | None = None
+    cache_dir: str | None = None  # on-disk compile cache (default: FXLLM_CACHE_DIR/compile)
+    debug_dump_path: str | None = None  # depyf dump of the captured and split graphs
+    pass_config: PassConfig = field(default_factory=PassConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            level = CompilationLevel(self.level)
+        except ValueError:
+            raise ValueError(f"compilation level must be 0, 1, 2 or 3, got {self.level!r}") from None
+        object.__setattr__(self, "level", level)
+        if self.splitting_ops is not None:
+            if isinstance(self.splitting_ops, str) or not all(isinstance(op, str) for op in self.splitting_ops):
+                raise ValueError(f"splitting_ops must be a list of op names like {ATTENTION_OP!r}, got {self.splitting_ops!r}")
+            object.__setattr__(self, "splitting_ops", tuple(self.splitting_ops))
+        object.__setattr__(self, "compile_sizes", _positive_ints("compile_sizes", self.compile_sizes))
+        if self.cudagraph_capture_sizes is not None:
+            sizes = _positive_ints("cudagraph_capture_sizes", self.cudagraph_capture_sizes)
+            object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(sizes))))
+        if self.cudagraph_mode is not None and not isinstance(self.cudagraph_mode, CUDAGraphMode):
+            try:
+                object.__setattr__(self, "cudagraph_mode", CUDAGraphMode(str(self.cudagraph_mode).upper()))
+            except ValueError:
+                modes = ", ".join(m.value for m in CUDAGraphMode)
+                raise ValueError(f"cudagraph_mode must be one of {modes}, got {self.cudagraph_mode!r}") from None
+        if isinstance(self.pass_config, dict):
+            object.__setattr__(self, "pass_config", PassConfig(**self.pass_config))
+
+    def eager(self) -> "CompilationConfig":
+        """This config at level 0 without CUDA graphs (``enforce_eager=True``)."""
+        return replace(self, level=CompilationLevel.NO_COMPILATION, cudagraph_mode=CUDAGraphMode.NONE)
+
+    @property
+    def effective_splitting_ops(self) -> tuple[str, ...]:
+        return (ATTENTION_OP,) if self.splitting_ops is None else self.splitting_ops
+
+    @classmethod
+    def from_user(cls, value: "CompilationConfig | dict | int | None") -> "CompilationConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool):
+            raise TypeError("compilation_config must be a CompilationConfig, a dict or an int level, got a bool")
+        if isinstance(value, int):
+            return cls(level=value)
+        if isinstance(value, dict):
+            known = {f for f in cls.__dataclass_fields__}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown compilation_config field(s) {unknown}; known: {sorted(known)}")
+            return cls(**value)
+        raise TypeError(
+            f"compilation_config must be a CompilationConfig, a dict or an int level, got {type(value).__name__}"
+        )
+
+
+def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+    ):
+        raise ValueError(f"{name} must be a list of ints >= 1, got {values!r}")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: torch.device
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
-    enforce_eager: bool = False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

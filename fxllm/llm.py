@@ -18,6 +18,7 @@ from fxllm.config import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU,
     DEFAULT_MAX_NUM_SEQS,
     CacheConfig,
+    CompilationConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
@@ -26,6 +27,7 @@ from fxllm.config import (
     resolve_device,
     resolve_dtype,
 )
+from fxllm.compiler import CompileReport
 from fxllm.models.loader import load_generation_config, load_hf_config, resolve_model_dir
 from fxllm.models.registry import resolve_architecture
 from fxllm.outputs import CompletionOutput, RequestOutput
@@ -85,6 +87,7 @@ class LLM:
         device: str = "auto",
         tensor_parallel_size: int = 1,
         quantization: str | None = None,
+        compilation_config: CompilationConfig | dict | int | None = None,
         **kwargs: Any,
     ):
         self._reject_unknown_arguments(kwargs)
@@ -102,6 +105,7 @@ class LLM:
         if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
 
+        compilation = CompilationConfig.from_user(compilation_config)
         model_dir = resolve_model_dir(model)
         hf_config = load_hf_config(model_dir, hf_overrides)
         architecture, _ = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
@@ -139,8 +143,8 @@ class LLM:
                 max_model_len=model_max_len,
             ),
             device=resolved_device,
+            compilation=compilation.eager() if enforce_eager else compilation,
             seed=seed,
-            enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(self.llm_engine_config)
         self._request_counter = itertools.count()
@@ -162,6 +166,10 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def compile_report(self) -> CompileReport:
+        """What the compiler did at start-up: pieces, ops per piece, compile time, cache use."""
+        return self.llm_engine.runner.compile_report
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams from the model's generation_config.json (vLLM's generation_config="auto")."""

@@ -82,4 +82,4 @@ def build_model(
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(iterate_safetensors(safetensors_files(model_dir)))
-    return model.eval()
+    return model.eval().requires_grad_(False)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from fxllm.config import EngineConfig
+from fxllm.compiler import compile_model
+from fxllm.config import CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
@@ -44,10 +44,25 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
-        # The compiler replaces this with the engine's own compiled callable.
-        self.forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self._log_cudagraph_settings()
+        self.forward_fn, self.compile_report = compile_model(self.model, config, self._profile_context)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
+
+    def _profile_context(self):
+        """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
+        return set_forward_context(ForwardContext(None, {}, self.layers, self.backend))
+
+    def _log_cudagraph_settings(self) -> None:
+        compilation = self.config.compilation
+        unset = compilation.cudagraph_capture_sizes is None and compilation.cudagraph_mode is None
+        if unset or compilation.cudagraph_mode is CUDAGraphMode.NONE:
+            return
+        if self.device.type == "cpu":
+            logger.info("cudagraph_capture_sizes/cudagraph_mode do not apply on CPU: no CUDA graphs are captured")
+        else:
+            logger.info("CUDA graphs are not captured yet: cudagraph_capture_sizes/cudagraph_mode are ignored")
 
     # ---- KV cache sizing and allocation -------------------------------------------------
 
@@ -79,8 +94,7 @@ class ModelRunner:
         num_tokens = scheduler.max_num_batched_tokens
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
-        context = ForwardContext(None, {}, self.layers, self.backend)
-        with torch.inference_mode(), set_forward_context(context):
+        with torch.inference_mode(), self._profile_context():
             hidden = self.forward_fn(input_ids, positions)
         rows = min(scheduler.max_num_seqs, num_tokens)
         with torch.inference_mode():

@@ -1,0 +1,25 @@
+"""What the compiler did, for users and tests: ``LLM.compile_report()``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class CompileReport:
+    level: int
+    dynamo_compiles: int = 0  # Dynamo traces of the model (1 after start-up, whatever T runs)
+    pieces: int = 0  # submodules in the split graph (compute pieces + splitting-op pieces)
+    splitting_ops: list[str] = field(default_factory=list)
+    piece_ops: list[dict[str, int]] = field(default_factory=list)  # op histogram per piece
+    compiled_shapes: list[str] = field(default_factory=list)  # "dynamic" and each compile size
+    cudagraph_sizes: list[int] = field(default_factory=list)
+    passes: dict[str, int] = field(default_factory=dict)  # pass name -> matches
+    compile_seconds: float = 0.0
+    inductor_compiles: int = 0  # pieces compiled by Inductor (not loaded, not de-duplicated)
+    unique_pieces: int = 0  # distinct compiled artifacts after de-duplicating identical layers
+    cache_dir: str | None = None
+    loaded_from_cache: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
