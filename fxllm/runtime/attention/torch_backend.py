@@ -68,11 +68,14 @@ class TorchAttentionBackend:
         lens = [metadata.seq_lens_cpu[i] for i in rows]
         num_blocks = -(-max(lens) // block_size)
         tables = metadata.block_tables[row_index]
-        keys = _gather_context(kv_cache[0], tables, num_blocks)  # [D, L, kv_heads, head_dim]
-        values = _gather_context(kv_cache[1], tables, num_blocks)
-        positions = torch.arange(keys.shape[1], device=query.device)
+        positions = torch.arange(num_blocks * block_size, device=query.device)
         lens_tensor = torch.tensor(lens, device=query.device)
-        mask = (positions[None, :] < lens_tensor[:, None])[:, None, None, :]  # [D, 1, 1, L]
+        valid = positions[None, :] < lens_tensor[:, None]  # [D, L]
+        # Slots past a sequence's length hold stale or uninitialized memory (maybe NaN):
+        # zero them, since a masked NaN still poisons the softmax and the weighted sum.
+        keys = _gather_context(kv_cache[0], tables, num_blocks).masked_fill(~valid[:, :, None, None], 0)
+        values = _gather_context(kv_cache[1], tables, num_blocks).masked_fill(~valid[:, :, None, None], 0)
+        mask = valid[:, None, None, :]  # [D, 1, 1, L]
         q = query[token_index].unsqueeze(2)  # [D, heads, 1, head_dim]
         result = F.scaled_dot_product_attention(
             q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=spec.scale, enable_gqa=True
