@@ -1,0 +1,59 @@
+"""The engine on a CUDA device (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxllm import LLM, SamplingParams
+from tests.conftest import ARCHITECTURES
+from tests.tiny_models import hf_greedy
+
+pytestmark = pytest.mark.gpu
+PROMPTS = ["The capital of France is", "Hello", "Once upon a time there was a tiny model that learned to count"]
+NEW_TOKENS = 10
+TOP_K = 5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_fp32_greedy_on_gpu_matches_hf_on_cpu(arch, tiny_model_dirs, enforce_eager):
+    model_dir = tiny_model_dirs[arch]
+    llm = LLM(model=str(model_dir), device="cuda", dtype="float32", max_model_len=256, enforce_eager=enforce_eager)
+    tokenizer = llm.get_tokenizer()
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs):
+        ids = tokenizer.encode(prompt)
+        assert output.outputs[0].token_ids == hf_greedy(model_dir, ids, NEW_TOKENS)
+
+
+def test_bf16_greedy_diverges_only_between_near_ties(llama_dir):
+    """bf16 on GPU vs fp32 HF: at the first differing token, each side's token is in the
+    other's top-k."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=str(llama_dir), device="cuda", dtype="bfloat16", max_model_len=256)
+    reference = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    tokenizer = llm.get_tokenizer()
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        ours = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)[0]
+        theirs = hf_greedy(llama_dir, ids, NEW_TOKENS)
+        mine = ours.outputs[0].token_ids
+        if mine == theirs:
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids + theirs[:first]])).logits[0, -1]
+        assert mine[first] in logits.topk(TOP_K).indices.tolist()
+
+
+def test_kv_cache_fills_the_memory_left_after_profiling(llama_dir):
+    small = LLM(model=str(llama_dir), device="cuda", max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=True)
+    blocks_small = small.llm_engine.kv_cache.num_blocks
+    del small
+    torch.cuda.empty_cache()
+    large = LLM(model=str(llama_dir), device="cuda", max_model_len=256, gpu_memory_utilization=0.6, enforce_eager=True)
+    assert large.llm_engine.kv_cache.num_blocks > blocks_small > 0
+    outputs = large.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outputs)

@@ -1,0 +1,127 @@
+"""Workload S: start-up time (load + compile [+ CUDA graphs]) cold and warm, and decode speed.
+
+Each measurement runs in a fresh process. "cold" starts with empty fxllm, Inductor
+and Triton caches; "warm" is a second process over the same caches. Level 0 is the
+eager baseline; ``--hf-compile`` adds a whole-model ``torch.compile`` of the HF
+model (first call = prefill of the prompt) as the comparator.
+
+    python tools/bench_startup.py                         # default model, CPU
+    python tools/bench_startup.py --shape llama-3.2-1b    # random weights, GPU if present
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT_TOKENS = 128
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from fxllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    compilation = {"level": args.level, "cache_dir": args.cache_dir}
+    llm = LLM(model=args.model, max_model_len=args.max_model_len, compilation_config=compilation, device=args.device)
+    startup = time.perf_counter() - start
+    report = llm.compile_report()
+    prompt = {"prompt_token_ids": [(7 * i) % 1000 + 2 for i in range(PROMPT_TOKENS)]}
+    params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
+    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    llm.generate(prompt, params, use_tqdm=False)
+    elapsed = time.perf_counter() - begin
+    return {
+        "startup_s": round(startup, 2),
+        "compile_s": report.compile_seconds,
+        "inductor_compiles": report.inductor_compiles,
+        "loaded_from_cache": report.loaded_from_cache,
+        "decode_tok_s": round(args.decode_tokens / elapsed, 1),
+    }
+
+
+def _hf_worker(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    compiled = torch.compile(model)
+    input_ids = torch.tensor([[(7 * i) % 1000 + 2 for i in range(PROMPT_TOKENS)]], device=device)
+    with torch.no_grad():
+        compiled(input_ids)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"startup_s": round(time.perf_counter() - start, 2)}
+
+
+def _run(args: argparse.Namespace, mode: str, level: int | None, cache: Path) -> dict:
+    env = dict(os.environ)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    env["TRITON_CACHE_DIR"] = str(cache / "triton")
+    command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device", args.device,
+               "--max-model-len", str(args.max_model_len), "--decode-tokens", str(args.decode_tokens),
+               "--cache-dir", str(cache / "fxllm"), "--level", str(level if level is not None else 0)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} worker failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the default model)")
+    parser.add_argument("--shape", default=None, help="random weights of a named shape (tools/random_model.py)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--hf-compile", action="store_true", help="also time a whole-model torch.compile of HF")
+    parser.add_argument("--json", default="bench_startup.json")
+    parser.add_argument("--worker", choices=["fxllm", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--level", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args) if args.worker == "fxllm" else _hf_worker(args)))
+        return
+
+    if args.shape:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from random_model import write_random_model
+
+        args.model = str(write_random_model(args.shape, Path(tempfile.mkdtemp()) / args.shape))
+    elif args.model is None:
+        from fxllm import default_model
+
+        args.model = default_model()
+    rows = []
+    for level in args.levels:
+        with tempfile.TemporaryDirectory() as cache:
+            runs = ["cold"] if level == 0 else ["cold", "warm"]
+            for run in runs:
+                rows.append({"engine": f"fxllm level {level}", "run": run, **_run(args, "fxllm", level, Path(cache))})
+    if args.hf_compile:
+        with tempfile.TemporaryDirectory() as cache:
+            rows.append({"engine": "HF torch.compile (first call)", "run": "cold", **_run(args, "hf", None, Path(cache))})
+    print(f"{'engine':<32} {'run':<5} {'startup s':>9} {'compile s':>9} {'decode tok/s':>12}")
+    for row in rows:
+        print(f"{row['engine']:<32} {row['run']:<5} {row['startup_s']:>9} {row.get('compile_s', ''):>9} {row.get('decode_tok_s', ''):>12}")
+    with open(args.json, "w") as handle:
+        json.dump({"model": args.model, "shape": args.shape, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Random-weight checkpoints in the shape of named models (speed does not depend on weights).
+
+    python tools/random_model.py llama-3.2-1b /tmp/llama1b
+
+Writes config.json, model.safetensors (seeded random bf16) and a word-level
+tokenizer covering the whole vocabulary ("t0", "t1", ...), so prompts can be given
+as token ids and every sampled id detokenizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES: dict[str, dict] = {
+    "qwen3-0.6b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+        vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, hidden_act="silu",
+    ),
+    "llama-3.2-1b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256,
+        tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "llama-3-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=128256,
+        tie_word_embeddings=False, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=500000.0,
+    ),
+}
+WEIGHT_STD = 0.02
+
+
+def write_random_model(shape: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    config_dict = dict(SHAPES[shape], torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=0, eos_token_id=1)
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=2))
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(param.shape, dtype=dtype)
+        else:
+            tensors[name] = (torch.randn(param.shape, generator=generator) * WEIGHT_STD).to(dtype)
+    save_file(tensors, str(directory / "model.safetensors"))
+    _write_tokenizer(directory, config.vocab_size)
+    return directory
+
+
+def _write_tokenizer(directory: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t0", eos_token="t1").save_pretrained(directory)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_random_model(args.shape, args.directory, args.seed))
+
+
+if __name__ == "__main__":
+    main()
