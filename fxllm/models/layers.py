@@ -66,7 +66,7 @@ class RotaryEmbedding(nn.Module):
                 f"unknown rope type {rope_type!r}; supported: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}"
             )
         positions = torch.arange(max_positions, dtype=torch.float)
-        freqs = positions[:, None] * inv_freq[None, :].float()  # [max_positions, head_dim / 2]
+        freqs = positions[:, None] * inv_freq[None, :].float().to(positions.device)  # [max_positions, head_dim / 2]
         # fp32 table regardless of model dtype; cast at use like HF does.
         self.register_buffer("cos", freqs.cos() * attention_scaling, persistent=False)
         self.register_buffer("sin", freqs.sin() * attention_scaling, persistent=False)
