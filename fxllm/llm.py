@@ -30,11 +30,12 @@ from fxllm.config import (
 from fxllm.compiler import CompileReport
 from fxllm.models.loader import load_generation_config, load_hf_config, resolve_model_dir
 from fxllm.models.registry import resolve_architecture
-from fxllm.outputs import CompletionOutput, RequestOutput
+from fxllm.outputs import BeamSearchOutput, CompletionOutput, RequestOutput
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.engine import LLMEngine
 from fxllm.runtime.request import Request
-from fxllm.sampling_params import SamplingParams
+from fxllm.beam_search import run_beam_search
+from fxllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class LLM:
             compilation=compilation.eager() if enforce_eager else compilation,
             seed=seed,
         )
-        self.llm_engine = LLMEngine(self.llm_engine_config)
+        self.llm_engine = LLMEngine(self.llm_engine_config, self.tokenizer)
         self._request_counter = itertools.count()
 
     @staticmethod
@@ -184,8 +185,56 @@ class LLM:
         """Complete each prompt; outputs come back in input order."""
         prompt_list = _as_prompt_list(prompts)
         params_list = self._sampling_params_list(sampling_params, len(prompt_list))
-        requests = [self._make_request(prompt, params, index) for index, (prompt, params) in enumerate(zip(prompt_list, params_list))]
-        return self._run(requests, use_tqdm)
+        tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(prompt_list)]
+        return self._generate_tokenized(tokenized, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, rendered with the chat template."""
+        conversations = _as_conversations(messages)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
+        tokenized = []
+        for index, conversation in enumerate(conversations):
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    conversation,
+                    chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    tokenize=False,
+                )
+            except ValueError as error:
+                raise ValueError(f"conversation {index}: cannot apply the chat template: {error}") from error
+            # The template already holds the special tokens (BOS): do not add them twice.
+            token_ids = self.tokenizer.encode(text, add_special_tokens=False)
+            tokenized.append(self._check_prompt_ids(text, token_ids, index))
+        params_list = self._sampling_params_list(sampling_params, len(tokenized))
+        return self._generate_tokenized(tokenized, params_list, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's beam search: every step expands each beam by its 2 x beam_width most likely
+        tokens and keeps the beam_width best by cumulative logprob (prefix caching shares the
+        beams' common prefixes); finished beams are ranked with the length penalty."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(_as_prompt_list(prompts))]
+        return run_beam_search(self, tokenized, params)
+
+    def _generate_tokenized(
+        self, tokenized: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        requests = []
+        for index, ((text, token_ids), params) in enumerate(zip(tokenized, params_list)):
+            requests.extend(self._make_requests(text, token_ids, params, index))
+        return self._run(requests, len(tokenized), use_tqdm)
 
     # ---- internals ------------------------------------------------------------------
 
@@ -210,8 +259,8 @@ class LLM:
                 raise TypeError(f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
         return list(sampling_params)
 
-    def _make_request(self, prompt: PromptType, params: SamplingParams, index: int) -> Request:
-        text, token_ids = self._tokenize(prompt, index)
+    def _make_requests(self, text: str | None, token_ids: list[int], params: SamplingParams, index: int) -> list[Request]:
+        """The ``n`` requests of one prompt, validated against this model."""
         model_config = self.llm_engine_config.model
         max_model_len = model_config.max_model_len
         if len(token_ids) >= max_model_len:
@@ -219,25 +268,44 @@ class LLM:
                 f"prompt {index} has {len(token_ids)} tokens but max_model_len is {max_model_len}; a prompt must "
                 f"leave room for at least one generated token: shorten it or raise max_model_len"
             )
+        bad_ids = [t for t in params.token_ids_to_check() if not 0 <= t < model_config.vocab_size]
+        if bad_ids:
+            raise ValueError(
+                f"sampling params of prompt {index} name token ids {bad_ids[:5]} outside the vocabulary "
+                f"[0, {model_config.vocab_size})"
+            )
         room = max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(model_config.eos_token_ids)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.llm_engine_config.device)
-            generator.manual_seed(params.seed)
-        return Request(
-            request_id=str(next(self._request_counter)),
-            prompt=text,
-            prompt_token_ids=token_ids,
-            sampling_params=params,
-            max_tokens=max_tokens,
-            stop_token_ids=frozenset(stop_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
-            generator=generator,
-        )
+        bad_word_ids = _bad_word_ids(self.tokenizer, params.bad_words or [])
+        requests = []
+        for completion in range(params.n):
+            generator = None
+            if params.seed is not None:
+                # Each of the n completions gets its own stream, derived from the seed.
+                generator = torch.Generator(device=self.llm_engine_config.device)
+                generator.manual_seed(params.seed + completion)
+            detokenizer = (
+                IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) if params.detokenize else None
+            )
+            requests.append(
+                Request(
+                    request_id=str(next(self._request_counter)),
+                    prompt=text,
+                    prompt_token_ids=token_ids,
+                    sampling_params=params,
+                    max_tokens=max_tokens,
+                    stop_token_ids=frozenset(stop_ids),
+                    detokenizer=detokenizer,
+                    generator=generator,
+                    prompt_index=index,
+                    completion_index=completion,
+                    bad_word_ids=bad_word_ids,
+                )
+            )
+        return requests
 
     def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -249,10 +317,6 @@ class LLM:
             ):
                 raise TypeError(f"prompt {index}: prompt_token_ids must be a list of ints")
             token_ids = list(token_ids)
-            vocab_size = self.llm_engine_config.model.vocab_size
-            bad = [t for t in token_ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"prompt {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         elif isinstance(prompt, dict) and "prompt" in prompt:
             if not isinstance(prompt["prompt"], str):
                 raise TypeError(f"prompt {index}: 'prompt' must be a string, got {type(prompt['prompt']).__name__}")
@@ -262,15 +326,22 @@ class LLM:
                 f"prompt {index} must be a string, {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
                 f"got {type(prompt).__name__}"
             )
+        return self._check_prompt_ids(text, token_ids, index)
+
+    def _check_prompt_ids(self, text: str | None, token_ids: list[int], index: int) -> tuple[str | None, list[int]]:
         if not token_ids:
             raise ValueError(f"prompt {index} is empty; give at least one token")
+        vocab_size = self.llm_engine_config.model.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         return text, token_ids
 
-    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[Request], num_prompts: int, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         for request in requests:
             engine.add_request(request)
-        progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        progress = tqdm(total=len(requests), desc="Processed requests", disable=not use_tqdm, dynamic_ncols=True)
         start = time.perf_counter()
         try:
             num_output_tokens = 0
@@ -285,23 +356,59 @@ class LLM:
             raise
         finally:
             progress.close()
-        return [_request_output(request) for request in requests]
+        by_prompt: list[list[Request]] = [[] for _ in range(num_prompts)]
+        for request in requests:
+            by_prompt[request.prompt_index].append(request)
+        return [_request_output(group) for group in by_prompt]
 
 
-def _request_output(request: Request) -> RequestOutput:
-    completion = CompletionOutput(
-        index=0,
-        text=request.detokenizer.text,
-        token_ids=list(request.output_token_ids),
-        finish_reason=request.finish_reason,
-        stop_reason=request.stop_reason,
-    )
+def _request_output(requests: list[Request]) -> RequestOutput:
+    """One prompt's output: its n completions in index order."""
+    completions = [
+        CompletionOutput(
+            index=request.completion_index,
+            text=request.text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=request.cumulative_logprob,
+            logprobs=request.logprobs,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        for request in requests
+    ]
+    first = requests[0]
     return RequestOutput(
-        request_id=request.request_id,
-        prompt=request.prompt,
-        prompt_token_ids=request.prompt_token_ids,
-        outputs=[completion],
+        request_id=first.request_id,
+        prompt=first.prompt,
+        prompt_token_ids=first.prompt_token_ids,
+        outputs=completions,
         finished=True,
+        prompt_logprobs=first.prompt_logprobs,
+    )
+
+
+def _bad_word_ids(tokenizer: Any, bad_words: list[str]) -> list[list[int]]:
+    """Token sequences of each bad word, as it would appear mid-text and at the start
+    (with and without a leading space), as vLLM does."""
+    sequences: list[list[int]] = []
+    for word in bad_words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences
+
+
+def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        return [messages]
+    if isinstance(messages, list) and messages and all(
+        isinstance(c, list) and c and all(isinstance(m, dict) for m in c) for c in messages
+    ):
+        return messages
+    raise TypeError(
+        "messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} dicts) "
+        "or a non-empty list of conversations"
     )
 
 

@@ -32,3 +32,16 @@ class IncrementalDetokenizer:
         chunk = self._stream.step(self._backend, token_id)
         if chunk is not None:
             self.text += chunk
+
+
+def find_stop_string(text: str, new_text_from: int, stops: list[str]) -> tuple[int, str] | None:
+    """The earliest stop string that ends in the text added since ``new_text_from``.
+
+    A stop string may straddle tokens, so the search starts len(stop) - 1 characters
+    before the new text."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop, max(0, new_text_from - len(stop) + 1))
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best

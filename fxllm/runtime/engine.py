@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fxllm.config import EngineConfig
+from fxllm.outputs import Logprob
 from fxllm.runtime.kv_cache import KVCacheManager
 from fxllm.runtime.request import Request
-from fxllm.runtime.runner import ModelRunner
+from fxllm.runtime.runner import ModelRunner, TokenLogprobs
 from fxllm.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tokenizer: Any):
         self.config = config
+        self.tokenizer = tokenizer  # decodes the tokens of logprob entries
         self.runner = ModelRunner(config)
         num_blocks = self.runner.determine_num_blocks()
         block_size = config.cache.block_size
@@ -47,19 +50,30 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.scheduled:
             return []
-        sampled = iter(self.runner.execute(step))
+        result = self.runner.execute(step)
+        sampled = iter(zip(result.sampled, result.logprobs))
         finished = []
         for scheduled in step.scheduled:
             request = scheduled.request
             samples = scheduled.samples  # read before num_computed_tokens moves
             request.num_computed_tokens += scheduled.num_new_tokens
             self.kv_cache.commit_full_blocks(request)
+            for position in result.prompt_logprobs.get(request, ()):
+                request.prompt_logprobs.append(self._logprob_dict(position, request))
             if samples:
-                request.append_output(next(sampled))
+                token_id, logprobs = next(sampled)
+                request.append_output(token_id, self._logprob_dict(logprobs, request) if logprobs else None)
                 if request.finish_reason is not None:
                     self.scheduler.finish(request)
                     finished.append(request)
         return finished
+
+    def _logprob_dict(self, position: TokenLogprobs, request: Request) -> dict[int, Logprob]:
+        decode = request.detokenizer is not None
+        return {
+            token_id: Logprob(logprob, rank, self.tokenizer.decode([token_id]) if decode else None)
+            for token_id, logprob, rank in zip(position.token_ids, position.logprobs, position.ranks)
+        }
 
     def abort(self, requests: list[Request]) -> None:
         """Drop unfinished requests and free their blocks (e.g. after an interrupt)."""

@@ -90,7 +90,8 @@ class KVCacheManager:
         request.block_ids = []
 
     def _match_prefix(self, request: Request) -> list[int]:
-        if not self.enable_prefix_caching:
+        # Cached tokens have no logits, so requests that ask for prompt logprobs take no hits.
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         # Leave at least one token to compute: its logits are needed to sample.
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -1,4 +1,8 @@
-"""One request's state as it moves through the scheduler, cache and runner."""
+"""One sequence's state as it moves through the scheduler, cache and runner.
+
+A prompt with ``n`` completions becomes ``n`` requests (``completion_index``
+0..n-1) sharing the prompt; prefix caching computes the shared prompt once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxllm.runtime.detokenizer import IncrementalDetokenizer
+from fxllm.outputs import Logprob
+from fxllm.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from fxllm.sampling_params import SamplingParams
 
 
@@ -25,8 +30,11 @@ class Request:
     sampling_params: SamplingParams
     max_tokens: int  # max_tokens capped so prompt + output fit max_model_len
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) and the user's stop_token_ids
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None when detokenize=False
     generator: torch.Generator | None = None  # per-request, for seeded sampling
+    prompt_index: int = 0  # position of its prompt in the generate() call
+    completion_index: int = 0  # 0..n-1 among the completions of one prompt
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # token sequences never to complete
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -34,11 +42,19 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks of all_token_ids
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None
+    text_end: int | None = None  # where a stop string cuts the text
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        if self.sampling_params.logprobs is not None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no logprob
 
     @property
     def num_tokens(self) -> int:
@@ -52,13 +68,45 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def append_output(self, token_id: int) -> None:
+    @property
+    def text(self) -> str:
+        if self.detokenizer is None:
+            return ""
+        return self.detokenizer.text[: self.text_end]
+
+    def banned_next_tokens(self) -> list[int]:
+        """Tokens the next sample may not be: stop tokens before min_tokens, and the last
+        token of any bad word whose other tokens the output ends with."""
+        banned = []
+        if len(self.output_token_ids) < self.sampling_params.min_tokens:
+            banned.extend(self.stop_token_ids)
+        for word in self.bad_word_ids:
+            prefix = word[:-1]
+            if not prefix or self.output_token_ids[-len(prefix) :] == prefix:
+                banned.append(word[-1])
+        return banned
+
+    def append_output(self, token_id: int, logprobs: dict[int, Logprob] | None = None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-        self.detokenizer.add(token_id)
-        if token_id in self.stop_token_ids:
-            self.finish_reason = "stop"
-            user_stop = token_id in self.sampling_params.stop_token_ids
-            self.stop_reason = token_id if user_stop else None
-        elif len(self.output_token_ids) >= self.max_tokens:
+        if logprobs is not None and self.logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id].logprob
+        new_text_from = len(self.detokenizer.text) if self.detokenizer is not None else 0
+        if self.detokenizer is not None:
+            self.detokenizer.add(token_id)
+        params = self.sampling_params
+        if len(self.output_token_ids) >= params.min_tokens:
+            if token_id in self.stop_token_ids:
+                self.finish_reason = "stop"
+                self.stop_reason = token_id if token_id in params.stop_token_ids else None
+                return
+            if params.stop:
+                found = find_stop_string(self.detokenizer.text, new_text_from, params.stop)
+                if found is not None:
+                    index, stop = found
+                    self.finish_reason, self.stop_reason = "stop", stop
+                    self.text_end = index + len(stop) if params.include_stop_str_in_output else index
+                    return
+        if len(self.output_token_ids) >= self.max_tokens:
             self.finish_reason = "length"

@@ -9,6 +9,7 @@ the forward context, then logits are computed only for rows that sample.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
 from fxllm.runtime.sampler import Sampler, SamplingBatch
+from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -130,21 +132,32 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> list[int]:
-        """Run the model for the scheduled tokens; return one sampled token per sampling request."""
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        """Run the model for the scheduled tokens; sample one token per request that reached
+        its last token, and gather prompt logprobs where asked."""
         input_ids, positions, slot_mapping, query_start_loc, seq_lens, sample_rows = [], [], [], [0], [], []
+        prompt_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, rows, target token ids)
         block_size = self.block_size
         for scheduled in step.scheduled:
             request = scheduled.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + scheduled.num_new_tokens
+            first_row = query_start_loc[-1]
             input_ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
             blocks = request.block_ids
             slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + scheduled.num_new_tokens)
+            query_start_loc.append(first_row + scheduled.num_new_tokens)
             seq_lens.append(end)
             if scheduled.samples:
                 sample_rows.append(query_start_loc[-1] - 1)
+            if request.prompt_logprobs is not None:
+                # Row of token t predicts prompt token t + 1; skip targets already recorded
+                # (a preempted request recomputes its prompt).
+                first_target = max(start + 1, len(request.prompt_logprobs))
+                targets = range(first_target, min(end + 1, request.num_prompt_tokens))
+                if targets:
+                    rows = [first_row + t - 1 - start for t in targets]
+                    prompt_rows.append((request, rows, [request.prompt_token_ids[t] for t in targets]))
         max_blocks = max(cdiv(length, block_size) for length in seq_lens)
         # Rows padded with block 0: entries past a request's seq_len are never read.
         block_tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in step.scheduled]
@@ -164,9 +177,69 @@ class ModelRunner:
                 torch.tensor(input_ids, dtype=torch.long, device=device),
                 torch.tensor(positions, dtype=torch.long, device=device),
             )  # [T, hidden]
-        if not sample_rows:
-            return []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])  # [S, vocab]
-        sampling_requests = [s.request for s in step.scheduled if s.samples]
-        batch = SamplingBatch.from_requests(sampling_requests, self.vocab_size, device)
-        return self.sampler(logits, batch).tolist()
+        result = StepResult()
+        if sample_rows:
+            self._sample(hidden, sample_rows, [s.request for s in step.scheduled if s.samples], result)
+        for request, rows, targets in prompt_rows:
+            result.prompt_logprobs[request] = self._prompt_logprobs(hidden, rows, targets, request)
+        return result
+
+    def _sample(self, hidden: torch.Tensor, rows: list[int], requests: list[Request], result: StepResult) -> None:
+        device = self.device
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)])  # [S, vocab]
+        batch = SamplingBatch.from_requests(requests, self.vocab_size, device)
+        output = self.sampler(logits, batch)
+        result.sampled = output.token_ids.tolist()
+        result.logprobs = [None] * len(requests)
+        if output.top_logprobs is None:
+            return
+        sampled_logprobs, ranks = output.sampled_logprobs.tolist(), output.sampled_ranks.tolist()
+        top_logprobs, top_ids = output.top_logprobs.tolist(), output.top_token_ids.tolist()
+        for row, request in enumerate(requests):
+            wanted = request.sampling_params.logprobs
+            if wanted is not None:
+                result.logprobs[row] = TokenLogprobs.with_chosen(
+                    top_ids[row][:wanted], top_logprobs[row][:wanted], result.sampled[row], sampled_logprobs[row], ranks[row]
+                )
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, rows: list[int], targets: list[int], request: Request
+    ) -> list[TokenLogprobs]:
+        device = self.device
+        logprobs = self.model.compute_logits(hidden[torch.tensor(rows, device=device)]).float().log_softmax(-1)
+        target_ids = torch.tensor(targets, device=device)
+        target_logprobs = logprobs.gather(1, target_ids[:, None])[:, 0]
+        ranks = ((logprobs > target_logprobs[:, None]).sum(-1) + 1).tolist()
+        top_logprobs, top_ids = logprobs.topk(request.sampling_params.prompt_logprobs, dim=-1)
+        top_logprobs, top_ids, target_logprobs = top_logprobs.tolist(), top_ids.tolist(), target_logprobs.tolist()
+        return [
+            TokenLogprobs.with_chosen(top_ids[i], top_logprobs[i], targets[i], target_logprobs[i], ranks[i])
+            for i in range(len(rows))
+        ]
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one position, on the host: the top-N, then the chosen token if not among them."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+    @classmethod
+    def with_chosen(
+        cls, top_ids: list[int], top_logprobs: list[float], chosen: int, chosen_logprob: float, chosen_rank: int
+    ) -> "TokenLogprobs":
+        ids, logprobs, ranks = list(top_ids), list(top_logprobs), list(range(1, len(top_ids) + 1))
+        if chosen not in ids:
+            ids.append(chosen)
+            logprobs.append(chosen_logprob)
+            ranks.append(chosen_rank)
+        return cls(ids, logprobs, ranks)
+
+
+@dataclass
+class StepResult:
+    sampled: list[int] = field(default_factory=list)  # one token per sampling request, in step order
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per sampling request
+    prompt_logprobs: dict[Request, list[TokenLogprobs]] = field(default_factory=dict)  # new positions only

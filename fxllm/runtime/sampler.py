@@ -1,8 +1,11 @@
-"""Batched sampling on the device: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched sampling on the device, as vLLM defines it.
 
-No loop over the vocabulary; the only per-request Python is the noise draw of
-seeded requests (each from its own generator, so a seed gives the same tokens
-whatever else is in the batch).
+Order: raw logits -> logprobs (vLLM's default: before any processing) ->
+allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias ->
+penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> sample.
+No loop over the vocabulary; the only per-request Python is building the batch's
+tensors and the noise draw of seeded requests (each from its own generator, so a
+seed gives the same tokens whatever else is in the batch).
 """
 
 from __future__ import annotations
@@ -12,58 +15,194 @@ from dataclasses import dataclass
 import torch
 
 from fxllm.runtime.request import Request
-from fxllm.sampling_params import GREEDY_TEMPERATURE_EPSILON
 
 
 @dataclass
 class SamplingBatch:
-    """The sampling parameters of the rows being sampled, as device tensors."""
+    """The sampling parameters of the rows being sampled, as device tensors.
+
+    Optional parts are None when no row uses them: the common case runs none of them."""
 
     all_greedy: bool
     any_greedy: bool
     greedy: torch.Tensor  # [B] bool
     temperature: torch.Tensor  # [B] float32, 1.0 on greedy rows
-    top_k: torch.Tensor | None  # [B] int64, vocab size where unset; None if no row uses it
-    top_p: torch.Tensor | None  # [B] float32; None if no row uses it
+    top_k: torch.Tensor | None  # [B] int64, vocab size where unset
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
     generators: list[torch.Generator | None]
+    allowed: torch.Tensor | None  # [B, V] bool: tokens a row may sample
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
+    penalties: "Penalties | None"
+    num_logprobs: int | None  # most top logprobs any row asks for
+
+    @property
+    def processes_logits(self) -> bool:
+        return any(x is not None for x in (self.allowed, self.banned, self.bias, self.penalties))
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingBatch":
         params = [r.sampling_params for r in requests]
-        greedy = [p.temperature < GREEDY_TEMPERATURE_EPSILON for p in params]
-        use_top_k = any(p.top_k > 0 and not g for p, g in zip(params, greedy))
-        use_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
+        greedy = [p.greedy for p in params]
+        sampled = [not g for g in greedy]
+
+        def per_row(values: list, dtype: torch.dtype, used: bool) -> torch.Tensor | None:
+            return torch.tensor(values, dtype=dtype, device=device) if used else None
+
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             greedy=torch.tensor(greedy, device=device),
-            temperature=torch.tensor(
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32, device=device
-            ),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
-            if use_top_k
-            else None,
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device) if use_top_p else None,
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32, device=device),
+            top_k=per_row(top_k, torch.long, any(k < vocab_size and s for k, s in zip(top_k, sampled))),
+            top_p=per_row([p.top_p for p in params], torch.float32, any(p.top_p < 1.0 and s for p, s in zip(params, sampled))),
+            min_p=per_row([p.min_p for p in params], torch.float32, any(p.min_p > 0.0 and s for p, s in zip(params, sampled))),
             generators=[r.generator for r in requests],
+            allowed=_allowed_mask(requests, vocab_size, device),
+            banned=_banned_tokens(requests, device),
+            bias=_logit_bias(requests, device),
+            penalties=Penalties.from_requests(requests, vocab_size, device),
+            num_logprobs=max(asked) if asked else None,
         )
+
+
+@dataclass
+class Penalties:
+    presence: torch.Tensor  # [B, 1]
+    frequency: torch.Tensor  # [B, 1]
+    repetition: torch.Tensor  # [B, 1]
+    output_counts: torch.Tensor  # [B, V] occurrences of each token in the output
+    seen: torch.Tensor  # [B, V] bool: token in prompt or output (repetition penalty)
+
+    @classmethod
+    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "Penalties | None":
+        if not any(r.sampling_params.uses_penalties for r in requests):
+            return None
+        params = [r.sampling_params for r in requests]
+        column = lambda values: torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+        return cls(
+            presence=column([p.presence_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            repetition=column([p.repetition_penalty for p in params]),
+            output_counts=_token_counts([r.output_token_ids for r in requests], vocab_size, device),
+            seen=_token_counts([r.all_token_ids for r in requests], vocab_size, device) > 0,
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        # Repetition as HF's processor: divide positive logits, multiply negative ones.
+        repeated = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+        logits = torch.where(self.seen, repeated, logits)
+        # Presence and frequency as OpenAI defines them, over generated tokens only.
+        return logits - self.presence * (self.output_counts > 0) - self.frequency * self.output_counts
+
+
+def _token_counts(sequences: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] counts of each token id per row (one scatter over a padded [B, L] tensor)."""
+    width = max((len(s) for s in sequences), default=0)
+    padded = torch.full((len(sequences), max(width, 1)), vocab_size, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    counts = torch.zeros(len(sequences), vocab_size + 1, device=device)  # last column catches padding
+    counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+    return counts[:, :vocab_size]
+
+
+def _allowed_mask(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    if not any(r.sampling_params.allowed_token_ids for r in requests):
+        return None
+    mask = torch.ones(len(requests), vocab_size, dtype=torch.bool)
+    for row, request in enumerate(requests):
+        allowed = request.sampling_params.allowed_token_ids
+        if allowed:
+            mask[row] = False
+            mask[row, allowed] = True
+    return mask.to(device)
+
+
+def _banned_tokens(requests: list[Request], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rows, tokens = [], []
+    for row, request in enumerate(requests):
+        for token in request.banned_next_tokens():
+            rows.append(row)
+            tokens.append(token)
+    if not rows:
+        return None
+    return torch.tensor(rows, device=device), torch.tensor(tokens, device=device)
+
+
+def _logit_bias(requests: list[Request], device: torch.device):
+    rows, tokens, values = [], [], []
+    for row, request in enumerate(requests):
+        for token, value in (request.sampling_params.logit_bias or {}).items():
+            rows.append(row)
+            tokens.append(token)
+            values.append(float(value))
+    if not rows:
+        return None
+    return (torch.tensor(rows, device=device), torch.tensor(tokens, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    # With num_logprobs: raw logprobs of the sampled tokens, their ranks, and the top-N.
+    sampled_logprobs: torch.Tensor | None = None  # [B]
+    sampled_ranks: torch.Tensor | None = None  # [B], 1 = most likely
+    top_logprobs: torch.Tensor | None = None  # [B, N]
+    top_token_ids: torch.Tensor | None = None  # [B, N]
 
 
 class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # for requests without a seed
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] (int64, on the logits' device)."""
-        logits = logits.float()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()  # [B, V]
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
+        if batch.processes_logits:
+            logits = _process(logits, batch)
         greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy_tokens
-        logits = logits / batch.temperature[:, None]
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        probs = logits.softmax(dim=-1)
-        sampled = _sample_exponential(probs, batch.generators, self.generator)
-        return torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
+            tokens = greedy_tokens
+        else:
+            logits = logits / batch.temperature[:, None]
+            if batch.min_p is not None:
+                logits = _apply_min_p(logits, batch.min_p)
+            if batch.top_k is not None or batch.top_p is not None:
+                logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+            sampled = _sample_exponential(logits.softmax(dim=-1), batch.generators, self.generator)
+            tokens = torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
+        output = SamplerOutput(tokens)
+        if raw_logprobs is not None:
+            output.sampled_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+            output.sampled_ranks = (raw_logprobs > output.sampled_logprobs[:, None]).sum(dim=-1) + 1
+            output.top_logprobs, output.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        return output
+
+
+def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.allowed is not None:
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
+    if batch.banned is not None:
+        rows, tokens = batch.banned
+        logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))
+    if batch.bias is not None:
+        rows, tokens, values = batch.bias
+        logits = logits.index_put((rows, tokens), values, accumulate=True)
+    if batch.penalties is not None:
+        logits = batch.penalties.apply(logits)
+    return logits
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _apply_top_k_top_p(
