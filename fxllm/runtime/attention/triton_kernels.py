@@ -51,6 +51,8 @@ MAX_DECODE_SPLITS = 32
 INTERPRETER_SM_COUNT = 4
 LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
 NUM_WARPS = 4
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3  # K/V tiles in flight per program: decode is all memory latency
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -64,6 +66,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise go through TF32 (10-bit mantissa) on tensor cores;
     # the fp32 engine is tested for identical tokens against an fp32 reference.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers (it stores them
+    # as uint16); widening first is exact, since a product of two bf16 fits fp32.
+    return triton.knobs.runtime.interpret and dtype == torch.bfloat16
 
 
 def _window_args(sliding_window: int | None) -> tuple[int, bool]:
@@ -152,6 +160,13 @@ def write_kv_cache(
 
 
 @triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _attend_tiles(
     query,  # [ROWS, HEAD_PAD] in the cache dtype
     query_pos,  # [ROWS] position of each row's query token in its sequence
@@ -177,6 +192,7 @@ def _attend_tiles(
     TILE_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     """Online softmax over KV tiles [tile_begin, tile_end) of one request and KV head."""
     dims = tl.arange(0, HEAD_PAD)
@@ -193,7 +209,7 @@ def _attend_tiles(
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         kv_offset = slot_offset[:, None] + dims[None, :] * stride_cache_dim  # [TILE_N, HEAD_PAD]
         key = tl.load(key_cache_ptr + kv_offset, mask=kv_mask, other=0.0)
-        scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2  # [ROWS, TILE_N]
+        scores = _dot(query, tl.trans(key), DOT_PRECISION, DOT_IN_FP32) * scale_log2  # [ROWS, TILE_N]
         visible = key_valid[None, :] & (pos[None, :] <= query_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (query_pos[:, None] - pos[None, :] < window)
@@ -205,7 +221,7 @@ def _attend_tiles(
         rescale = tl.exp2(running_max - shift)
         running_sum = running_sum * rescale + tl.sum(probs, 1)
         value = tl.load(value_cache_ptr + kv_offset, mask=kv_mask, other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(value.dtype), value, input_precision=DOT_PRECISION)
+        acc = acc * rescale[:, None] + _dot(probs.to(value.dtype), value, DOT_PRECISION, DOT_IN_FP32)
         running_max = new_max
     return acc, running_max, running_sum
 
@@ -267,6 +283,7 @@ def _unified_attention_kernel(
     TILE_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -332,6 +349,7 @@ def _unified_attention_kernel(
         TILE_N,
         HAS_WINDOW,
         DOT_PRECISION,
+        DOT_IN_FP32,
     )
     result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     tl.store(
@@ -390,6 +408,7 @@ def unified_attention(
         TILE_N=UNIFIED_TILE_KEYS,
         HAS_WINDOW=has_window,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
+        DOT_IN_FP32=_dot_in_fp32(key_cache.dtype),
         num_warps=NUM_WARPS,
     )
 
@@ -450,6 +469,7 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -502,6 +522,7 @@ def _decode_split_kernel(
         TILE_N,
         HAS_WINDOW,
         DOT_PRECISION,
+        DOT_IN_FP32,
     )
     if NUM_SPLITS == 1:  # the whole context in one program: no reduce needed
         result = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
@@ -641,7 +662,9 @@ def split_decode_attention(
         NUM_SPLITS=num_splits,
         HAS_WINDOW=has_window,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
-        num_warps=NUM_WARPS,
+        DOT_IN_FP32=_dot_in_fp32(key_cache.dtype),
+        num_warps=DECODE_NUM_WARPS,
+        num_stages=DECODE_NUM_STAGES,
     )
     if num_splits == 1:  # the split kernel wrote out directly
         return
