@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -33,28 +34,35 @@ Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CAPTURE_NUM_TOKENS = 16
 
 
+@dataclass
+class CompiledModel:
+    forward: Forward  # what the runner calls each step
+    report: CompileReport
+    split: SplitGraph | None = None  # the captured graph as split into pieces (levels 2 and 3), for inspection
+
+
 def compile_model(
     model: nn.Module, config: EngineConfig, profile_context: Callable[[], ContextManager[None]]
-) -> tuple[Forward, CompileReport]:
+) -> CompiledModel:
     """``profile_context`` sets a forward context without attention metadata (attention is skipped)."""
     compilation = config.compilation
     report = CompileReport(level=int(compilation.level))
     if compilation.level == CompilationLevel.NO_COMPILATION:
-        return model, report
+        return CompiledModel(model, report)
     start = time.perf_counter()
     if compilation.level == CompilationLevel.DYNAMO_AS_IS:
-        forward = _DynamoAsIs(model, compilation.use_inductor, report)
+        compiled = CompiledModel(_DynamoAsIs(model, compilation.use_inductor, report), report)
         with profile_context(), torch.inference_mode():
-            forward(*_dummy_inputs(config, CAPTURE_NUM_TOKENS))
+            compiled.forward(*_dummy_inputs(config, CAPTURE_NUM_TOKENS))
     else:
-        forward = _capture_and_compile(model, config, profile_context, report)
+        compiled = _capture_and_compile(model, config, profile_context, report)
     report.compile_seconds = round(time.perf_counter() - start, 2)
     logger.info(
         "compiled at level %d: %d pieces, %.1f s, %s",
         report.level, report.pieces, report.compile_seconds,
         "loaded from cache" if report.loaded_from_cache else f"{report.inductor_compiles} Inductor compiles",
     )
-    return forward, report
+    return compiled
 
 
 def _dummy_inputs(config: EngineConfig, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +101,7 @@ class _DynamoAsIs:
 
 def _capture_and_compile(
     model: nn.Module, config: EngineConfig, profile_context: Callable[[], ContextManager[None]], report: CompileReport
-) -> Forward:
+) -> CompiledModel:
     compilation = config.compilation
     dump_dir = Path(compilation.debug_dump_path) if compilation.debug_dump_path else None
     with profile_context(), torch.inference_mode(), _depyf_dump(dump_dir):
@@ -123,7 +131,7 @@ def _capture_and_compile(
         report.inductor_compiles = compiler.inductor_compiles
         report.unique_pieces = len(compiler.artifacts)
         report.loaded_from_cache = compiler.loaded > 0 and compiler.inductor_compiles == 0
-    return DirectCall(captured, split.graph_module)
+    return CompiledModel(DirectCall(captured, split.graph_module), report, split)
 
 
 def _compile_pieces(

@@ -48,7 +48,9 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self._log_cudagraph_settings()
-        self.forward_fn, self.compile_report = compile_model(self.model, config, self._profile_context)
+        self.compiled = compile_model(self.model, config, self._profile_context)
+        self.forward_fn = self.compiled.forward
+        self.compile_report = self.compiled.report
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
 
