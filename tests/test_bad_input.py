@@ -138,3 +138,23 @@ def test_max_model_len_that_cannot_fit_says_how_to_fix(llama_dir):
 def test_max_model_len_above_the_models_limit_is_rejected(llama_dir):
     with pytest.raises(ValueError, match="larger than the model's maximum length 512"):
         LLM(model=str(llama_dir), enforce_eager=True, max_model_len=100000)
+
+
+def test_length_dependent_rope_is_a_clear_error(llama_dir):
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="changes with the sequence length"):
+        LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides={"rope_parameters": rope})
+
+
+def test_active_sliding_window_is_a_clear_error(tiny_model_dirs):
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        LLM(model=str(tiny_model_dirs["mistral"]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides={"sliding_window": 32})
+
+
+def test_hf_overrides_callable_is_applied(llama_dir):
+    def rename(config):
+        config.architectures = ["MistralForCausalLM"]
+        return config
+
+    llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides=rename)
+    assert llm.llm_engine_config.model.architecture == "MistralForCausalLM"
