@@ -57,3 +57,19 @@ def test_kv_cache_fills_the_memory_left_after_profiling(llama_dir):
     assert large.llm_engine.kv_cache.num_blocks > blocks_small > 0
     outputs = large.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 4 for o in outputs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_backend_greedy_equals_the_torch_reference_backend(arch, tiny_model_dirs):
+    from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
+
+    model_dir = tiny_model_dirs[arch]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = PROMPTS * 3  # mixed prefill and decode steps, several requests
+    triton_llm = LLM(model=str(model_dir), device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=24)
+    assert triton_llm.llm_engine.runner.backend.name == "triton"
+    reference = LLM(model=str(model_dir), device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=24)
+    reference.llm_engine.runner.backend = TorchAttentionBackend()
+    ours = [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params, use_tqdm=False)]
+    theirs = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
+    assert ours == theirs

@@ -86,7 +86,8 @@ def make_step(
     for i, cached in enumerate(cached_lens):  # the prefix computed by earlier steps
         if cached:
             slots = torch.tensor([slot(i, p) for p in range(cached)])
-            write_kv_cache(kv_cache, randn(cached, num_kv_heads, head_dim), randn(cached, num_kv_heads, head_dim), slots)
+            keys, values = randn(cached, num_kv_heads, head_dim), randn(cached, num_kv_heads, head_dim)
+            write_kv_cache(kv_cache, keys, values, slots)
     slots, starts = [], [0]
     for i, (cached, new) in enumerate(zip(cached_lens, query_lens)):
         slots += [slot(i, p) for p in range(cached, cached + new)]
@@ -158,7 +159,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_matches(got: torch.Tensor, expected: torch.Tensor) -> None:
     if got.dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=FP32_TOLERANCE, atol=FP32_TOLERANCE)
-    else:
+    else:  # bf16 and fp16 (whose smaller error bf16's bound covers)
         assert relative_error(got, expected) <= BF16_RELATIVE_ERROR
 
 
@@ -196,11 +197,11 @@ def test_kv_cache_write_fills_slots_and_skips_padding(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_heads, num_kv_heads", HEAD_LAYOUTS)
 def test_mixed_batch_of_prefill_chunks_on_cached_prefixes_and_decodes(num_heads, num_kv_heads, dtype):
-    """A fresh prompt longer than one query tile, a chunk on a cached prefix, decodes
-    crossing block boundaries, a request with no tokens, and padding tokens."""
+    """A fresh prompt longer than one query tile, a chunk on a cached prefix, decodes;
+    contexts crossing block and KV-tile boundaries; a request with no tokens; padding."""
     step = make_step(
-        cached_lens=[0, 13, 44, 7, 0],
-        query_lens=[37, 20, 1, 1, 0],
+        cached_lens=[0, 61, 100, 7, 0],
+        query_lens=[70, 20, 1, 1, 0],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=16,
@@ -224,6 +225,11 @@ def test_decode_batch_takes_the_split_path_and_matches(num_heads, num_kv_heads, 
     check_backend(step)
 
 
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [25, 1, 3]], ids=["decode", "mixed"])
+def test_fp16_matches(query_lens):
+    check_backend(make_step([0, 17, 50], query_lens, 4, 2, 32, block_size=8, dtype=torch.float16))
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_split_decode_merges_any_number_of_splits(num_splits):
     """More splits than a short context has tiles leaves idle programs the reduce skips."""
@@ -244,7 +250,7 @@ def test_split_decode_merges_any_number_of_splits(num_splits):
 
 @pytest.mark.parametrize("window", [1, 5, 40])
 def test_sliding_window_hides_keys_older_than_the_window(window):
-    prefill = make_step([0, 30], [45, 9], 4, 2, 16, block_size=4, dtype=torch.float32, sliding_window=window)
+    prefill = make_step([0, 70], [45, 9], 4, 2, 16, block_size=4, dtype=torch.float32, sliding_window=window)
     check_backend(prefill)
     decode = make_step([3, 70, 101], [1, 1, 1], 4, 2, 16, block_size=4, dtype=torch.float32, sliding_window=window)
     check_backend(decode)
@@ -309,11 +315,21 @@ def test_gpu_fp32_matches_tightly(query_lens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
+@pytest.mark.parametrize("query_lens", [[1] * 6, [200, 1, 33, 1, 1, 1]], ids=["decode", "mixed"])
+def test_gpu_every_head_dim_and_dtype_compiles_and_matches(query_lens, head_dim, dtype):
+    cached = _random_lengths(len(query_lens), 0, 1000, seed=6)
+    check_backend(make_step(cached, query_lens, 8, 2, head_dim, GPU_BLOCK, dtype))
+
+
+@pytest.mark.gpu
 def test_gpu_decode_replays_in_a_cuda_graph_with_new_metadata():
     """Captured once, replayed after the metadata tensors are refilled in place: the
     kernels read everything per step from the device."""
-    first = make_step([100] * 4, [1] * 4, GPU_HEADS, GPU_KV_HEADS, GPU_HEAD_DIM, GPU_BLOCK, torch.bfloat16, seed=4)
-    second = make_step([3, 700, 64, 1999], [1] * 4, GPU_HEADS, GPU_KV_HEADS, GPU_HEAD_DIM, GPU_BLOCK, torch.bfloat16, seed=5)
+    shape = (GPU_HEADS, GPU_KV_HEADS, GPU_HEAD_DIM, GPU_BLOCK, torch.bfloat16)
+    first = make_step([100] * 4, [1] * 4, *shape, seed=4)
+    second = make_step([3, 700, 64, 1999], [1] * 4, *shape, seed=5)
     backend = TritonAttentionBackend()
     # Static buffers sized for the larger second step (the first one's block ids fit in
     # its cache); the first step's tables are padded to the second's width.

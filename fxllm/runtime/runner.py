@@ -19,6 +19,7 @@ from fxllm.compiler import compile_model
 from fxllm.config import CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
+from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
@@ -27,6 +28,15 @@ from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA; the torch reference elsewhere (and as the oracle)."""
+    if device.type == "cuda":
+        from fxllm.runtime.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
 
 
 class ModelRunner:
@@ -42,7 +52,7 @@ class ModelRunner:
         self.layers: dict[str, AttentionSpec] = {
             module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
         }
-        self.backend = TorchAttentionBackend()
+        self.backend = select_attention_backend(self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)

@@ -32,27 +32,39 @@ import triton.language as tl
 MIN_DOT_DIM = 16
 # Beyond this the fp32 accumulator of a tile no longer fits in registers.
 MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
+
+# Tile sizes, warps and stages come from sweeps on an H100 (bf16, 32/8 heads, head_dim
+# 128), taking the setting most even across the shapes tried: for the unified kernel
+# rows 64-128, tiles 32-64, 4-8 warps, 2-3 stages on prefills of 512-4096 tokens and a
+# mixed batch; for decode tiles 16-64, 4-8 warps, 2-4 stages, 4-8 programs per SM at
+# batch 1-256 and contexts 2k-8k.
+#
 # Query rows (query tokens x query heads of one KV head) per unified-kernel program:
-# large enough to reuse each loaded K/V tile across many prefill queries, small enough
-# to keep the fp32 accumulator [rows, head_dim] in registers.
+# many, to reuse each loaded K/V tile across prefill queries; few enough to keep the
+# fp32 accumulator [rows, head_dim] in registers.
 UNIFIED_ROWS = 64
 UNIFIED_ROWS_LARGE_HEAD = 32  # head_dim > LARGE_HEAD_DIM
 LARGE_HEAD_DIM = 128
-# Keys per iteration of the KV loop. A tile gathers its keys' physical blocks one by
-# one, so it need not match (or divide) the cache's block size.
-UNIFIED_TILE_KEYS = 32
-DECODE_TILE_KEYS = 32
+# Keys per iteration of the KV loop, at most. A tile gathers its keys' physical blocks
+# one by one, so it need not match (or divide) the cache's block size. Wide heads and
+# fp32 get fewer keys, so that the pipelined K/V tiles fit in shared memory.
+UNIFIED_TILE_KEYS = 64
+DECODE_TILE_KEYS = 64
+TILE_BYTES = 16 * 1024  # one K (or V) tile: 64 keys of bf16 head_dim 128
+UNIFIED_NUM_WARPS = 4
+UNIFIED_NUM_STAGES = 2
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3  # K/V tiles in flight per program: decode waits on memory
+REDUCE_NUM_WARPS = 4
+WRITE_NUM_WARPS = 1  # a KV-write program moves one head_dim row of K and of V
 # Decode splits: aim for this many programs per SM so short batches still fill the
-# GPU, but never cut one context into more than MAX_DECODE_SPLITS pieces (the reduce
-# then costs more than it saves).
-DECODE_PROGRAMS_PER_SM = 4
+# GPU (and the last wave is a small part of the work), but never cut one context into
+# more than MAX_DECODE_SPLITS pieces (the reduce then costs more than it saves).
+DECODE_PROGRAMS_PER_SM = 8
 MAX_DECODE_SPLITS = 32
 # Without CUDA (the interpreter, in tests) there is no SM count to fill.
 INTERPRETER_SM_COUNT = 4
-LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
-NUM_WARPS = 4
-DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 3  # K/V tiles in flight per program: decode is all memory latency
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -60,6 +72,11 @@ def padded_head_dim(head_dim: int) -> int:
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention backend supports head_dim 1..{MAX_HEAD_DIM}, got {head_dim}")
     return max(MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+
+
+def _tile_keys(max_keys: int, head_dim: int, dtype: torch.dtype) -> int:
+    fitting = TILE_BYTES // (padded_head_dim(head_dim) * dtype.itemsize)
+    return max(MIN_DOT_DIM, min(max_keys, fitting))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -75,7 +92,8 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
 
 
 def _window_args(sliding_window: int | None) -> tuple[int, bool]:
-    """(window, HAS_WINDOW): the kernels take the window as a runtime int behind a flag."""
+    """(window, HAS_WINDOW): a runtime int behind a compile-time flag, so layers without
+    a window pay nothing and layers with different windows share one compiled kernel."""
     return (sliding_window, True) if sliding_window is not None else (0, False)
 
 
@@ -105,7 +123,7 @@ def _write_kv_cache_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding token: owns no slot
@@ -150,7 +168,7 @@ def write_kv_cache(
         *key_cache.stride(),
         HEAD_DIM=head_dim,
         HEAD_PAD=triton.next_power_of_2(head_dim),
-        num_warps=1,
+        num_warps=WRITE_NUM_WARPS,
     )
 
 
@@ -161,6 +179,7 @@ def write_kv_cache(
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """tl.dot with fp32 accumulation; DOT_IN_FP32 only under the interpreter (see _dot_in_fp32)."""
     if DOT_IN_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PRECISION)
@@ -405,11 +424,12 @@ def unified_attention(
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
-        TILE_N=UNIFIED_TILE_KEYS,
+        TILE_N=_tile_keys(UNIFIED_TILE_KEYS, head_dim, key_cache.dtype),
         HAS_WINDOW=has_window,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
         DOT_IN_FP32=_dot_in_fp32(key_cache.dtype),
-        num_warps=NUM_WARPS,
+        num_warps=UNIFIED_NUM_WARPS,
+        num_stages=UNIFIED_NUM_STAGES,
     )
 
 
@@ -594,11 +614,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_num_splits(num_requests: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, device: torch.device) -> int:
+def decode_num_splits(
+    num_requests: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+) -> int:
     """How many programs share one request's context, from shapes alone (capture-safe).
 
     Enough splits that B * KV heads * splits fills the GPU, but no more than the
-    longest possible context has tiles.
+    longest possible context has (largest) tiles.
     """
     target_programs = DECODE_PROGRAMS_PER_SM * _sm_count(device)
     wanted = math.ceil(target_programs / (num_requests * num_kv_heads))
@@ -606,7 +628,9 @@ def decode_num_splits(num_requests: int, num_kv_heads: int, max_blocks_per_seq: 
     return max(1, min(wanted, MAX_DECODE_SPLITS, max_tiles))
 
 
-def decode_scratch_shapes(num_requests: int, num_heads: int, head_dim: int, num_splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def decode_scratch_shapes(
+    num_requests: int, num_heads: int, head_dim: int, num_splits: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the fp32 scratch of the split decode: (acc, max and sum)."""
     stats = (num_requests, num_heads, num_splits)
     return (*stats, padded_head_dim(head_dim)), stats
@@ -634,6 +658,7 @@ def split_decode_attention(
         return
     queries_per_kv = num_heads // num_kv_heads
     head_pad = padded_head_dim(head_dim)
+    tile_keys = _tile_keys(DECODE_TILE_KEYS, head_dim, key_cache.dtype)
     window, has_window = _window_args(sliding_window)
     _decode_split_kernel[(num_requests, num_kv_heads, num_splits)](
         out,
@@ -658,7 +683,7 @@ def split_decode_attention(
         HEAD_PAD=head_pad,
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_H=max(MIN_DOT_DIM, triton.next_power_of_2(queries_per_kv)),
-        TILE_N=DECODE_TILE_KEYS,
+        TILE_N=tile_keys,
         NUM_SPLITS=num_splits,
         HAS_WINDOW=has_window,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
@@ -680,9 +705,9 @@ def split_decode_attention(
         *out.stride(),
         HEAD_DIM=head_dim,
         HEAD_PAD=head_pad,
-        TILE_N=DECODE_TILE_KEYS,
+        TILE_N=tile_keys,
         NUM_SPLITS=num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits),
         HAS_WINDOW=has_window,
-        num_warps=NUM_WARPS,
+        num_warps=REDUCE_NUM_WARPS,
     )
