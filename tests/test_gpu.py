@@ -66,9 +66,11 @@ def test_triton_backend_greedy_equals_the_torch_reference_backend(arch, tiny_mod
     model_dir = tiny_model_dirs[arch]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     prompts = PROMPTS * 3  # mixed prefill and decode steps, several requests
-    triton_llm = LLM(model=str(model_dir), device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=24)
+    # Two engines share the card: each takes a third of its memory.
+    engine_args = dict(device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=24, gpu_memory_utilization=0.3)
+    triton_llm = LLM(model=str(model_dir), **engine_args)
     assert triton_llm.llm_engine.runner.backend.name == "triton"
-    reference = LLM(model=str(model_dir), device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=24)
+    reference = LLM(model=str(model_dir), **engine_args)
     reference.llm_engine.runner.backend = TorchAttentionBackend()
     ours = [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params, use_tqdm=False)]
     theirs = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]

@@ -1,0 +1,148 @@
+"""Workload L (BENCHMARKS.md): batch-1 decode latency on random weights of a named shape.
+
+128-token prompt, --new-tokens (default 256) greedy tokens with EOS ignored, batch 1.
+Reports end-to-end tok/s of ``generate``, decode tok/s (the time after the first token),
+and the bandwidth achieved: the bytes a decode step reads (every linear weight, the
+lm_head, and the KV cache at the mean context; not the embedding table, of which a step
+reads one row) times decode tok/s, against the 3.0 TB/s the H100 copies at.
+
+    python tools/bench_latency.py --shape llama-3.2-1b        # GPU
+    python tools/bench_latency.py --shape tiny --new-tokens 16 --enforce-eager   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_model  # noqa: E402  (tools/ is not a package)
+
+if TYPE_CHECKING:
+    from fxllm import LLM, SamplingParams
+
+PROMPT_TOKENS = 128
+DEFAULT_NEW_TOKENS = 256
+H100_BYTES_PER_S = 3.0e12  # device-to-device copy on the H100 of BENCHMARKS.md
+WARMUP_TOKENS = 4
+PROMPT_ID_LIMIT = 10_000  # prompt ids below every shape's vocabulary
+# A 2-layer Llama for CPU smoke runs; the real shapes come from tools/random_model.py.
+TINY_SHAPE = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=512,
+    tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu",
+    rope_theta=500000.0,
+)
+SHAPES = ("llama-3.2-1b", "llama-3-8b", "tiny")
+
+
+def write_model(shape: str, directory: Path) -> Path:
+    # random_model knows the real shapes only; the tiny one is registered for this process.
+    random_model.SHAPES.setdefault("tiny", TINY_SHAPE)
+    return random_model.write_random_model(shape, directory)
+
+
+def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: int) -> dict[str, float]:
+    """Bytes one decode step reads: linear weights, lm_head and the KV cache of ``context_tokens``."""
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_width = config["num_attention_heads"] * head_dim
+    kv_width = config["num_key_value_heads"] * head_dim
+    layers = config["num_hidden_layers"]
+    attention = hidden * (q_width + 2 * kv_width) + q_width * hidden  # qkv and o projections
+    mlp = 3 * hidden * config["intermediate_size"]  # gate, up, down
+    linear = layers * (attention + mlp) * element_bytes
+    lm_head = config["vocab_size"] * hidden * element_bytes  # read in full even when tied
+    kv = layers * 2 * kv_width * context_tokens * element_bytes
+    return {"linear": linear, "lm_head": lm_head, "kv": kv, "total": linear + lm_head + kv}
+
+
+def timed_generate(llm: LLM, prompt: dict, params: SamplingParams) -> float:
+    start = time.perf_counter()
+    llm.generate(prompt, params, use_tqdm=False)  # returns host-side tokens, so the device is done
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> dict:
+    from fxllm import LLM, SamplingParams
+
+    # No prefix caching: every repeat must compute the prompt again, like the first.
+    llm = LLM(
+        model=str(model_dir), max_model_len=PROMPT_TOKENS + args.new_tokens, device=args.device,
+        enforce_eager=args.enforce_eager, compilation_config={"level": args.level}, enable_prefix_caching=False,
+    )
+    rng = random.Random(0)
+    id_limit = min(PROMPT_ID_LIMIT, llm.llm_engine_config.model.hf_config.vocab_size)
+    prompt = {"prompt_token_ids": [rng.randrange(id_limit) for _ in range(PROMPT_TOKENS)]}
+
+    def params(tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+
+    timed_generate(llm, prompt, params(WARMUP_TOKENS))
+    first_token_s = statistics.median(timed_generate(llm, prompt, params(1)) for _ in range(args.repeats))
+    total_s = statistics.median(timed_generate(llm, prompt, params(args.new_tokens)) for _ in range(args.repeats))
+    decode_tok_s = (args.new_tokens - 1) / (total_s - first_token_s)
+
+    config = json.loads((model_dir / "config.json").read_text())
+    element_bytes = llm.llm_engine_config.model.dtype.itemsize
+    # Decode steps see contexts of PROMPT_TOKENS + 1 ... PROMPT_TOKENS + new_tokens - 1 tokens.
+    step_bytes = bytes_per_decode_step(config, PROMPT_TOKENS + args.new_tokens / 2, element_bytes)
+    bandwidth = step_bytes["total"] * decode_tok_s
+    on_gpu = llm.llm_engine_config.device.type == "cuda"
+    return {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "dtype": str(llm.llm_engine_config.model.dtype).removeprefix("torch."),
+        "level": 0 if args.enforce_eager else args.level,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": args.new_tokens,
+        "first_token_ms": round(first_token_s * 1e3, 2),
+        "tok_s": round(args.new_tokens / total_s, 1),
+        "decode_tok_s": round(decode_tok_s, 1),
+        "bytes_per_step": {part: int(value) for part, value in step_bytes.items()},
+        "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "fraction_of_bound": round(bandwidth / H100_BYTES_PER_S, 3) if on_gpu else None,
+        "bound_tok_s": round(H100_BYTES_PER_S / step_bytes["total"], 1) if on_gpu else None,
+    }
+
+
+def print_table(row: dict) -> None:
+    bound = "n/a (CPU)" if row["fraction_of_bound"] is None else f"{row['fraction_of_bound']:.0%} of 3.0 TB/s"
+    gb_per_step = row["bytes_per_step"]["total"] / 1e9
+    print(f"{'shape':<14} {'level':>5} {'tok/s':>9} {'decode tok/s':>12} {'GB/step':>9} {'GB/s read':>10}  bound")
+    print(f"{row['shape']:<14} {row['level']:>5} {row['tok_s']:>9} {row['decode_tok_s']:>12} "
+          f"{gb_per_step:>9.4g} {row['bandwidth_gb_s']:>10}  {bound}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b", help="random weights of this shape")
+    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS, help="tokens generated after the prompt")
+    parser.add_argument("--level", type=int, choices=(0, 1, 2, 3), default=3, help="compilation level")
+    parser.add_argument("--enforce-eager", action="store_true", help="no compilation, no CUDA graphs")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median counts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", default="bench_latency.json", help="where to write the results")
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be >= 2 (one prefill token and at least one decode step), got {args.new_tokens}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = write_model(args.shape, Path(scratch) / args.shape)
+        row = run(args, model_dir)
+    print_table(row)
+    Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

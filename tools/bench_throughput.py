@@ -1,0 +1,222 @@
+"""Workload T (BENCHMARKS.md): offline throughput on random weights in the Qwen3-0.6B shape.
+
+256 requests from ``random.seed(0)``: prompt ids ``randint(0, 10000)``, prompt lengths
+uniform in [100, 1024], ``max_tokens`` uniform in [100, 1024], EOS ignored, temperature
+0.6, ``max_model_len=4096`` (142,827 prompt and 133,966 output tokens). Reports output
+tokens / wall seconds of ``generate`` (start-up excluded) and total tokens / s.
+
+``--hf-compare N`` also runs HF transformers ``generate`` on the first N requests (one
+left-padded batch, sampling, max_new_tokens = the largest of the N, counting only the
+tokens the requests asked for) and fxllm on the same N requests, in the same run.
+
+    python tools/bench_throughput.py --hf-compare 64                    # GPU
+    python tools/bench_throughput.py --shape tiny --num-requests 4 \\
+        --input-len 8 32 --output-len 4 16 --enforce-eager               # CPU smoke run
+
+Prefix caching is off: the random prompts share no prefix, so it could only help a
+repeated run, and the comparator repeats the first N requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_model  # noqa: E402  (tools/ is not a package)
+
+if TYPE_CHECKING:
+    from fxllm import LLM
+
+NUM_REQUESTS = 256
+SEED = 0
+MAX_PROMPT_ID = 10_000  # randint is inclusive: ids 0 ... 10000
+INPUT_LEN = (100, 1024)
+OUTPUT_LEN = (100, 1024)
+TEMPERATURE = 0.6
+MAX_MODEL_LEN = 4096
+WARMUP_PROMPT = list(range(2, 18))
+WARMUP_TOKENS = 4
+HF_PAD_ID = 0  # any id: padded positions are masked out
+# A 2-layer Qwen3 (qk-norm, tied) for CPU smoke runs; its vocabulary covers the prompt ids.
+TINY_SHAPE = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=10240,
+    tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=MAX_MODEL_LEN,
+    rms_norm_eps=1e-6, hidden_act="silu",
+)
+SHAPES = ("qwen3-0.6b", "tiny")
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    def head(self, count: int) -> "Workload":
+        return Workload(self.prompts[:count], self.max_tokens[:count])
+
+
+def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tuple[int, int]) -> Workload:
+    """nano-vllm's bench.py draws, in its order: every prompt first, then every max_tokens."""
+    rng = random.Random(SEED)
+    prompts = [[rng.randint(0, MAX_PROMPT_ID) for _ in range(rng.randint(*input_len))] for _ in range(num_requests)]
+    max_tokens = [rng.randint(*output_len) for _ in range(num_requests)]
+    return Workload(prompts, max_tokens)
+
+
+def write_model(shape: str, directory: Path) -> Path:
+    # random_model knows the real shapes only; the tiny one is registered for this process.
+    random_model.SHAPES.setdefault("tiny", TINY_SHAPE)
+    return random_model.write_random_model(shape, directory)
+
+
+def bench_fxllm(llm: LLM, workload: Workload) -> dict:
+    from fxllm import SamplingParams
+
+    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+    prompts = [{"prompt_token_ids": ids} for ids in workload.prompts]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    prompt_tokens = sum(map(len, workload.prompts))
+    return {
+        "requests": len(prompts),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "seconds": round(seconds, 3),
+        "output_tok_s": round(output_tokens / seconds, 1),
+        "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 1),
+    }
+
+
+def bench_hf(model_dir: Path, workload: Workload, device: torch.device) -> dict:
+    """HF ``generate`` on one left-padded batch; only the tokens each request asked for count."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    longest = max(map(len, workload.prompts))
+    input_ids = torch.full((len(workload.prompts), longest), HF_PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(workload.prompts):
+        input_ids[row, longest - len(ids):] = torch.tensor(ids)
+        attention_mask[row, longest - len(ids):] = 1
+    new_tokens = max(workload.max_tokens)
+    sampling = dict(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, pad_token_id=HF_PAD_ID)
+    with torch.inference_mode():
+        warmup = torch.tensor([WARMUP_PROMPT], device=device)
+        model.generate(warmup, max_new_tokens=WARMUP_TOKENS, **sampling)
+        _synchronize(device)
+        start = time.perf_counter()
+        # min_new_tokens: the batch runs to max_new_tokens whatever EOS is sampled (ignore_eos).
+        model.generate(input_ids.to(device), attention_mask=attention_mask.to(device),
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, **sampling)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the memory back before fxllm sizes its KV cache
+    useful = sum(workload.max_tokens)
+    return {"requests": len(workload.prompts), "max_new_tokens": new_tokens, "useful_tokens": useful,
+            "seconds": round(seconds, 3), "useful_tok_s": round(useful / seconds, 1)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> dict:
+    from fxllm import LLM, SamplingParams
+    from fxllm.config import resolve_device
+
+    workload = make_workload(args.num_requests, tuple(args.input_len), tuple(args.output_len))
+    result: dict = {"shape": args.shape, "num_requests": args.num_requests,
+                    "input_len": args.input_len, "output_len": args.output_len}
+    # HF first: on a GPU the engine takes most of the memory for its KV cache.
+    if args.hf_compare:
+        result["hf"] = bench_hf(model_dir, workload.head(args.hf_compare), resolve_device(args.device))
+    start = time.perf_counter()
+    llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
+              enforce_eager=args.enforce_eager, compilation_config={"level": args.level},
+              enable_prefix_caching=False)
+    result["startup_s"] = round(time.perf_counter() - start, 2)
+    result["device"] = torch.cuda.get_device_name() if llm.llm_engine_config.device.type == "cuda" else "cpu"
+    result["level"] = 0 if args.enforce_eager else args.level
+    llm.generate({"prompt_token_ids": WARMUP_PROMPT}, SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True),
+                 use_tqdm=False)
+    result["fxllm"] = bench_fxllm(llm, workload)
+    if args.hf_compare:
+        result["fxllm_same_as_hf"] = bench_fxllm(llm, workload.head(args.hf_compare))
+        result["speedup_vs_hf"] = round(result["fxllm_same_as_hf"]["output_tok_s"] / result["hf"]["useful_tok_s"], 2)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"{'engine':<34} {'requests':>8} {'output tok/s':>12} {'total tok/s':>11} {'seconds':>8}")
+    fx = result["fxllm"]
+    print(f"{'fxllm level ' + str(result['level']):<34} {fx['requests']:>8} {fx['output_tok_s']:>12} "
+          f"{fx['total_tok_s']:>11} {fx['seconds']:>8}")
+    if "hf" in result:
+        hf, same = result["hf"], result["fxllm_same_as_hf"]
+        print(f"{'HF generate (useful tokens)':<34} {hf['requests']:>8} {hf['useful_tok_s']:>12} "
+              f"{'':>11} {hf['seconds']:>8}")
+        print(f"{'fxllm, same requests':<34} {same['requests']:>8} {same['output_tok_s']:>12} "
+              f"{same['total_tok_s']:>11} {same['seconds']:>8}")
+        print(f"fxllm / HF on the same requests: {result['speedup_vs_hf']}x")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="qwen3-0.6b", help="random weights of this shape")
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
+    parser.add_argument("--input-len", type=int, nargs=2, default=list(INPUT_LEN), metavar=("MIN", "MAX"),
+                        help="prompt lengths, uniform in [MIN, MAX] (shrink for a CPU run)")
+    parser.add_argument("--output-len", type=int, nargs=2, default=list(OUTPUT_LEN), metavar=("MIN", "MAX"),
+                        help="max_tokens, uniform in [MIN, MAX] (shrink for a CPU run)")
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    parser.add_argument("--level", type=int, choices=(0, 1, 2, 3), default=3, help="compilation level")
+    parser.add_argument("--enforce-eager", action="store_true", help="no compilation, no CUDA graphs")
+    parser.add_argument("--hf-compare", type=int, default=0, metavar="N",
+                        help="also run HF transformers generate, and fxllm, on the first N requests")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
+    args = parser.parse_args()
+    if args.num_requests < 1:
+        parser.error(f"--num-requests must be >= 1, got {args.num_requests}")
+    for name in ("input_len", "output_len"):
+        low, high = getattr(args, name)
+        if not 1 <= low <= high:
+            parser.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {low} {high}")
+    if args.input_len[1] + args.output_len[1] > args.max_model_len:
+        parser.error(f"the longest prompt + completion ({args.input_len[1] + args.output_len[1]}) exceeds "
+                     f"--max-model-len {args.max_model_len}: shorten --input-len/--output-len")
+    if not 0 <= args.hf_compare <= args.num_requests:
+        parser.error(f"--hf-compare must be in [0, --num-requests={args.num_requests}], got {args.hf_compare}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = write_model(args.shape, Path(scratch) / args.shape)
+        result = run(args, model_dir)
+    print_table(result)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
