@@ -98,16 +98,21 @@ class ModelRunner:
         return self._profile_gpu_blocks()
 
     def _profile_gpu_blocks(self) -> int:
-        """Blocks that fit in gpu_memory_utilization after a forward at full token budget
-        plus logits and sampling for max_num_seqs rows."""
-        torch.cuda.synchronize(self.device)
-        free_before, total = torch.cuda.mem_get_info(self.device)
-        non_torch = (total - free_before) - torch.cuda.memory_reserved(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        """Blocks that fit in this engine's share (gpu_memory_utilization) of the card after
+        its weights, a forward at full token budget plus logits and sampling for
+        max_num_seqs rows, and non-torch memory; never more than is actually free (other
+        engines in this process or other processes may hold memory)."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        free_before, total = torch.cuda.mem_get_info(device)
+        non_torch = (total - free_before) - torch.cuda.memory_reserved(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         scheduler = self.config.scheduler
         num_tokens = scheduler.max_num_batched_tokens
-        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+        positions = torch.arange(num_tokens, device=device) % self.config.model.max_model_len
         with torch.inference_mode(), self._profile_context():
             hidden = self.forward_fn(input_ids, positions)
         rows = min(scheduler.max_num_seqs, num_tokens)
@@ -116,15 +121,19 @@ class ModelRunner:
             probs = logits.float().softmax(-1)
             probs.sort(dim=-1, descending=True)
         del hidden, logits, probs
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        available = int(total * self.config.cache.gpu_memory_utilization) - peak - non_torch
+        torch.cuda.synchronize(device)
+        activation_peak = torch.cuda.max_memory_allocated(device) - allocated_before
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        torch.cuda.empty_cache()
+        free_after = torch.cuda.mem_get_info(device)[0]
+        share = int(total * self.config.cache.gpu_memory_utilization) - weights - activation_peak - non_torch
+        available = min(share, free_after - activation_peak)
         num_blocks = max(available, 0) // self.bytes_per_block()
         logger.info(
-            "memory profile: peak %.2f GiB, non-torch %.2f GiB -> %d KV blocks (%.2f GiB)",
-            peak / 2**30, non_torch / 2**30, num_blocks, num_blocks * self.bytes_per_block() / 2**30,
+            "memory profile: weights %.2f GiB, activation peak %.2f GiB, non-torch %.2f GiB -> %d KV blocks (%.2f GiB)",
+            weights / 2**30, activation_peak / 2**30, non_torch / 2**30, num_blocks,
+            num_blocks * self.bytes_per_block() / 2**30,
         )
-        torch.cuda.empty_cache()
         return num_blocks
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
