@@ -53,19 +53,23 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the default model)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 3], help="fxllm compilation levels to run")
     parser.add_argument("--json", default="bench_cpu.json")
     args = parser.parse_args()
     model_dir = args.model or default_model()
-    llm = LLM(model=model_dir, device="cpu", enforce_eager=True, max_model_len=1024)
+    engines = {level: LLM(model=model_dir, device="cpu", max_model_len=1024, compilation_config=level) for level in args.levels}
     rows = []
     for batch_size in args.batch_sizes:
         prompts = [BASE_PROMPTS[i % len(BASE_PROMPTS)] + f" ({i})" for i in range(batch_size)]
-        fx = bench_fxllm(llm, prompts, args.max_tokens)
-        hf = bench_hf(model_dir, prompts, args.max_tokens)
-        rows.append({"batch": batch_size, "fxllm_tok_s": round(fx, 1), "hf_tok_s": round(hf, 1), "speedup": round(fx / hf, 2)})
-    print(f"{'batch':>5} {'fxllm tok/s':>12} {'HF tok/s':>10} {'speedup':>8}")
+        row = {"batch": batch_size, "hf_tok_s": round(bench_hf(model_dir, prompts, args.max_tokens), 1)}
+        for level, llm in engines.items():
+            row[f"level{level}_tok_s"] = round(bench_fxllm(llm, prompts, args.max_tokens), 1)
+        rows.append(row)
+    header = f"{'batch':>5} {'HF tok/s':>10} " + " ".join(f"{'fxllm L' + str(level) + ' tok/s':>16}" for level in args.levels)
+    print(header)
     for row in rows:
-        print(f"{row['batch']:>5} {row['fxllm_tok_s']:>12} {row['hf_tok_s']:>10} {row['speedup']:>7}x")
+        cells = " ".join(f"{row[f'level{level}_tok_s']:>16}" for level in args.levels)
+        print(f"{row['batch']:>5} {row['hf_tok_s']:>10} {cells}")
     with open(args.json, "w") as handle:
         json.dump({"model": model_dir, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "rows": rows}, handle, indent=2)
 

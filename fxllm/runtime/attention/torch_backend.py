@@ -7,6 +7,8 @@ request's cached prefix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -35,8 +37,37 @@ def _gather_context(
     return blocks.flatten(1, 2)
 
 
+@dataclass
+class _DecodePlan:
+    """Gather indices for the step's decode rows, built once per step and shared by all layers."""
+
+    token_index: torch.Tensor  # [D]: each decode row's query token in T
+    slot_index: torch.Tensor  # [D, L]: cache slot of each context position; past the length, the
+    # row's first slot, so the gathered values stay finite (stale or uninitialized memory can be NaN)
+    mask: torch.Tensor  # [D, 1, 1, L] bool: position < length
+
+    @classmethod
+    def build(cls, metadata: AttentionMetadata, rows: list[int], block_size: int) -> "_DecodePlan":
+        device = metadata.block_tables.device
+        starts = metadata.query_start_loc_cpu
+        lengths = torch.tensor([metadata.seq_lens_cpu[i] for i in rows], device=device)
+        context = max(metadata.seq_lens_cpu[i] for i in rows)
+        positions = torch.arange(context, device=device)
+        tables = metadata.block_tables[torch.tensor(rows, device=device)].long()
+        slots = tables[:, positions // block_size] * block_size + positions % block_size  # [D, L]
+        valid = positions[None, :] < lengths[:, None]
+        return cls(
+            token_index=torch.tensor([starts[i] for i in rows], device=device),
+            slot_index=torch.where(valid, slots, slots[:, :1]),
+            mask=valid[:, None, None, :],
+        )
+
+
 class TorchAttentionBackend:
     name = "torch"
+
+    def __init__(self) -> None:
+        self._plan: tuple[AttentionMetadata, _DecodePlan] | None = None
 
     def forward(
         self,
@@ -52,35 +83,27 @@ class TorchAttentionBackend:
         block_size = kv_cache.shape[2]
         starts = metadata.query_start_loc_cpu
         seq_lens = metadata.seq_lens_cpu
-        decode_rows = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
-        if decode_rows:
-            self._decode(spec, query, out, kv_cache, metadata, decode_rows, block_size)
+        if self._plan is None or self._plan[0] is not metadata:  # first layer of a new step
+            decode_rows = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
+            self._plan = (metadata, _DecodePlan.build(metadata, decode_rows, block_size) if decode_rows else None)
+        plan = self._plan[1]
+        if plan is not None:
+            self._decode(spec, query, out, kv_cache, plan)
         for i in range(len(seq_lens)):
             query_len = starts[i + 1] - starts[i]
             if query_len > 1:
                 self._prefill(spec, query, out, kv_cache, metadata, i, block_size)
 
     @staticmethod
-    def _decode(spec, query, out, kv_cache, metadata, rows, block_size) -> None:
-        starts = metadata.query_start_loc_cpu
-        token_index = torch.tensor([starts[i] for i in rows], device=query.device)
-        row_index = torch.tensor(rows, device=query.device)
-        lens = [metadata.seq_lens_cpu[i] for i in rows]
-        num_blocks = -(-max(lens) // block_size)
-        tables = metadata.block_tables[row_index]
-        positions = torch.arange(num_blocks * block_size, device=query.device)
-        lens_tensor = torch.tensor(lens, device=query.device)
-        valid = positions[None, :] < lens_tensor[:, None]  # [D, L]
-        # Slots past a sequence's length hold stale or uninitialized memory (maybe NaN):
-        # zero them, since a masked NaN still poisons the softmax and the weighted sum.
-        keys = _gather_context(kv_cache[0], tables, num_blocks).masked_fill(~valid[:, :, None, None], 0)
-        values = _gather_context(kv_cache[1], tables, num_blocks).masked_fill(~valid[:, :, None, None], 0)
-        mask = valid[:, None, None, :]  # [D, 1, 1, L]
-        q = query[token_index].unsqueeze(2)  # [D, heads, 1, head_dim]
+    def _decode(spec, query, out, kv_cache, plan: _DecodePlan) -> None:
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        keys = kv_cache[0].view(-1, num_kv_heads, head_dim)[plan.slot_index]  # [D, L, kv_heads, head_dim]
+        values = kv_cache[1].view(-1, num_kv_heads, head_dim)[plan.slot_index]
+        q = query[plan.token_index].unsqueeze(2)  # [D, heads, 1, head_dim]
         result = F.scaled_dot_product_attention(
-            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=spec.scale, enable_gqa=True
+            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.mask, scale=spec.scale, enable_gqa=True
         )
-        out[token_index] = result.squeeze(2).to(out.dtype)
+        out[plan.token_index] = result.squeeze(2).to(out.dtype)
 
     @staticmethod
     def _prefill(spec, query, out, kv_cache, metadata, row, block_size) -> None:
