@@ -146,11 +146,6 @@ def test_length_dependent_rope_is_a_clear_error(llama_dir):
         LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides={"rope_parameters": rope})
 
 
-def test_active_sliding_window_is_a_clear_error(tiny_model_dirs):
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        LLM(model=str(tiny_model_dirs["mistral"]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides={"sliding_window": 32})
-
-
 def test_hf_overrides_callable_is_applied(llama_dir):
     def rename(config):
         config.architectures = ["MistralForCausalLM"]

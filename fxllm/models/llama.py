@@ -22,19 +22,20 @@ def _head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _active_sliding_window(config: PretrainedConfig) -> int | None:
+def layer_sliding_window(config: PretrainedConfig, index: int) -> int | None:
+    """The window of layer ``index``: from ``layer_types`` where the config has them
+    (Qwen2/Qwen3 with use_sliding_window), else ``sliding_window`` for every layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t == "sliding_attention" for t in layer_types):
-        return config.sliding_window
+    if layer_types:
+        return window if layer_types[index] == "sliding_attention" else None
     if getattr(config, "use_sliding_window", None) is False:
         return None
-    if layer_types:  # every layer is full attention
-        return None
-    return getattr(config, "sliding_window", None)
+    return window
 
 
 class LlamaAttentionBlock(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_name: str):
+    def __init__(self, config: PretrainedConfig, layer_name: str, sliding_window: int | None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -52,7 +53,7 @@ class LlamaAttentionBlock(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         # Granite replaces 1/sqrt(head_dim) with its attention_multiplier.
         scale = getattr(config, "attention_multiplier", None) or self.head_dim**-0.5
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, layer_name)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, layer_name, sliding_window)
 
     def forward(self, rotary: RotaryTables, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -83,7 +84,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, index: int):
         super().__init__()
-        self.self_attn = LlamaAttentionBlock(config, f"model.layers.{index}.self_attn.attn")
+        self.self_attn = LlamaAttentionBlock(
+            config, f"model.layers.{index}.self_attn.attn", layer_sliding_window(config, index)
+        )
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -128,13 +131,6 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: PretrainedConfig, max_positions: int):
         super().__init__()
-        window = _active_sliding_window(config)
-        if window is not None:
-            raise ValueError(
-                f"this checkpoint uses sliding-window attention (sliding_window={window}), which fxllm "
-                f"does not support yet; pass hf_overrides={{'sliding_window': None}} to run it with full "
-                f"attention if max_model_len <= {window}"
-            )
         self.config = config
         self.model = LlamaModel(config, max_positions)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.llama import LlamaForCausalLM
+from fxllm.models.opt import OPTForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -12,6 +14,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "OPTForCausalLM": OPTForCausalLM,
 }
 
 

@@ -26,6 +26,7 @@ class AttentionSpec:
     num_kv_heads: int
     head_dim: int
     scale: float
+    sliding_window: int | None = None  # a query at position q sees keys p with q - p < window
 
 
 @torch.library.custom_op("fxllm::attention", mutates_args=("out",))
@@ -56,13 +57,23 @@ def _(query, key, value, out, layer_name) -> None:
 class Attention(nn.Module):
     """Paged attention over flattened tokens: [T, heads * head_dim] in and out."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_name: str):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        layer_name: str,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
             )
-        self.spec = AttentionSpec(layer_name, num_heads, num_kv_heads, head_dim, scale)
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        self.spec = AttentionSpec(layer_name, num_heads, num_kv_heads, head_dim, scale, sliding_window)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(query)

@@ -45,6 +45,8 @@ class _DecodePlan:
     slot_index: torch.Tensor  # [D, L]: cache slot of each context position; past the length, the
     # row's first slot, so the gathered values stay finite (stale or uninitialized memory can be NaN)
     mask: torch.Tensor  # [D, 1, 1, L] bool: position < length
+    positions: torch.Tensor  # [L]
+    lengths: torch.Tensor  # [D]
 
     @classmethod
     def build(cls, metadata: AttentionMetadata, rows: list[int], block_size: int) -> "_DecodePlan":
@@ -60,7 +62,16 @@ class _DecodePlan:
             token_index=torch.tensor([starts[i] for i in rows], device=device),
             slot_index=torch.where(valid, slots, slots[:, :1]),
             mask=valid[:, None, None, :],
+            positions=positions,
+            lengths=lengths,
         )
+
+    def window_mask(self, window: int | None) -> torch.Tensor:
+        """The mask for a layer: the decode token (at length - 1) sees the last ``window`` keys."""
+        if window is None:
+            return self.mask
+        recent = self.positions[None, :] >= (self.lengths - window)[:, None]
+        return self.mask & recent[:, None, None, :]
 
 
 class TorchAttentionBackend:
@@ -101,7 +112,8 @@ class TorchAttentionBackend:
         values = kv_cache[1].view(-1, num_kv_heads, head_dim)[plan.slot_index]
         q = query[plan.token_index].unsqueeze(2)  # [D, heads, 1, head_dim]
         result = F.scaled_dot_product_attention(
-            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.mask, scale=spec.scale, enable_gqa=True
+            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.window_mask(spec.sliding_window),
+            scale=spec.scale, enable_gqa=True
         )
         out[plan.token_index] = result.squeeze(2).to(out.dtype)
 
@@ -114,10 +126,13 @@ class TorchAttentionBackend:
         table = metadata.block_tables[row : row + 1]
         keys = _gather_context(kv_cache[0], table, num_blocks)[0, :seq_len]  # [L, kv_heads, head_dim]
         values = _gather_context(kv_cache[1], table, num_blocks)[0, :seq_len]
-        # Query j sits at position seq_len - query_len + j and sees keys up to it.
+        # Query j sits at position seq_len - query_len + j and sees keys up to it
+        # (and, with a window W, none more than W - 1 positions back).
         mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=query.device).tril(
             diagonal=seq_len - query_len
         )
+        if spec.sliding_window is not None:
+            mask = mask.triu(diagonal=seq_len - query_len - spec.sliding_window + 1)
         result = F.scaled_dot_product_attention(
             query[start:end].transpose(0, 1),
             keys.transpose(0, 1),
