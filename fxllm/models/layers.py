@@ -27,8 +27,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
-def rope_parameters(config: PretrainedConfig) -> dict:
+def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:
+    """RoPE settings; models with per-layer-type RoPE (Gemma 3) keep one dict per layer type."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     return {"rope_type": "default", **params}
 
 
@@ -48,9 +51,9 @@ class RotaryEmbedding(nn.Module):
     yarn scaling match HF exactly; the table is built once for ``max_positions``.
     """
 
-    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int):
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int, layer_type: str | None = None):
         super().__init__()
-        params = rope_parameters(config)
+        params = rope_parameters(config, layer_type)
         rope_type = params["rope_type"]
         if rope_type in _LENGTH_DEPENDENT_ROPE:
             raise ValueError(
@@ -60,7 +63,8 @@ class RotaryEmbedding(nn.Module):
         if rope_type == "default":
             inv_freq, attention_scaling = _default_inv_freq(params["rope_theta"], head_dim), 1.0
         elif rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+            by_layer_type = {"layer_type": layer_type} if layer_type is not None else {}
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **by_layer_type)
         else:
             raise ValueError(
                 f"unknown rope type {rope_type!r}; supported: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fxllm.models.gemma3 import Gemma3ForCausalLM
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.opt import OPTForCausalLM
@@ -16,6 +17,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GraniteForCausalLM": LlamaForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 
