@@ -96,7 +96,8 @@ class GPT2LMHeadModel(nn.Module):
         if getattr(config, "add_cross_attention", False):
             raise ValueError(
                 "this GPT-2 config has add_cross_attention=True (an encoder-decoder setup); fxllm runs "
-                "decoder-only GPT-2: pass hf_overrides={'add_cross_attention': False} if the checkpoint has no cross-attention weights"
+                "decoder-only GPT-2: pass hf_overrides={'add_cross_attention': False} if the checkpoint "
+                "has no cross-attention weights"
             )
         self.config = config
         self.transformer = GPT2Model(config)

@@ -57,7 +57,8 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = _layer_norm(config)  # the MLP's norm, despite its name
         name = config.activation_function
         if name not in ACT2FN:
-            raise ValueError(f"activation_function {name!r} is not supported; expected one of {', '.join(sorted(ACT2FN))}")
+            supported = ", ".join(sorted(ACT2FN))
+            raise ValueError(f"activation_function {name!r} is not supported; expected one of {supported}")
         self.act = ACT2FN[name]
         self.pre_norm = bool(config.do_layer_norm_before)  # False: post-LN (opt-350m)
 
