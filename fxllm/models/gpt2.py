@@ -12,8 +12,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
+from fxllm.models.layers import activation
 from fxllm.models.weights import load_named_weights
 from fxllm.runtime.attention import Attention
 
@@ -21,13 +21,6 @@ from fxllm.runtime.attention import Attention
 _CONV1D_MODULES = ("c_attn", "c_fc", "c_proj")
 # Causal-mask buffers that older checkpoints carry; attention masks causally itself.
 _MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
-
-def activation(config: PretrainedConfig) -> nn.Module:
-    name = config.activation_function
-    if name not in ACT2FN:
-        raise ValueError(f"activation_function {name!r} is not supported; expected one of {', '.join(sorted(ACT2FN))}")
-    return ACT2FN[name]
 
 
 class GPT2Attention(nn.Module):
@@ -55,7 +48,7 @@ class GPT2MLP(nn.Module):
         inner_size = config.n_inner if config.n_inner is not None else 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, inner_size)
         self.c_proj = nn.Linear(inner_size, config.n_embd)
-        self.act = activation(config)
+        self.act = activation(config.activation_function)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(hidden)))

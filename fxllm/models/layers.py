@@ -89,6 +89,15 @@ def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
     return x * tables.cos + rotated * tables.sin
 
 
+def activation(name: str) -> nn.Module:
+    """An activation by its HF config name (transformers' own table, so numerics match)."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise ValueError(f"activation_function {name!r} is not supported; expected one of {', '.join(sorted(ACT2FN))}")
+    return ACT2FN[name]
+
+
 class SiluAndMul(nn.Module):
     """silu(gate) * up on a fused [T, 2 * intermediate] projection."""
 

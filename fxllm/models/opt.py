@@ -13,8 +13,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
+from fxllm.models.layers import activation
 from fxllm.models.weights import FusedShard, load_named_weights
 from fxllm.runtime.attention import Attention
 
@@ -55,11 +55,7 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = _layer_norm(config)  # the MLP's norm, despite its name
-        name = config.activation_function
-        if name not in ACT2FN:
-            supported = ", ".join(sorted(ACT2FN))
-            raise ValueError(f"activation_function {name!r} is not supported; expected one of {supported}")
-        self.act = ACT2FN[name]
+        self.act = activation(config.activation_function)
         self.pre_norm = bool(config.do_layer_norm_before)  # False: post-LN (opt-350m)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
