@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,15 @@ def test_headless_gpt2_checkpoint_runs_with_an_architecture_override(tmp_path):
         hf_overrides={"architectures": ["GPT2LMHeadModel"]},
     )
     _assert_greedy_matches_hf(llm, model_dir)
+
+
+def test_gpt2_config_without_architectures_loads_through_hf_overrides(model_dirs, tmp_path):
+    model_dir = tmp_path / "no_architectures"
+    shutil.copytree(model_dirs["gpt2"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["architectures"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names no 'architectures'"):
+        LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides={"architectures": ["GPT2LMHeadModel"]})
+    _assert_greedy_matches_hf(llm, model_dirs["gpt2"])
