@@ -7,14 +7,12 @@ attention op is the only runtime piece the model calls.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from fxllm.models.causal_lm import FusedDecoderForCausalLM
 from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, apply_rotary
-from fxllm.models.weights import FusedShard, load_named_weights
 from fxllm.runtime.attention import Attention
 
 
@@ -117,42 +115,15 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(FusedDecoderForCausalLM):
     """One implementation for Llama, Mistral, Qwen2, Qwen3 and Granite checkpoints."""
-
-    # HF checkpoint name -> (our fused parameter, shard index)
-    fused_weights = {
-        "q_proj": FusedShard("qkv_proj", 0),
-        "k_proj": FusedShard("qkv_proj", 1),
-        "v_proj": FusedShard("qkv_proj", 2),
-        "gate_proj": FusedShard("gate_up_proj", 0),
-        "up_proj": FusedShard("gate_up_proj", 1),
-    }
 
     def __init__(self, config: PretrainedConfig, max_positions: int):
         super().__init__()
-        self.config = config
         self.model = LlamaModel(config, max_positions)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self._init_lm_head(config, tied_by_default=False)
         self.logits_scaling = getattr(config, "logits_scaling", None) or 1.0  # Granite divides logits
-        attn = self.model.layers[0].self_attn
-        self.qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
-
-    def fused_shard_sizes(self, fused_name: str) -> list[int]:
-        if fused_name == "qkv_proj":
-            return self.qkv_sizes
-        return [self.config.intermediate_size] * 2
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        load_named_weights(self, weights, skip=skip)
