@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
 
-from tests.tiny_models import CONFIGS, save_tiny_model
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter on CPU. Set before anything imports
+    # triton: its knobs are read once, and a kernel module imported earlier by another
+    # test would otherwise be compiled for a GPU that is not there.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import CONFIGS, save_tiny_model  # noqa: E402
 
 ARCHITECTURES = sorted(CONFIGS)
 

@@ -6,24 +6,18 @@ Without CUDA the kernels run under Triton's interpreter on small CPU tensors; th
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # Must be set before triton.jit decorates the kernels (at their module's import).
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from fxllm.runtime.attention import triton_kernels  # noqa: E402
-from fxllm.runtime.attention.layer import AttentionSpec  # noqa: E402
-from fxllm.runtime.attention.torch_backend import TorchAttentionBackend, write_kv_cache  # noqa: E402
-from fxllm.runtime.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from fxllm.runtime.forward_context import AttentionMetadata  # noqa: E402
+# Without CUDA, tests/conftest.py has switched Triton to its interpreter.
+from fxllm.runtime.attention import triton_kernels
+from fxllm.runtime.attention.layer import AttentionSpec
+from fxllm.runtime.attention.torch_backend import TorchAttentionBackend, write_kv_cache
+from fxllm.runtime.attention.triton_backend import TritonAttentionBackend
+from fxllm.runtime.forward_context import AttentionMetadata
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOLERANCE = 1e-5
