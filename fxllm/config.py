@@ -102,7 +102,6 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU
-    max_model_len: int = 0
 
 
 class CompilationLevel(enum.IntEnum):

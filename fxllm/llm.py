@@ -141,7 +141,6 @@ class LLM:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
-                max_model_len=model_max_len,
             ),
             device=resolved_device,
             compilation=compilation.eager() if enforce_eager else compilation,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig
+from transformers import Gemma3TextConfig
 
 from fxllm import LLM, SamplingParams
 from fxllm.runtime.attention.layer import Attention
-from tests.tiny_models import VOCAB_SIZE, build_tokenizer, hf_greedy, randomize_
+from tests.tiny_models import VOCAB_SIZE, hf_greedy, save_config_checkpoint
 
 WINDOW = 6
 PROMPTS = ["Once upon a time there was a tiny model that learned to count: one two three", "Hello world", "The quick brown fox"]
@@ -26,13 +25,7 @@ def gemma_dir(tmp_path_factory):
                          "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
         architectures=["Gemma3ForCausalLM"],
     )
-    directory = tmp_path_factory.mktemp("gemma3")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize_(model, 0)
-    model.save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
-    return directory
+    return save_config_checkpoint(config, tmp_path_factory.mktemp("gemma3"))
 
 
 @pytest.mark.parametrize("budget", [2048, 5], ids=["whole_prompts", "chunked"])

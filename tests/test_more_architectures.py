@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2Model, OPTConfig
+from transformers import GPT2Config, GPT2Model, OPTConfig
 
 from fxllm import LLM, SamplingParams
-from tests.tiny_models import VOCAB_SIZE, build_tokenizer, hf_greedy, randomize_
+from tests.tiny_models import VOCAB_SIZE, hf_greedy, save_config_checkpoint, save_random_checkpoint
 
 PROMPTS = [
     "The capital of France is",
@@ -43,31 +43,12 @@ CONFIGS = {
 }
 
 
-def _randomize_layer_norms_(model: torch.nn.Module, seed: int) -> None:
-    """randomize_ treats only ``*norm.weight`` as gains; GPT-2's ln_* gains need the same care."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=generator))
-
-
-def _save(model: torch.nn.Module, directory: Path, seed: int) -> Path:
-    randomize_(model, seed)
-    _randomize_layer_norms_(model, seed)
-    model.save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("more_architectures")
     dirs = {}
     for seed, (name, make_config) in enumerate(CONFIGS.items()):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float32)
-        dirs[name] = _save(model, root / name, seed)
+        dirs[name] = save_config_checkpoint(make_config(), root / name, seed)
     return dirs
 
 
@@ -94,7 +75,7 @@ def test_headless_gpt2_checkpoint_runs_with_an_architecture_override(tmp_path):
         architectures=["GPT2Model"],
     )
     torch.manual_seed(7)
-    model_dir = _save(GPT2Model(config), tmp_path / "headless_gpt2", seed=7)
+    model_dir = save_random_checkpoint(GPT2Model(config), tmp_path / "headless_gpt2", seed=7)
     assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["GPT2Model"]
     with pytest.raises(ValueError, match="GPT2Model .* is not supported"):
         LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)

@@ -66,7 +66,7 @@ def workloads(draw):
 @given(workloads())
 def test_scheduler_keeps_its_limits_and_never_leaks_or_double_frees(workload):
     cache = KVCacheManager(workload["num_blocks"], workload["block_size"], workload["prefix_caching"])
-    config = SchedulerConfig(max_num_seqs=workload["max_num_seqs"], max_num_batched_tokens=workload["budget"], max_model_len=workload["max_len"])
+    config = SchedulerConfig(max_num_seqs=workload["max_num_seqs"], max_num_batched_tokens=workload["budget"])
     scheduler = Scheduler(config, cache)
     pending = sorted(enumerate(workload["requests"]), key=lambda item: item[1][0])
     requests = []

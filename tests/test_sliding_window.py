@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fxllm import LLM, SamplingParams
 from fxllm.runtime.attention.layer import Attention
-from tests.tiny_models import CONFIGS, build_tokenizer, hf_greedy, randomize_
+from tests.tiny_models import CONFIGS, hf_greedy, save_config_checkpoint
 
 WINDOW = 6  # shorter than a KV block and than the prompts, so the window really cuts
 PROMPTS = [
@@ -16,17 +15,6 @@ PROMPTS = [
     "Hello",
 ]
 NEW_TOKENS = 12
-
-
-def _save(config, directory):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize_(model, 0)
-    model.save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,7 @@ def windowed_dirs(tmp_path_factory):
     base.pop("layer_types")  # derived again from use_sliding_window and max_window_layers
     base.update(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
     qwen2 = Qwen2Config(**base)
-    return {"mistral": _save(mistral, root / "mistral"), "qwen2": _save(qwen2, root / "qwen2")}
+    return {"mistral": save_config_checkpoint(mistral, root / "mistral"), "qwen2": save_config_checkpoint(qwen2, root / "qwen2")}
 
 
 @pytest.mark.parametrize("arch, windows", [("mistral", [WINDOW, WINDOW]), ("qwen2", [None, WINDOW])])

@@ -24,13 +24,6 @@ FP32_TOLERANCE = 1e-5
 BF16_RELATIVE_ERROR = 1e-2
 
 
-@dataclass(frozen=True)
-class WindowedSpec(AttentionSpec):
-    """AttentionSpec plus the per-layer window the backend reads with getattr."""
-
-    sliding_window: int | None = None
-
-
 @dataclass
 class Step:
     """One engine step: a paged cache holding each request's prefix, and this step's tokens."""
@@ -96,7 +89,7 @@ def make_step(
         seq_lens_cpu=seq_lens,
         query_start_loc_cpu=starts,
     )
-    spec = WindowedSpec("layer", num_heads, num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
+    spec = AttentionSpec("layer", num_heads, num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
     return Step(
         spec=spec,
         query=randn(num_tokens, num_heads, head_dim).to(DEVICE),
@@ -108,41 +101,12 @@ def make_step(
     )
 
 
-def windowed_reference(step: Step, kv_cache: torch.Tensor, out: torch.Tensor) -> None:
-    """The torch backend's prefill math, one request at a time, with the window mask added."""
-    metadata, spec = step.metadata, step.spec
-    block_size = kv_cache.shape[2]
-    for i, seq_len in enumerate(metadata.seq_lens_cpu):
-        start, end = metadata.query_start_loc_cpu[i], metadata.query_start_loc_cpu[i + 1]
-        if end == start:
-            continue
-        table = metadata.block_tables[i, : -(-seq_len // block_size)].long()
-        keys = kv_cache[0][table].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
-        values = kv_cache[1][table].flatten(0, 1)[:seq_len]
-        query_pos = torch.arange(seq_len - (end - start), seq_len, device=keys.device)[:, None]
-        key_pos = torch.arange(seq_len, device=keys.device)[None, :]
-        mask = (key_pos <= query_pos) & (query_pos - key_pos < spec.sliding_window)
-        result = F.scaled_dot_product_attention(
-            step.query[start:end].transpose(0, 1).to(keys.dtype),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            attn_mask=mask,
-            scale=spec.scale,
-            enable_gqa=True,
-        )
-        out[start:end] = result.transpose(0, 1).to(out.dtype)
-
-
 def reference(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, kv_cache after the step) from the torch backend, computed in fp32."""
     kv_cache = step.kv_cache.float().clone()
     out = torch.zeros(step.query.shape, dtype=torch.float32, device=step.query.device)
     query, key, value = step.query.float(), step.key.float(), step.value.float()
-    if step.spec.sliding_window is None:
-        TorchAttentionBackend().forward(step.spec, query, key, value, out, kv_cache, step.metadata)
-    else:
-        write_kv_cache(kv_cache, key, value, step.metadata.slot_mapping)
-        windowed_reference(step, kv_cache, out)
+    TorchAttentionBackend().forward(step.spec, query, key, value, out, kv_cache, step.metadata)
     return out, kv_cache
 
 

@@ -99,25 +99,34 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random; norm gains (RMSNorm, LayerNorm, ...) around 1."""
     generator = torch.Generator().manual_seed(seed)
+    gains = {
+        id(module.weight) for module in model.modules() if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None
+    }
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                param.copy_(0.15 * noise)
+            param.copy_(1.0 + 0.1 * noise if id(param) in gains else 0.15 * noise)
 
 
-def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
-    """Write a random-weight HF checkpoint of ``arch`` (a key of CONFIGS) with a tokenizer."""
-    config = CONFIGS[arch]()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+def save_random_checkpoint(model: torch.nn.Module, directory: Path, seed: int = 0) -> Path:
+    """Randomize ``model`` and write it as an HF checkpoint with the tiny tokenizer."""
     randomize_(model, seed)
     model.save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
     return directory
+
+
+def save_config_checkpoint(config, directory: Path, seed: int = 0) -> Path:
+    """A random-weight fp32 checkpoint of a causal LM config."""
+    torch.manual_seed(seed)
+    return save_random_checkpoint(AutoModelForCausalLM.from_config(config, dtype=torch.float32), directory, seed)
+
+
+def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
+    """Write a random-weight HF checkpoint of ``arch`` (a key of CONFIGS) with a tokenizer."""
+    return save_config_checkpoint(CONFIGS[arch](), directory, seed)
 
 
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from fxllm.config import EngineConfig
 from fxllm.outputs import Logprob
-from fxllm.runtime.kv_cache import KVCacheManager
+from fxllm.runtime.kv_cache import KVCacheManager, cdiv
 from fxllm.runtime.request import Request
 from fxllm.runtime.runner import ModelRunner, TokenLogprobs
 from fxllm.runtime.scheduler import Scheduler
@@ -23,7 +23,7 @@ class LLMEngine:
         num_blocks = self.runner.determine_num_blocks()
         block_size = config.cache.block_size
         max_model_len = config.model.max_model_len
-        needed = -(-max_model_len // block_size)
+        needed = cdiv(max_model_len, block_size)
         if num_blocks < needed:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks ({num_blocks * block_size} tokens) but one request "

@@ -52,6 +52,7 @@ class KVCacheManager:
         for block in hits:
             self._take(block)
         request.block_ids = list(hits)
+        request.num_committed_blocks = len(hits)  # hits are cached blocks already
         request.num_computed_tokens = num_computed
         self.prefix_hits += num_computed
         self._grow(request, needed)
@@ -71,7 +72,7 @@ class KVCacheManager:
             return
         num_full = request.num_computed_tokens // self.block_size
         self._extend_hashes(request, num_full)
-        for index in range(num_full):
+        for index in range(request.num_committed_blocks, num_full):
             block = request.block_ids[index]
             if self.block_hash[block] is not None:
                 continue
@@ -80,6 +81,7 @@ class KVCacheManager:
                 continue  # another request computed the same prefix; keep the first copy
             self.block_hash[block] = block_hash
             self.cached_blocks[block_hash] = block
+        request.num_committed_blocks = num_full
 
     def free(self, request: Request) -> None:
         """Release a request's blocks; the tail goes into the queue first, so it is evicted first."""
@@ -88,6 +90,7 @@ class KVCacheManager:
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
         request.block_ids = []
+        request.num_committed_blocks = 0
 
     def _match_prefix(self, request: Request) -> list[int]:
         # Cached tokens have no logits, so requests that ask for prompt logprobs take no hits.

@@ -47,7 +47,7 @@ class Request:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    num_preemptions: int = 0
+    num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -39,7 +39,7 @@ class TritonAttentionBackend:
     ) -> None:
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         triton_kernels.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        sliding_window = getattr(spec, "sliding_window", None)
+        sliding_window = spec.sliding_window
         args = (query, key_cache, value_cache, out, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
         if query.shape[0] == metadata.seq_lens.shape[0]:
             triton_kernels.split_decode_attention(
