@@ -239,9 +239,25 @@ def summary_lines(report: CompileReport, model: str) -> list[str]:
         f"{', '.join(report.splitting_ops) or '(none)'}); distinct compiled artifacts: {report.unique_pieces}",
         f"compile time: {report.compile_seconds} s; Inductor compiles: {report.inductor_compiles}",
         f"compiled shapes: {', '.join(report.compiled_shapes) or '(none: pieces run eagerly)'}",
-        f"CUDA-graph capture sizes: {', '.join(map(str, report.cudagraph_sizes)) or '(none)'}",
+        f"CUDA graphs: {_cudagraph_status(report)}",
         f"compile cache: {_cache_status(report)}",
     ]
+
+
+def _cudagraph_status(report: CompileReport) -> str:
+    if not report.cudagraph_sizes:
+        return f"none (mode {report.cudagraph_mode})"
+    sizes = "; ".join(f"{mode} at {_size_ranges(sizes)}" for mode, sizes in report.cudagraph_sizes.items())
+    return (
+        f"mode {report.cudagraph_mode}: {sizes}; captured in {report.cudagraph_capture_seconds} s, "
+        f"{report.cudagraph_memory_bytes / 2**20:.0f} MiB"
+    )
+
+
+def _size_ranges(sizes: list[int]) -> str:
+    if len(sizes) <= 4:
+        return ", ".join(map(str, sizes))
+    return f"{len(sizes)} sizes {sizes[0]}..{sizes[-1]}"
 
 
 def _cache_status(report: CompileReport) -> str:

@@ -155,8 +155,20 @@ def test_bench_latency_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subproce
     ])
     assert status == 0, capfd.readouterr().err[-2000:]
     assert "decode tok/s" in capfd.readouterr().out
-    result = json.loads(result_path.read_text())
+    (result,) = json.loads(result_path.read_text())
     assert result["tok_s"] > 0 and result["bytes_per_step"]["total"] > result["bytes_per_step"]["lm_head"]
+
+
+def test_bench_startup_runs_on_a_tiny_shape_with_its_breakdown(tmp_path, capfd, one_thread_subprocesses):
+    result_path = tmp_path / "startup.json"
+    status = cli.main([
+        "bench", "startup", "--shape", "tiny", "--levels", "0", "--max-model-len", "64", "--decode-tokens", "4",
+        "--device", "cpu", "--json", str(result_path),
+    ])
+    assert status == 0, capfd.readouterr().err[-2000:]
+    assert "startup_s" in capfd.readouterr().out
+    (row,) = json.loads(result_path.read_text())["rows"]
+    assert row["startup_s"] > 0 and row["load_s"] > 0 and row["decode_tok_s"] > 0
 
 
 def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, capfd, one_thread_subprocesses):

@@ -28,24 +28,28 @@ def test_fp32_greedy_on_gpu_matches_hf_on_cpu(arch, tiny_model_dirs, enforce_eag
 
 
 def test_bf16_greedy_diverges_only_between_near_ties(llama_dir):
-    """bf16 on GPU vs fp32 HF: at the first differing token, each side's token is in the
-    other's top-k."""
+    """bf16 on GPU (CUDA graphs on, the default) vs fp32 HF: at the first differing token,
+    each side's token is in the other's top-k."""
     from transformers import AutoModelForCausalLM
 
     llm = LLM(model=str(llama_dir), device="cuda", dtype="bfloat16", max_model_len=256)
+    assert llm.compile_report().cudagraph_sizes
     reference = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     tokenizer = llm.get_tokenizer()
-    for prompt in PROMPTS:
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP_K)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs):
         ids = tokenizer.encode(prompt)
-        ours = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)[0]
         theirs = hf_greedy(llama_dir, ids, NEW_TOKENS)
-        mine = ours.outputs[0].token_ids
+        mine = output.outputs[0].token_ids
         if mine == theirs:
             continue
         first = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
         with torch.no_grad():
             logits = reference(torch.tensor([ids + theirs[:first]])).logits[0, -1]
         assert mine[first] in logits.topk(TOP_K).indices.tolist()
+        our_top = sorted(output.outputs[0].logprobs[first].items(), key=lambda kv: kv[1].rank)[:TOP_K]
+        assert theirs[first] in [token for token, _ in our_top]
 
 
 def test_kv_cache_fills_the_memory_left_after_profiling(llama_dir):
@@ -70,7 +74,8 @@ def test_triton_backend_greedy_equals_the_torch_reference_backend(arch, tiny_mod
     engine_args = dict(device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=24, gpu_memory_utilization=0.3)
     triton_llm = LLM(model=str(model_dir), **engine_args)
     assert triton_llm.llm_engine.runner.backend.name == "triton"
-    reference = LLM(model=str(model_dir), **engine_args)
+    # Without graphs: a captured graph would replay the Triton kernels whatever the backend.
+    reference = LLM(model=str(model_dir), compilation_config={"cudagraph_mode": "NONE"}, **engine_args)
     reference.llm_engine.runner.backend = TorchAttentionBackend()
     ours = [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params, use_tqdm=False)]
     theirs = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]

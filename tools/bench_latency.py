@@ -8,11 +8,17 @@ reads one row) times decode tok/s, against the 3.0 TB/s the H100 copies at.
 
     python tools/bench_latency.py --shape llama-3.2-1b        # GPU
     python tools/bench_latency.py --shape tiny --new-tokens 16 --enforce-eager   # CPU smoke run
+    python tools/bench_latency.py --cudagraph-modes NONE FULL_AND_PIECEWISE --profile
+
+``--profile`` adds where a decode step's time goes: the device time of its kernels
+(torch profiler) against the step's wall time; the rest is host overhead the GPU
+waits on.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -34,6 +40,7 @@ PROMPT_TOKENS = 128
 DEFAULT_NEW_TOKENS = 256
 H100_BYTES_PER_S = 3.0e12  # device-to-device copy on the H100 of BENCHMARKS.md
 WARMUP_TOKENS = 4
+PROFILED_STEPS = 32
 PROMPT_ID_LIMIT = 10_000  # prompt ids below every shape's vocabulary
 # A 2-layer Llama for CPU smoke runs; the real shapes come from tools/random_model.py.
 TINY_SHAPE = dict(
@@ -72,13 +79,31 @@ def timed_generate(llm: LLM, prompt: dict, params: SamplingParams) -> float:
     return time.perf_counter() - start
 
 
-def run(args: argparse.Namespace, model_dir: Path) -> dict:
+def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> float:
+    """Kernel time per decode step, from the torch profiler (prefill included, then removed
+    by profiling a 1-token run too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxllm import SamplingParams
+
+    def kernel_ms(tokens: int) -> float:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+    return (kernel_ms(decode_steps + 1) - kernel_ms(1)) / decode_steps
+
+
+def run(args: argparse.Namespace, model_dir: Path, cudagraph_mode: str | None) -> dict:
     from fxllm import LLM, SamplingParams
 
+    compilation = {"level": args.level}
+    if cudagraph_mode is not None:
+        compilation["cudagraph_mode"] = cudagraph_mode
     # No prefix caching: every repeat must compute the prompt again, like the first.
     llm = LLM(
         model=str(model_dir), max_model_len=PROMPT_TOKENS + args.new_tokens, device=args.device,
-        enforce_eager=args.enforce_eager, compilation_config={"level": args.level}, enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False,
     )
     rng = random.Random(0)
     id_limit = min(PROMPT_ID_LIMIT, llm.llm_engine_config.model.hf_config.vocab_size)
@@ -98,8 +123,13 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     step_bytes = bytes_per_decode_step(config, PROMPT_TOKENS + args.new_tokens / 2, element_bytes)
     bandwidth = step_bytes["total"] * decode_tok_s
     on_gpu = llm.llm_engine_config.device.type == "cuda"
-    return {
+    step_ms = 1e3 / decode_tok_s
+    device_ms = device_ms_per_step(llm, prompt, PROFILED_STEPS) if args.profile and on_gpu else None
+    row = {
         "shape": args.shape,
+        "cudagraph_mode": "NONE" if args.enforce_eager else (cudagraph_mode or "default"),
+        "step_ms": round(step_ms, 3),
+        "device_ms_per_step": None if device_ms is None else round(device_ms, 3),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(llm.llm_engine_config.model.dtype).removeprefix("torch."),
         "level": 0 if args.enforce_eager else args.level,
@@ -113,14 +143,22 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         "fraction_of_bound": round(bandwidth / H100_BYTES_PER_S, 3) if on_gpu else None,
         "bound_tok_s": round(H100_BYTES_PER_S / step_bytes["total"], 1) if on_gpu else None,
     }
+    del llm
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()  # the next mode's engine sizes its KV cache from free memory
+    return row
 
 
-def print_table(row: dict) -> None:
-    bound = "n/a (CPU)" if row["fraction_of_bound"] is None else f"{row['fraction_of_bound']:.0%} of 3.0 TB/s"
-    gb_per_step = row["bytes_per_step"]["total"] / 1e9
-    print(f"{'shape':<14} {'level':>5} {'tok/s':>9} {'decode tok/s':>12} {'GB/step':>9} {'GB/s read':>10}  bound")
-    print(f"{row['shape']:<14} {row['level']:>5} {row['tok_s']:>9} {row['decode_tok_s']:>12} "
-          f"{gb_per_step:>9.4g} {row['bandwidth_gb_s']:>10}  {bound}")
+def print_table(rows: list[dict]) -> None:
+    print(f"{'shape':<14} {'level':>5} {'graphs':<18} {'tok/s':>9} {'decode tok/s':>12} {'ms/step':>8} "
+          f"{'device ms':>9} {'GB/step':>9} {'GB/s read':>10}  bound")
+    for row in rows:
+        bound = "n/a (CPU)" if row["fraction_of_bound"] is None else f"{row['fraction_of_bound']:.0%} of 3.0 TB/s"
+        device = "" if row["device_ms_per_step"] is None else row["device_ms_per_step"]
+        print(f"{row['shape']:<14} {row['level']:>5} {row['cudagraph_mode']:<18} {row['tok_s']:>9} "
+              f"{row['decode_tok_s']:>12} {row['step_ms']:>8} {device:>9} {row['bytes_per_step']['total'] / 1e9:>9.4g} "
+              f"{row['bandwidth_gb_s']:>10}  {bound}")
 
 
 def main() -> None:
@@ -131,6 +169,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no compilation, no CUDA graphs")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median counts")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cudagraph-modes", nargs="+", default=[None], help="one row per mode (default: the engine's)")
+    parser.add_argument("--profile", action="store_true", help="also measure device time per decode step (GPU)")
     parser.add_argument("--json", default="bench_latency.json", help="where to write the results")
     args = parser.parse_args()
     if args.new_tokens < 2:
@@ -139,9 +179,9 @@ def main() -> None:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_model(args.shape, Path(scratch) / args.shape)
-        row = run(args, model_dir)
-    print_table(row)
-    Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
+        rows = [run(args, model_dir, mode) for mode in args.cudagraph_modes]
+    print_table(rows)
+    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

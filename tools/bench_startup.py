@@ -1,4 +1,4 @@
-"""Workload S: start-up time (load + compile [+ CUDA graphs]) cold and warm, and decode speed.
+"""Workload S: start-up time cold and warm, broken down (load, Dynamo, Inductor, CUDA-graph capture), and decode speed.
 
 Each measurement runs in a fresh process. "cold" starts with empty fxllm, Inductor
 and Triton caches; "warm" is a second process over the same caches. Level 0 is the
@@ -33,7 +33,9 @@ def _worker(args: argparse.Namespace) -> dict:
     llm = LLM(model=args.model, max_model_len=args.max_model_len, compilation_config=compilation, device=args.device)
     startup = time.perf_counter() - start
     report = llm.compile_report()
-    prompt = {"prompt_token_ids": [(7 * i) % 1000 + 2 for i in range(PROMPT_TOKENS)]}
+    vocab_size = llm.llm_engine_config.model.hf_config.vocab_size
+    prompt_tokens = min(PROMPT_TOKENS, args.max_model_len - args.decode_tokens)
+    prompt = {"prompt_token_ids": [((7 * i) % 1000 + 2) % vocab_size for i in range(prompt_tokens)]}
     params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
     llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     if torch.cuda.is_available():
@@ -43,7 +45,12 @@ def _worker(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - begin
     return {
         "startup_s": round(startup, 2),
+        "load_s": report.load_seconds,
+        "dynamo_s": report.dynamo_seconds,
+        "inductor_s": report.inductor_seconds,
         "compile_s": report.compile_seconds,
+        "capture_s": report.cudagraph_capture_seconds,
+        "graph_mib": round(report.cudagraph_memory_bytes / 2**20),
         "inductor_compiles": report.inductor_compiles,
         "loaded_from_cache": report.loaded_from_cache,
         "decode_tok_s": round(args.decode_tokens / elapsed, 1),
@@ -100,9 +107,9 @@ def main() -> None:
 
     if args.shape:
         sys.path.insert(0, str(Path(__file__).parent))
-        from random_model import write_random_model
+        from bench_latency import write_model  # the named shapes and the tiny CPU one
 
-        args.model = str(write_random_model(args.shape, Path(tempfile.mkdtemp()) / args.shape))
+        args.model = str(write_model(args.shape, Path(tempfile.mkdtemp()) / args.shape))
     elif args.model is None:
         from fxllm import default_model
 
@@ -116,9 +123,10 @@ def main() -> None:
     if args.hf_compile:
         with tempfile.TemporaryDirectory() as cache:
             rows.append({"engine": "HF torch.compile (first call)", "run": "cold", **_run(args, "hf", None, Path(cache))})
-    print(f"{'engine':<32} {'run':<5} {'startup s':>9} {'compile s':>9} {'decode tok/s':>12}")
+    columns = ["startup_s", "load_s", "dynamo_s", "inductor_s", "capture_s", "decode_tok_s"]
+    print(f"{'engine':<32} {'run':<5} " + " ".join(f"{c:>12}" for c in columns))
     for row in rows:
-        print(f"{row['engine']:<32} {row['run']:<5} {row['startup_s']:>9} {row.get('compile_s', ''):>9} {row.get('decode_tok_s', ''):>12}")
+        print(f"{row['engine']:<32} {row['run']:<5} " + " ".join(f"{row.get(c, ''):>12}" for c in columns))
     with open(args.json, "w") as handle:
         json.dump({"model": args.model, "shape": args.shape, "rows": rows}, handle, indent=2)
 

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.fx.interpreter import Interpreter
 
 from fxllm.compiler.cache import CompileCache, engine_cache_key
+from fxllm.compiler.cudagraph import CUDAGraphPlan, PiecewiseCUDAGraph
 from fxllm.compiler.capture import CapturedGraph, DirectCall, capture, engine_local_forward, mark_num_tokens_dynamic
 from fxllm.compiler.piecewise import PieceCompiler, SizeDispatch, find_size_argument, returns_single_value
 from fxllm.compiler.report import CompileReport
@@ -104,9 +105,11 @@ def _capture_and_compile(
 ) -> CompiledModel:
     compilation = config.compilation
     dump_dir = Path(compilation.debug_dump_path) if compilation.debug_dump_path else None
+    start = time.perf_counter()
     with profile_context(), torch.inference_mode(), _depyf_dump(dump_dir):
         captured = capture(model, *_dummy_inputs(config, CAPTURE_NUM_TOKENS))
     report.dynamo_compiles = 1
+    report.dynamo_seconds = round(time.perf_counter() - start, 2)
 
     pass_manager = PassManager(compilation.pass_config)
     report.passes = pass_manager(captured.graph_module)
@@ -126,11 +129,17 @@ def _capture_and_compile(
             cache = CompileCache(root, engine_cache_key(config, pass_manager.uuid()))
             report.cache_dir = str(cache.directory)
         compiler = PieceCompiler(cache)
+        start = time.perf_counter()
         _compile_pieces(split, captured, compiler, config, profile_context)
+        report.inductor_seconds = round(time.perf_counter() - start, 2)
         report.compiled_shapes = ["dynamic"] + [str(size) for size in compilation.compile_sizes]
         report.inductor_compiles = compiler.inductor_compiles
         report.unique_pieces = len(compiler.artifacts)
         report.loaded_from_cache = compiler.loaded > 0 and compiler.inductor_compiles == 0
+    if CUDAGraphPlan.resolve(config).piecewise_sizes:
+        for piece in split.pieces:
+            if not piece.is_splitting_op:
+                setattr(split.graph_module, piece.name, PiecewiseCUDAGraph(getattr(split.graph_module, piece.name)))
     return CompiledModel(DirectCall(captured, split.graph_module), report, split)
 
 

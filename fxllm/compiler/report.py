@@ -13,9 +13,15 @@ class CompileReport:
     splitting_ops: list[str] = field(default_factory=list)
     piece_ops: list[dict[str, int]] = field(default_factory=list)  # op histogram per piece
     compiled_shapes: list[str] = field(default_factory=list)  # "dynamic" and each compile size
-    cudagraph_sizes: list[int] = field(default_factory=list)
+    cudagraph_mode: str = "NONE"  # as resolved for this engine (CUDA only)
+    cudagraph_sizes: dict[str, list[int]] = field(default_factory=dict)  # "FULL"/"PIECEWISE" -> sizes captured
+    cudagraph_capture_seconds: float = 0.0
+    cudagraph_memory_bytes: int = 0  # device memory the graph pool took
     passes: dict[str, int] = field(default_factory=dict)  # pass name -> matches
-    compile_seconds: float = 0.0
+    compile_seconds: float = 0.0  # Dynamo + passes + split + Inductor
+    dynamo_seconds: float = 0.0  # capturing the graph
+    inductor_seconds: float = 0.0  # compiling (or loading) the pieces
+    load_seconds: float = 0.0  # building the model and reading its weights (before compiling)
     inductor_compiles: int = 0  # pieces compiled by Inductor (not loaded, not de-duplicated)
     unique_pieces: int = 0  # distinct compiled artifacts after de-duplicating identical layers
     cache_dir: str | None = None

@@ -32,6 +32,7 @@ class LLMEngine:
                 f"num_gpu_blocks_override)"
             )
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cudagraphs()
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         logger.info(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import torch
 
 if TYPE_CHECKING:
+    from fxllm.compiler.cudagraph import GraphStep
     from fxllm.runtime.attention.backend import AttentionBackend
     from fxllm.runtime.attention.layer import AttentionSpec
 
@@ -37,6 +38,7 @@ class ForwardContext:
     kv_caches: Mapping[str, torch.Tensor]  # layer_name -> [2, num_blocks, block_size, kv_heads, head_dim]
     layers: Mapping[str, "AttentionSpec"]
     backend: "AttentionBackend"
+    cudagraph: "GraphStep | None" = None  # set when this step replays or captures CUDA graphs
 
 
 _current: ForwardContext | None = None

@@ -9,6 +9,7 @@ the forward context, then logits are computed only for rows that sample.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,18 +17,25 @@ import torch
 from torch import nn
 
 from fxllm.compiler import compile_model
+from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphStep
 from fxllm.config import CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
-from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from fxllm.runtime.cudagraphs import CUDAGraphs
+from fxllm.runtime.forward_context import ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
 from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
+from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 
 logger = logging.getLogger(__name__)
+
+# Device memory the captured graphs themselves take beyond their pool (kernel nodes,
+# launch parameters).
+CUDA_GRAPH_OVERHEAD_BYTES = 256 << 20
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
@@ -45,9 +53,11 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         model_config = config.model
+        load_start = time.perf_counter()
         self.model: nn.Module = build_model(
             model_config.hf_config, Path(model_config.model), model_config.dtype, self.device, model_config.max_model_len
         )
+        load_seconds = time.perf_counter() - load_start
         self.vocab_size = model_config.vocab_size
         self.layers: dict[str, AttentionSpec] = {
             module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
@@ -57,26 +67,28 @@ class ModelRunner:
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
         self.kv_caches: dict[str, torch.Tensor] = {}
-        self._log_cudagraph_settings()
+        self.num_blocks = 0
+        self.graph_plan = CUDAGraphPlan.resolve(config)
         self.compiled = compile_model(self.model, config, self._profile_context)
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
-        self.kv_caches: dict[str, torch.Tensor] = {}
-        self.num_blocks = 0
+        self.compile_report.cudagraph_mode = self.graph_plan.mode.value
+        self.compile_report.load_seconds = round(load_seconds, 2)
+        self.graphs = CUDAGraphs(self.graph_plan)
+        scheduler = config.scheduler
+        with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
+            self.inputs = StepInputs(
+                max_num_tokens=scheduler.max_num_batched_tokens,
+                # Graphs are captured on idle steps of one request per token.
+                max_num_requests=max((scheduler.max_num_seqs, *self.graph_plan.piecewise_sizes)),
+                max_blocks_per_seq=cdiv(model_config.max_model_len, self.block_size),
+                block_size=self.block_size,
+                device=self.device,
+            )
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
         return set_forward_context(ForwardContext(None, {}, self.layers, self.backend))
-
-    def _log_cudagraph_settings(self) -> None:
-        compilation = self.config.compilation
-        unset = compilation.cudagraph_capture_sizes is None and compilation.cudagraph_mode is None
-        if unset or compilation.cudagraph_mode is CUDAGraphMode.NONE:
-            return
-        if self.device.type == "cpu":
-            logger.info("cudagraph_capture_sizes/cudagraph_mode do not apply on CPU: no CUDA graphs are captured")
-        else:
-            logger.info("CUDA graphs are not captured yet: cudagraph_capture_sizes/cudagraph_mode are ignored")
 
     # ---- KV cache sizing and allocation -------------------------------------------------
 
@@ -126,15 +138,27 @@ class ModelRunner:
         weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
         torch.cuda.empty_cache()
         free_after = torch.cuda.mem_get_info(device)[0]
-        share = int(total * self.config.cache.gpu_memory_utilization) - weights - activation_peak - non_torch
-        available = min(share, free_after - activation_peak)
+        graphs = self._cudagraph_reserve(activation_peak)
+        share = int(total * self.config.cache.gpu_memory_utilization) - weights - activation_peak - non_torch - graphs
+        available = min(share, free_after - activation_peak - graphs)
         num_blocks = max(available, 0) // self.bytes_per_block()
         logger.info(
-            "memory profile: weights %.2f GiB, activation peak %.2f GiB, non-torch %.2f GiB -> %d KV blocks (%.2f GiB)",
-            weights / 2**30, activation_peak / 2**30, non_torch / 2**30, num_blocks,
+            "memory profile: weights %.2f GiB, activation peak %.2f GiB, non-torch %.2f GiB, CUDA graphs %.2f GiB "
+            "-> %d KV blocks (%.2f GiB)",
+            weights / 2**30, activation_peak / 2**30, non_torch / 2**30, graphs / 2**30, num_blocks,
             num_blocks * self.bytes_per_block() / 2**30,
         )
         return num_blocks
+
+    def _cudagraph_reserve(self, activation_peak: int) -> int:
+        """Room for the graph pool, captured after the KV cache is allocated: the activations
+        of the largest captured step (its share of the peak profiled at the full token
+        budget) and the graphs themselves."""
+        plan = self.graph_plan
+        largest = max((*plan.piecewise_sizes, *plan.full_sizes), default=0)
+        if not largest:
+            return 0
+        return activation_peak * largest // self.config.scheduler.max_num_batched_tokens + CUDA_GRAPH_OVERHEAD_BYTES
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One tensor per layer: [2, num_blocks, block_size, kv_heads, head_dim].
@@ -156,21 +180,39 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> StepResult:
         """Run the model for the scheduled tokens; sample one token per request that reached
         its last token, and gather prompt logprobs where asked."""
-        input_ids, positions, slot_mapping, query_start_loc, seq_lens, sample_rows = [], [], [], [0], [], []
-        prompt_rows: list[tuple[Request, list[int], list[int]]] = []  # (request, rows, target token ids)
-        block_size = self.block_size
+        dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled))
+        prepared = self.inputs.prepare(step.scheduled, dispatch)
+        if dispatch.mode is CUDAGraphMode.FULL:
+            hidden = self.graphs.replay_full(dispatch.num_tokens)
+        else:
+            graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
+            hidden = self._forward(prepared, graph_step)  # [T_padded, hidden]
+        result = StepResult()
+        sampling = [s.request for s in step.scheduled if s.samples]
+        if sampling:
+            self._sample(hidden[prepared.sample_rows], sampling, result)
+        for request, rows, targets in self._prompt_logprob_rows(step):
+            result.prompt_logprobs[request] = self._prompt_logprobs(hidden, rows, targets, request)
+        return result
+
+    def _forward(self, prepared: PreparedStep, graph_step: GraphStep | None) -> torch.Tensor:
+        context = ForwardContext(prepared.metadata, self.kv_caches, self.layers, self.backend, graph_step)
+        with set_forward_context(context):
+            return self.forward_fn(prepared.input_ids, prepared.positions)
+
+    @torch.inference_mode()
+    def capture_cudagraphs(self) -> None:
+        """Capture the planned graphs (after the KV cache exists: attention runs while capturing)."""
+        if self.graph_plan.enabled:
+            self.graphs.capture(self.inputs.prepare_idle, self._forward, self.compile_report)
+
+    @staticmethod
+    def _prompt_logprob_rows(step: SchedulerOutput) -> list[tuple[Request, list[int], list[int]]]:
+        """(request, rows of the step, target token ids) for requests that want prompt logprobs."""
+        found, first_row = [], 0
         for scheduled in step.scheduled:
             request = scheduled.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + scheduled.num_new_tokens
-            first_row = query_start_loc[-1]
-            input_ids.extend(request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = request.block_ids
-            slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
-            query_start_loc.append(first_row + scheduled.num_new_tokens)
-            seq_lens.append(end)
-            if scheduled.samples:
-                sample_rows.append(query_start_loc[-1] - 1)
             if request.prompt_logprobs is not None:
                 # Row of token t predicts prompt token t + 1; skip targets already recorded
                 # (a preempted request recomputes its prompt).
@@ -178,37 +220,13 @@ class ModelRunner:
                 targets = range(first_target, min(end + 1, request.num_prompt_tokens))
                 if targets:
                     rows = [first_row + t - 1 - start for t in targets]
-                    prompt_rows.append((request, rows, [request.prompt_token_ids[t] for t in targets]))
-        max_blocks = max(cdiv(length, block_size) for length in seq_lens)
-        # Rows padded with block 0: entries past a request's seq_len are never read.
-        block_tables = [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in step.scheduled]
+                    found.append((request, rows, [request.prompt_token_ids[t] for t in targets]))
+            first_row += scheduled.num_new_tokens
+        return found
 
-        device = self.device
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-            seq_lens_cpu=seq_lens,
-            query_start_loc_cpu=query_start_loc,
-        )
-        context = ForwardContext(metadata, self.kv_caches, self.layers, self.backend)
-        with set_forward_context(context):
-            hidden = self.forward_fn(
-                torch.tensor(input_ids, dtype=torch.long, device=device),
-                torch.tensor(positions, dtype=torch.long, device=device),
-            )  # [T, hidden]
-        result = StepResult()
-        if sample_rows:
-            self._sample(hidden, sample_rows, [s.request for s in step.scheduled if s.samples], result)
-        for request, rows, targets in prompt_rows:
-            result.prompt_logprobs[request] = self._prompt_logprobs(hidden, rows, targets, request)
-        return result
-
-    def _sample(self, hidden: torch.Tensor, rows: list[int], requests: list[Request], result: StepResult) -> None:
-        device = self.device
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)])  # [S, vocab]
-        batch = SamplingBatch.from_requests(requests, self.vocab_size, device)
+    def _sample(self, hidden: torch.Tensor, requests: list[Request], result: StepResult) -> None:
+        logits = self.model.compute_logits(hidden)  # [S, vocab]
+        batch = SamplingBatch.from_requests(requests, self.vocab_size, self.device)
         output = self.sampler(logits, batch)
         result.sampled = output.token_ids.tolist()
         result.logprobs = [None] * len(requests)

@@ -25,8 +25,8 @@ class SamplingBatch:
 
     all_greedy: bool
     any_greedy: bool
-    greedy: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B] float32, 1.0 on greedy rows
+    greedy: torch.Tensor | None  # [B] bool; None when all rows are greedy
+    temperature: torch.Tensor | None  # [B] float32, 1.0 on greedy rows; None when all are greedy
     top_k: torch.Tensor | None  # [B] int64, vocab size where unset
     top_p: torch.Tensor | None  # [B] float32
     min_p: torch.Tensor | None  # [B] float32
@@ -52,11 +52,12 @@ class SamplingBatch:
 
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        all_greedy = all(greedy)
         return cls(
-            all_greedy=all(greedy),
+            all_greedy=all_greedy,
             any_greedy=any(greedy),
-            greedy=torch.tensor(greedy, device=device),
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=torch.float32, device=device),
+            greedy=per_row(greedy, torch.bool, not all_greedy),
+            temperature=per_row([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, not all_greedy),
             top_k=per_row(top_k, torch.long, any(k < vocab_size and s for k, s in zip(top_k, sampled))),
             top_p=per_row([p.top_p for p in params], torch.float32, any(p.top_p < 1.0 and s for p, s in zip(params, sampled))),
             min_p=per_row([p.min_p for p in params], torch.float32, any(p.min_p > 0.0 and s for p, s in zip(params, sampled))),

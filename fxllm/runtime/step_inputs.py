@@ -1,0 +1,157 @@
+"""A step's model inputs: built on the host with numpy, copied once into persistent device buffers.
+
+The device buffers never move, so CUDA graphs captured on views of them replay
+with each step's values (DESIGN.md contract 6). On CUDA the host side is pinned and
+copies are non-blocking; on CPU host and device buffers are the same tensors.
+
+Padding (to a CUDA-graph size): padded tokens get slot -1 (the KV write skips them)
+and position 0; a decode-only step is padded with empty requests of one token and
+seq_len 0, so attention reads nothing for them and the decode kernel still sees
+one token per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fxllm.compiler.cudagraph import GraphDispatch
+from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.runtime.scheduler import ScheduledRequest
+
+PADDING_SLOT = -1
+PADDING_TOKEN_ID = 0
+
+# Rows of the packed buffers: one copy per buffer instead of one per field.
+INPUT_IDS, POSITIONS, SLOT_MAPPING = range(3)
+SEQ_LENS, QUERY_START_LOC, SAMPLE_ROWS = range(3)
+
+
+@dataclass
+class PreparedStep:
+    input_ids: torch.Tensor  # [T_padded] int64, a view of a persistent buffer
+    positions: torch.Tensor  # [T_padded] int64
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] int32: rows of the hidden states that sample, in step order
+    num_tokens: int  # T before padding
+
+
+class StepInputs:
+    def __init__(
+        self, max_num_tokens: int, max_num_requests: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+    ):
+        self.block_size = block_size
+        self.device = device
+        pin = device.type == "cuda"
+        # [3, T]: input_ids, positions, slot_mapping. [3, B + 1]: seq_lens, query_start_loc, sample_rows.
+        self.host_tokens = torch.zeros(3, max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        self.host_requests = torch.zeros(3, max_num_requests + 1, dtype=torch.int32, pin_memory=pin)
+        self.host_block_tables = torch.zeros(max_num_requests, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        if device.type == "cpu":
+            self.tokens, self.requests, self.block_tables = self.host_tokens, self.host_requests, self.host_block_tables
+        else:
+            self.tokens = torch.zeros_like(self.host_tokens, device=device)
+            self.requests = torch.zeros_like(self.host_requests, device=device)
+            self.block_tables = torch.zeros_like(self.host_block_tables, device=device)
+        self._tokens_np = self.host_tokens.numpy()
+        self._requests_np = self.host_requests.numpy()
+        self._tables_np = self.host_block_tables.numpy()
+        # The host buffers are reused every step: wait for the last copy out of them first.
+        self._copied = torch.cuda.Event() if pin else None
+
+    @property
+    def max_num_tokens(self) -> int:
+        return self.host_tokens.shape[1]
+
+    @property
+    def max_num_requests(self) -> int:
+        return self.host_block_tables.shape[0]
+
+    def prepare(self, scheduled: list[ScheduledRequest], dispatch: GraphDispatch) -> PreparedStep:
+        if self._copied is not None:
+            self._copied.synchronize()
+        num_requests = len(scheduled)
+        num_new = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, num_requests)
+        computed = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64, num_requests)
+        ids, positions, slots = self._tokens_np
+        seq_lens, query_start_loc, sample_rows = self._requests_np
+        query_start_loc[0] = 0
+        np.cumsum(num_new, out=query_start_loc[1 : num_requests + 1])
+        num_tokens = int(query_start_loc[num_requests])
+        seq_lens[:num_requests] = computed + num_new
+        max_blocks = 0
+        num_samples = 0
+        for row, entry in enumerate(scheduled):
+            request = entry.request
+            start = int(computed[row])
+            ids[query_start_loc[row] : query_start_loc[row + 1]] = request.all_token_ids[start : start + entry.num_new_tokens]
+            blocks = request.block_ids
+            self._tables_np[row, : len(blocks)] = blocks
+            max_blocks = max(max_blocks, len(blocks))
+            if entry.samples:
+                sample_rows[num_samples] = query_start_loc[row + 1] - 1
+                num_samples += 1
+        owner = np.repeat(np.arange(num_requests), num_new)  # [T]: request of each token
+        positions[:num_tokens] = np.arange(num_tokens) - query_start_loc[owner] + computed[owner]
+        token_positions = positions[:num_tokens]
+        slots[:num_tokens] = (
+            self._tables_np[owner, token_positions // self.block_size] * self.block_size
+            + token_positions % self.block_size
+        )
+        padded_tokens, padded_requests = dispatch.num_tokens, dispatch.num_requests
+        ids[num_tokens:padded_tokens] = PADDING_TOKEN_ID
+        positions[num_tokens:padded_tokens] = 0
+        slots[num_tokens:padded_tokens] = PADDING_SLOT
+        # Empty requests of a padded decode-only step: one token each, nothing to attend to.
+        seq_lens[num_requests:padded_requests] = 0
+        query_start_loc[num_requests + 1 : padded_requests + 1] = np.arange(
+            num_tokens + 1, num_tokens + 1 + padded_requests - num_requests
+        )
+        self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
+        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens)
+
+    def _prepared(self, padded_tokens: int, padded_requests: int, num_samples: int, num_tokens: int) -> PreparedStep:
+        seq_lens, query_start_loc, _ = self._requests_np
+        metadata = AttentionMetadata(
+            slot_mapping=self.tokens[SLOT_MAPPING, :padded_tokens],
+            # Full width, whatever the step's longest context: the decode kernel's split
+            # count follows the width, and must not change between capture and replay.
+            block_tables=self.block_tables[:padded_requests],
+            seq_lens=self.requests[SEQ_LENS, :padded_requests],
+            query_start_loc=self.requests[QUERY_START_LOC, : padded_requests + 1],
+            seq_lens_cpu=seq_lens[:padded_requests].tolist(),
+            query_start_loc_cpu=query_start_loc[: padded_requests + 1].tolist(),
+        )
+        return PreparedStep(
+            input_ids=self.tokens[INPUT_IDS, :padded_tokens],
+            positions=self.tokens[POSITIONS, :padded_tokens],
+            metadata=metadata,
+            sample_rows=self.requests[SAMPLE_ROWS, :num_samples],
+            num_tokens=num_tokens,
+        )
+
+    def prepare_idle(self, num_requests: int) -> PreparedStep:
+        """A decode-only step of empty requests (for capturing graphs): it writes no KV
+        and attends to nothing."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        ids, positions, slots = self._tokens_np
+        seq_lens, query_start_loc, _ = self._requests_np
+        ids[:num_requests], positions[:num_requests], slots[:num_requests] = PADDING_TOKEN_ID, 0, PADDING_SLOT
+        seq_lens[:num_requests] = 0
+        query_start_loc[: num_requests + 1] = np.arange(num_requests + 1)
+        self._copy(num_requests, num_requests, 0, 0)
+        return self._prepared(num_requests, num_requests, num_samples=0, num_tokens=num_requests)
+
+    def _copy(self, num_tokens: int, num_requests: int, num_real_requests: int, max_blocks: int) -> None:
+        if self.device.type == "cpu":
+            return
+        self.tokens[:, :num_tokens].copy_(self.host_tokens[:, :num_tokens], non_blocking=True)
+        self.requests[:, : num_requests + 1].copy_(self.host_requests[:, : num_requests + 1], non_blocking=True)
+        # Only the blocks in use: columns past a request's blocks are never read.
+        self.block_tables[:num_real_requests, :max_blocks].copy_(
+            self.host_block_tables[:num_real_requests, :max_blocks], non_blocking=True
+        )
+        self._copied.record()
