@@ -125,9 +125,14 @@ ATTENTION_OP = "fxllm.attention"
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Switches for the FX passes run on the captured graph (vLLM's names)."""
+    """Switches for the FX passes run on the captured graph (levels 2 and 3).
 
-    enable_noop: bool = True
+    ``enable_noop`` and ``enable_fusion`` are vLLM's; ``enable_fusion`` turns every
+    fusion off, and each fusion has a switch of its own under it. All on by default.
+    ``compilation_config={"pass_config": ...}`` takes this object or a dict of its fields.
+    """
+
+    enable_noop: bool = True  # drop casts, views and multiplications that change nothing
     enable_fusion: bool = True
 
 
@@ -169,8 +174,7 @@ class CompilationConfig:
             except ValueError:
                 modes = ", ".join(m.value for m in CUDAGraphMode)
                 raise ValueError(f"cudagraph_mode must be one of {modes}, got {self.cudagraph_mode!r}") from None
-        if isinstance(self.pass_config, dict):
-            object.__setattr__(self, "pass_config", PassConfig(**self.pass_config))
+        object.__setattr__(self, "pass_config", PassConfig.from_user(self.pass_config))
 
     def eager(self) -> "CompilationConfig":
         """This config at level 0 without CUDA graphs (``enforce_eager=True``)."""
@@ -191,6 +195,24 @@ class CompilationConfig:
         if isinstance(value, int):
             return cls(level=value)
         if isinstance(value, dict):
+    enable_qk_norm_rope_fusion: bool = True  # Qwen3's per-head q/k RMSNorm + RoPE as one op
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"pass_config.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_user(cls, value: "PassConfig | dict") -> "PassConfig":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = sorted(cls.__dataclass_fields__)
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"unknown pass_config field(s) {unknown}; known: {known}")
+            return cls(**value)
+        raise TypeError(f"pass_config must be a PassConfig or a dict, got {type(value).__name__}")
             known = {f for f in cls.__dataclass_fields__}
             unknown = sorted(set(value) - known)
             if unknown:

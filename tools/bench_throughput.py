@@ -162,6 +162,18 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     if args.hf_compare:
         result["fxllm_same_as_hf"] = bench_fxllm(llm, workload.head(args.hf_compare))
         result["speedup_vs_hf"] = round(result["fxllm_same_as_hf"]["output_tok_s"] / result["hf"]["useful_tok_s"], 2)
+    result["passes"] = llm.compile_report().passes
+    if args.compare_passes_off:
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        compilation = {"level": args.level, "pass_config": {"enable_noop": False, "enable_fusion": False}}
+        llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
+                  compilation_config=compilation, enable_prefix_caching=False)
+        llm.generate({"prompt_token_ids": WARMUP_PROMPT}, SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True),
+                     use_tqdm=False)
+        result["fxllm_passes_off"] = bench_fxllm(llm, workload)
     return result
 
 
@@ -170,6 +182,10 @@ def print_table(result: dict) -> None:
     fx = result["fxllm"]
     print(f"{'fxllm level ' + str(result['level']):<34} {fx['requests']:>8} {fx['output_tok_s']:>12} "
           f"{fx['total_tok_s']:>11} {fx['seconds']:>8}")
+    if "fxllm_passes_off" in result:
+        off = result["fxllm_passes_off"]
+        print(f"{'fxllm level ' + str(result['level']) + ', FX passes off':<34} {off['requests']:>8} "
+              f"{off['output_tok_s']:>12} {off['total_tok_s']:>11} {off['seconds']:>8}")
     if "hf" in result:
         hf, same = result["hf"], result["fxllm_same_as_hf"]
         print(f"{'HF generate (useful tokens)':<34} {hf['requests']:>8} {hf['useful_tok_s']:>12} "
@@ -193,6 +209,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-compare", type=int, default=0, metavar="N",
                         help="also run HF transformers generate, and fxllm, on the first N requests")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compare-passes-off", action="store_true",
+                        help="also run the workload with the FX passes off (enable_noop/enable_fusion False)")
     parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
     args = parser.parse_args()
     if args.num_requests < 1:

@@ -1,41 +1,46 @@
 """The pass manager: runs the enabled passes on the captured graph in a fixed order.
 
 Each pass is a small class with a ``name``, a stable ``uuid`` (source + config),
-``applies(num_tokens)`` and ``__call__(graph) -> matches``. The manager's uuid
-goes into the compile-cache key, and the match counts into the compile report.
-No fusion pass is registered yet, so the manager runs none.
+``applies(num_tokens)`` and ``__call__(graph) -> matches`` (passes/graph_pass.py).
+The manager's uuid goes into the compile-cache key, and the match counts into the
+compile report. No-op elimination runs first, so fusions see the graph without it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
 
 from torch import fx
 
 from fxllm.config import PassConfig
+from fxllm.passes.graph_pass import GraphPass
+from fxllm.passes.noop import NoOpElimination
+from fxllm.passes.qk_norm_rope import QKNormRopeFusion
 
 
-class GraphPass(Protocol):
-    name: str
-
-    def uuid(self) -> str: ...
-
-    def __call__(self, graph: fx.Graph) -> int: ...
+def enabled_passes(config: PassConfig) -> list[GraphPass]:
+    passes: list[GraphPass] = []
+    if config.enable_noop:
+        passes.append(NoOpElimination())
+    if config.enable_fusion and config.enable_qk_norm_rope_fusion:
+        passes.append(QKNormRopeFusion())
+    return passes
 
 
 class PassManager:
     def __init__(self, config: PassConfig):
         self.config = config
-        self.passes: list[GraphPass] = []
+        self.passes = enabled_passes(config)
 
     def uuid(self) -> str:
         parts = [repr(self.config)] + [f"{p.name}:{p.uuid()}" for p in self.passes]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def __call__(self, graph_module: fx.GraphModule) -> dict[str, int]:
-        matches = {p.name: p(graph_module.graph) for p in self.passes}
-        if self.passes:
+        # Passes run once, before splitting, on the graph that serves every T.
+        passes = [p for p in self.passes if p.applies(None)]
+        matches = {p.name: p(graph_module.graph) for p in passes}
+        if passes:
             graph_module.graph.lint()
             graph_module.recompile()
         return matches

@@ -1,0 +1,224 @@
+"""Q/K-norm + RoPE fusion (Qwen3): the per-head RMSNorm and rotary embedding of a query
+and a key become one ``fxllm::qk_norm_rope`` call (one kernel launch on CUDA).
+
+What Inductor cannot do here: the norm is a reduction per head, and the rotation reads
+the other half of each normalized row; it compiles the query chain and the key chain
+as kernels of their own. Whether the single launch pays is for the GPU measurement.
+
+The matcher walks back from each ``x * cos + rotate_half(x) * sin`` (models/layers.py
+``apply_rotary``) to an ``RMSNorm`` of a [T, heads, head_dim] tensor, stepping over the
+norm's dtype casts (absent in fp32 once no-op elimination has run). Two consecutive
+matches sharing the RoPE tables and eps become one call: in our graphs the query and
+the key of one layer. Any two would do, since the op treats its rows independently;
+the graph order only has to allow one node for both.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxllm.passes import qk_norm_rope_op
+from fxllm.passes.graph_pass import example_value, source_uuid
+
+# Dims of the tensors the op takes: [T, heads, head_dim] and tables [T, 1, head_dim].
+_HEADS_RANK = 3
+
+
+@dataclass(frozen=True)
+class NormRope:
+    """One match: ``apply_rotary(RMSNorm(input, weight, eps), cos, sin)``."""
+
+    input: fx.Node  # [T, heads, head_dim]
+    weight: fx.Node  # [head_dim]
+    eps: float
+    cos: fx.Node  # [T, 1, head_dim]
+    sin: fx.Node  # [T, 1, head_dim]
+    output: fx.Node
+    nodes: tuple[fx.Node, ...]  # the matched ops, to erase once unused
+
+
+class QKNormRopeFusion:
+    name = "qk_norm_rope_fusion"
+
+    def uuid(self) -> str:
+        return source_uuid(sys.modules[__name__], qk_norm_rope_op)
+
+    def applies(self, num_tokens: int | None) -> bool:
+        return True
+
+    def __call__(self, graph: fx.Graph) -> int:
+        matches = [match for node in graph.nodes if (match := match_norm_rope(node)) is not None]
+        order = {node: index for index, node in enumerate(graph.nodes)}
+        fused = 0
+        index = 0
+        while index + 1 < len(matches):
+            query, key = matches[index], matches[index + 1]
+            if _can_fuse(query, key, order):
+                _fuse(graph, query, key)
+                fused += 1
+                index += 2
+            else:
+                index += 1
+        return fused
+
+
+def match_norm_rope(node: fx.Node) -> NormRope | None:
+    rope = _match_rope(node)
+    if rope is None:
+        return None
+    normed, cos, sin, rope_nodes = rope
+    norm = _match_rms_norm(normed)
+    if norm is None:
+        return None
+    source, weight, eps, norm_nodes = norm
+    if not all(isinstance(n, fx.Node) for n in (source, weight, cos, sin)):
+        return None
+    match = NormRope(source, weight, eps, cos, sin, node, norm_nodes + rope_nodes)
+    return match if _shapes_and_dtypes_fit(match) else None
+
+
+def _is(node: object, target: object) -> bool:
+    """Whether ``node`` calls ``target``: a function, or a Tensor method given by name."""
+    if not isinstance(node, fx.Node):
+        return False
+    if isinstance(target, str):
+        return node.op == "call_method" and node.target == target
+    return node.op == "call_function" and node.target is target
+
+
+def _match_rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, tuple[fx.Node, ...]] | None:
+    """``x * cos + cat((-x[..., half:], x[..., :half]), dim=-1) * sin`` -> (x, cos, sin, nodes)."""
+    if not _is(node, operator.add):
+        return None
+    direct, rotated_term = node.args
+    if not (_is(direct, operator.mul) and _is(rotated_term, operator.mul)):
+        return None
+    (x, cos), (rotated, sin) = direct.args, rotated_term.args
+    if not _is(rotated, torch.cat) or _cat_dim(rotated) != -1:
+        return None
+    halves = rotated.args[0]
+    if not isinstance(halves, (list, tuple)) or len(halves) != 2 or not _is(halves[0], operator.neg):
+        return None
+    second, first = halves[0].args[0], halves[1]
+    if not (_is(second, operator.getitem) and _is(first, operator.getitem)):
+        return None
+    if second.args[0] is not x or first.args[0] is not x:
+        return None
+    value = example_value(x)
+    if not isinstance(value, torch.Tensor):
+        return None
+    half = value.shape[-1] // 2
+    if second.args[1] != (Ellipsis, slice(half, None, None)) or first.args[1] != (Ellipsis, slice(None, half, None)):
+        return None
+    return x, cos, sin, (node, direct, rotated_term, rotated, halves[0], second, first)
+
+
+def _cat_dim(node: fx.Node) -> object:
+    if "dim" in node.kwargs:
+        return node.kwargs["dim"]
+    return node.args[1] if len(node.args) > 1 else 0
+
+
+def _match_rms_norm(node: fx.Node) -> tuple[fx.Node, fx.Node, float, tuple[fx.Node, ...]] | None:
+    """``weight * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)``, x = source.float()
+    -> (source, weight, eps, nodes); the two casts may be absent."""
+    if not _is(node, operator.mul):
+        return None
+    weight, cast_back = node.args
+    scaled = _skip_casts(cast_back)
+    if not _is(scaled, operator.mul):
+        return None
+    upcast, rstd = scaled.args
+    if not _is(rstd, torch.rsqrt):
+        return None
+    shifted = rstd.args[0]
+    if not (_is(shifted, operator.add) and isinstance(shifted.args[1], float)):
+        return None
+    mean = shifted.args[0]
+    if not (_is(mean, "mean") and mean.args[1:] == (-1,) and mean.kwargs == {"keepdim": True}):
+        return None
+    square = mean.args[0]
+    if not (_is(square, "pow") and square.args[1:] == (2,) and square.args[0] is upcast):
+        return None
+    source = _skip_casts(upcast)
+    # The op computes in fp32 and rounds to the input dtype where the norm casts back.
+    if _dtype(square) != torch.float32 or _dtype(cast_back) != _dtype(source):
+        return None
+    casts = _casts_between(cast_back, scaled) + _casts_between(upcast, source)
+    return source, weight, shifted.args[1], (node, scaled, rstd, shifted, mean, square) + casts
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = example_value(node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _is_cast(node: object) -> bool:
+    return _is(node, "float") or (
+        _is(node, "to") and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs
+    )
+
+
+def _skip_casts(node: object) -> object:
+    while _is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _casts_between(top: object, bottom: object) -> tuple[fx.Node, ...]:
+    casts = []
+    while top is not bottom:
+        casts.append(top)
+        top = top.args[0]
+    return tuple(casts)
+
+
+def _shapes_and_dtypes_fit(match: NormRope) -> bool:
+    """Heads as [T, heads, head_dim], one weight per dim, tables broadcast over heads, one dtype."""
+    values = [example_value(n) for n in (match.input, match.weight, match.cos, match.sin, match.output)]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    source, weight, cos, sin, output = values
+    head_dim = source.shape[-1]
+    tables_fit = all(t.dim() == _HEADS_RANK and t.shape[1] == 1 and t.shape[2] == head_dim for t in (cos, sin))
+    return (
+        source.dim() == _HEADS_RANK
+        and tuple(weight.shape) == (head_dim,)
+        and tables_fit
+        and all(v.dtype == source.dtype for v in values)
+    )
+
+
+def _can_fuse(query: NormRope, key: NormRope, order: dict[fx.Node, int]) -> bool:
+    """Same tables and eps, and every input ready before the first of the two outputs,
+    where the fused node goes."""
+    if (query.cos, query.sin, query.eps) != (key.cos, key.sin, key.eps):
+        return False
+    if _dtype(query.input) != _dtype(key.input):
+        return False
+    first_output = min(order[query.output], order[key.output])
+    inputs = (query.input, key.input, query.weight, key.weight, query.cos, query.sin)
+    return all(order[node] < first_output for node in inputs)
+
+
+def _fuse(graph: fx.Graph, query: NormRope, key: NormRope) -> None:
+    first_output = next(node for node in graph.nodes if node in (query.output, key.output))
+    args = (query.input, key.input, query.weight, key.weight, query.cos, query.sin, query.eps)
+    with graph.inserting_before(first_output):
+        fused = graph.call_function(torch.ops.fxllm.qk_norm_rope.default, args)
+        outputs = [graph.call_function(operator.getitem, (fused, index)) for index in (0, 1)]
+    fake_args = fx.node.map_arg(args, example_value)
+    fused.meta["example_value"] = torch.ops.fxllm.qk_norm_rope.default(*fake_args)
+    for index, (node, match) in enumerate(zip(outputs, (query, key))):
+        node.meta["example_value"] = fused.meta["example_value"][index]
+        match.output.replace_all_uses_with(node)
+    # Matched ops nothing else uses are dead now; erase users before their inputs.
+    dead = set(query.nodes + key.nodes)
+    for node in reversed(graph.nodes):
+        if node in dead and not node.users:
+            graph.erase_node(node)
