@@ -73,6 +73,66 @@ _DTYPES = {
 }
 
 
+POOLING_TYPES = ("MEAN", "CLS", "LAST")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns a prompt's hidden states into one vector (vLLM's PoolerConfig).
+
+    ``pooling_type``: "MEAN" (average of all tokens), "CLS" (first token) or "LAST" (last
+    token); ``normalize``: L2-normalize the vector. ``None`` keeps the model's own choice
+    (its sentence-transformers files, else the architecture's default).
+    ``LLM(override_pooler_config=...)`` takes this object or a dict of its fields.
+    """
+
+    pooling_type: str | None = None
+    normalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None:
+            if not isinstance(self.pooling_type, str) or self.pooling_type.upper() not in POOLING_TYPES:
+                raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)} or None, got {self.pooling_type!r}")
+            object.__setattr__(self, "pooling_type", self.pooling_type.upper())
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be True, False or None, got {self.normalize!r}")
+
+    @classmethod
+    def from_user(cls, value: "PoolerConfig | dict | None") -> "PoolerConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown override_pooler_config field(s) {unknown}; known: pooling_type, normalize")
+            return cls(**value)
+        raise TypeError(f"override_pooler_config must be a PoolerConfig, a dict or None, got {type(value).__name__}")
+
+
+RUNNER_TYPES = ("auto", "generate", "pooling")
+# vLLM's older ``task=`` argument -> the runner it selects.
+_TASK_RUNNERS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling", "score": "pooling"}
+
+
+def resolve_runner_type(runner: str, task: str | None, is_pooling_model: bool) -> str:
+    """The runner, "generate" or "pooling": what ``runner`` (or vLLM's older ``task``) asks
+    for, else what the checkpoint is (``is_pooling_model``)."""
+    if runner not in RUNNER_TYPES:
+        raise ValueError(f"runner must be one of {', '.join(RUNNER_TYPES)}, got {runner!r}")
+    if task is not None:
+        if task not in _TASK_RUNNERS:
+            raise ValueError(f"task must be one of {', '.join(_TASK_RUNNERS)}, got {task!r}; or pass runner=... instead")
+        from_task = _TASK_RUNNERS[task]
+        if runner != "auto" and from_task not in ("auto", runner):
+            raise ValueError(f"runner={runner!r} and task={task!r} disagree; pass only one of them")
+        runner = from_task if runner == "auto" else runner
+    if runner == "auto":
+        return "pooling" if is_pooling_model else "generate"
+    return runner
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # local HF-style directory
@@ -83,6 +143,8 @@ class ModelConfig:
     hf_config: Any = field(compare=False, hash=False, repr=False)  # transformers PretrainedConfig
     generation_config: dict = field(compare=False, hash=False, repr=False)  # raw generation_config.json
     eos_token_ids: tuple[int, ...] = ()
+    runner_type: str = "generate"  # "generate" or "pooling" (see resolve_runner_type)
+    pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
 
     @property
     def vocab_size(self) -> int:
@@ -134,6 +196,24 @@ class PassConfig:
 
     enable_noop: bool = True  # drop casts, views and multiplications that change nothing
     enable_fusion: bool = True
+    enable_qk_norm_rope_fusion: bool = True  # Qwen3's per-head q/k RMSNorm + RoPE as one op
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"pass_config.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_user(cls, value: "PassConfig | dict") -> "PassConfig":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = sorted(cls.__dataclass_fields__)
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"unknown pass_config field(s) {unknown}; known: {known}")
+            return cls(**value)
+        raise TypeError(f"pass_config must be a PassConfig or a dict, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -195,24 +275,6 @@ class CompilationConfig:
         if isinstance(value, int):
             return cls(level=value)
         if isinstance(value, dict):
-    enable_qk_norm_rope_fusion: bool = True  # Qwen3's per-head q/k RMSNorm + RoPE as one op
-
-    def __post_init__(self) -> None:
-        for name in self.__dataclass_fields__:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"pass_config.{name} must be True or False, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_user(cls, value: "PassConfig | dict") -> "PassConfig":
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = sorted(cls.__dataclass_fields__)
-            unknown = sorted(set(value) - set(known))
-            if unknown:
-                raise ValueError(f"unknown pass_config field(s) {unknown}; known: {known}")
-            return cls(**value)
-        raise TypeError(f"pass_config must be a PassConfig or a dict, got {type(value).__name__}")
             known = {f for f in cls.__dataclass_fields__}
             unknown = sorted(set(value) - known)
             if unknown:
@@ -274,8 +336,13 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
     return torch.bfloat16
 
 
-def derive_max_model_len(hf_config: Any, requested: int | None) -> int:
-    limit = next((getattr(hf_config, k) for k in _MAX_LENGTH_KEYS if getattr(hf_config, k, None)), None)
+def derive_max_model_len(hf_config: Any, requested: int | None, sentence_max_seq_length: int | None = None) -> int:
+    """The requested length, checked against the model's limit: a sentence-transformers model's
+    ``max_seq_length`` (sentence_bert_config.json) where given, else config.json's."""
+    limit = sentence_max_seq_length or next(
+        (getattr(hf_config, k) for k in _MAX_LENGTH_KEYS if getattr(hf_config, k, None)), None
+    )
+    source = "sentence_bert_config.json" if sentence_max_seq_length else "config.json"
     if requested is None:
         if limit is None:
             raise ValueError("the model config names no maximum length; pass max_model_len=...")
@@ -285,6 +352,6 @@ def derive_max_model_len(hf_config: Any, requested: int | None) -> int:
     if limit is not None and requested > limit:
         raise ValueError(
             f"max_model_len={requested} is larger than the model's maximum length {limit} "
-            f"(config.json); pass max_model_len <= {limit}"
+            f"({source}); pass max_model_len <= {limit}"
         )
     return requested

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxllm.config import (
@@ -21,18 +22,32 @@ from fxllm.config import (
     CompilationConfig,
     EngineConfig,
     ModelConfig,
+    PoolerConfig,
     SchedulerConfig,
     cpu_kvcache_space_bytes,
     derive_max_model_len,
     resolve_device,
     resolve_dtype,
+    resolve_runner_type,
 )
 from fxllm.compiler import CompileReport
 from fxllm.models.loader import load_generation_config, load_hf_config, resolve_model_dir
-from fxllm.models.registry import resolve_architecture
-from fxllm.outputs import BeamSearchOutput, CompletionOutput, RequestOutput
+from fxllm.models.pooling import is_pooling_checkpoint, resolve_pooler_config, sentence_max_seq_length
+from fxllm.models.registry import POOLING_ONLY_ARCHITECTURES, resolve_architecture
+from fxllm.outputs import (
+    BeamSearchOutput,
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.engine import LLMEngine
+from fxllm.runtime.pooling_runner import PoolingRunner
 from fxllm.runtime.request import Request
 from fxllm.beam_search import run_beam_search
 from fxllm.sampling_params import BeamSearchParams, SamplingParams
@@ -64,6 +79,10 @@ IGNORED_VLLM_ARGUMENTS = frozenset(
 )
 
 PromptType = str | dict[str, Any]
+# What each kind of model serves.
+_RUNNER_METHODS = {"generate": "generate(), chat() and beam_search()", "pooling": "embed(), encode() and score()"}
+_RUNNER_NOUNS = {"generate": "generative", "pooling": "pooling"}
+POOLING_TASKS = ("embed",)
 
 
 class LLM:
@@ -89,6 +108,9 @@ class LLM:
         tensor_parallel_size: int = 1,
         quantization: str | None = None,
         compilation_config: CompilationConfig | dict | int | None = None,
+        runner: str = "auto",
+        task: str | None = None,
+        override_pooler_config: PoolerConfig | dict | None = None,
         **kwargs: Any,
     ):
         self._reject_unknown_arguments(kwargs)
@@ -111,7 +133,23 @@ class LLM:
         hf_config = load_hf_config(model_dir, hf_overrides)
         architecture, _ = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
         resolved_device = resolve_device(device)
-        model_max_len = derive_max_model_len(hf_config, max_model_len)
+        runner_type = resolve_runner_type(runner, task, is_pooling_checkpoint(model_dir, architecture))
+        pooler_config, sentence_max_len = None, None
+        if runner_type == "pooling":
+            override = PoolerConfig.from_user(override_pooler_config)
+            pooler_config = resolve_pooler_config(model_dir, architecture, override)
+            sentence_max_len = sentence_max_seq_length(model_dir)
+        elif architecture in POOLING_ONLY_ARCHITECTURES:
+            raise ValueError(
+                f"{architecture} is an encoder without an LM head: it cannot generate. Drop runner/task to use it "
+                f"as a pooling model (embed, encode, score)"
+            )
+        elif override_pooler_config is not None:
+            raise ValueError(
+                f"override_pooler_config applies to pooling models, but {model_dir} runs as a generative model: "
+                f"pass runner='pooling' to pool with it, or drop override_pooler_config"
+            )
+        model_max_len = derive_max_model_len(hf_config, max_model_len, sentence_max_len)
         self.tokenizer = _load_tokenizer(tokenizer, model_dir)
         gen_config = load_generation_config(generation_config, model_dir)
         model_config = ModelConfig(
@@ -123,10 +161,20 @@ class LLM:
             hf_config=hf_config,
             generation_config=gen_config,
             eos_token_ids=_eos_token_ids(self.tokenizer, hf_config, gen_config),
+            runner_type=runner_type,
+            pooler_config=pooler_config,
         )
+        pooling = runner_type == "pooling"
+        if pooling and max_num_batched_tokens is not None and max_num_batched_tokens < model_max_len:
+            raise ValueError(
+                f"max_num_batched_tokens={max_num_batched_tokens} is below max_model_len={model_max_len}, but a "
+                f"pooling model runs each prompt whole in one forward: raise max_num_batched_tokens or lower max_model_len"
+            )
         if max_num_batched_tokens is None:
             on_cpu = resolved_device.type == "cpu"
             max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU if on_cpu else DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU
+            if pooling:
+                max_num_batched_tokens = max(max_num_batched_tokens, model_max_len)
         if max_num_batched_tokens < max_num_seqs:
             max_num_seqs = max_num_batched_tokens  # each running request needs a token of budget a step
         self.llm_engine_config = EngineConfig(
@@ -146,7 +194,13 @@ class LLM:
             compilation=compilation.eager() if enforce_eager else compilation,
             seed=seed,
         )
-        self.llm_engine = LLMEngine(self.llm_engine_config, self.tokenizer)
+        # A pooling model runs whole prompts without KV cache or scheduler: its own runner.
+        self.llm_engine: LLMEngine | None = None
+        self.pooling_runner: PoolingRunner | None = None
+        if pooling:
+            self.pooling_runner = PoolingRunner(self.llm_engine_config)
+        else:
+            self.llm_engine = LLMEngine(self.llm_engine_config, self.tokenizer)
         self._request_counter = itertools.count()
 
     @staticmethod
@@ -169,7 +223,8 @@ class LLM:
 
     def compile_report(self) -> CompileReport:
         """What the compiler did at start-up: pieces, ops per piece, compile time, cache use."""
-        return self.llm_engine.runner.compile_report
+        runner = self.pooling_runner if self.pooling_runner is not None else self.llm_engine.runner
+        return runner.compile_report
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams from the model's generation_config.json (vLLM's generation_config="auto")."""
@@ -182,6 +237,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Complete each prompt; outputs come back in input order."""
+        self._require_runner("generate", "generate")
         prompt_list = _as_prompt_list(prompts)
         params_list = self._sampling_params_list(sampling_params, len(prompt_list))
         tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(prompt_list)]
@@ -197,6 +253,7 @@ class LLM:
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the chat template."""
+        self._require_runner("generate", "chat")
         conversations = _as_conversations(messages)
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
@@ -222,10 +279,68 @@ class LLM:
         """vLLM's beam search: every step expands each beam by its 2 x beam_width most likely
         tokens and keeps the beam_width best by cumulative logprob (prefix caching shares the
         beams' common prefixes); finished beams are ranked with the length penalty."""
+        self._require_runner("generate", "beam_search")
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(_as_prompt_list(prompts))]
         return run_beam_search(self, tokenized, params)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, pooled (and normalized) as the model's sentence-transformers
+        config or ``override_pooler_config`` says; outputs in input order."""
+        self._require_runner("pooling", "embed")
+        return [
+            EmbeddingRequestOutput(request_id, EmbeddingOutput(vector.tolist()), token_ids)
+            for request_id, token_ids, vector in self._pool(_as_prompt_list(prompts), use_tqdm)
+        ]
+
+    def encode(
+        self, prompts: PromptType | Sequence[PromptType], pooling_task: str | None = None, use_tqdm: bool = True
+    ) -> list[PoolingRequestOutput]:
+        """The pooled vector of each prompt as a tensor (``outputs.data``); the task defaults to
+        "embed" with a warning, as in vLLM."""
+        self._require_runner("pooling", "encode")
+        if pooling_task is None:
+            warnings.warn(
+                "LLM.encode() got no pooling_task and uses 'embed'; pass pooling_task='embed' or call LLM.embed()",
+                UserWarning,
+                stacklevel=2,
+            )
+            pooling_task = "embed"
+        if pooling_task not in POOLING_TASKS:
+            raise ValueError(f"pooling_task={pooling_task!r} is not supported; supported: {', '.join(POOLING_TASKS)}")
+        return [
+            PoolingRequestOutput(request_id, PoolingOutput(vector), token_ids)
+            for request_id, token_ids, vector in self._pool(_as_prompt_list(prompts), use_tqdm)
+        ]
+
+    def score(
+        self,
+        text_1: PromptType | Sequence[PromptType],
+        text_2: PromptType | Sequence[PromptType],
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """Cosine similarity of the embeddings of each pair. As in vLLM, one text_1 is scored
+        against every text_2 (1:N), and two lists of equal length pair up element-wise (N:N)."""
+        self._require_runner("pooling", "score")
+        first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
+        if len(first) != 1 and len(first) != len(second):
+            raise ValueError(
+                f"score() pairs text_1 with text_2 1:1, 1:N or N:N, got {len(first)} and {len(second)} inputs: pass "
+                f"one text_1 to score against every text_2, or two lists of the same length"
+            )
+        pooled = self._pool(first + second, use_tqdm)
+        left, right = pooled[: len(first)], pooled[len(first) :]
+        if len(left) == 1:
+            left = left * len(right)
+        return [
+            ScoringRequestOutput(
+                f"{left_id}_{right_id}",
+                ScoringOutput(F.cosine_similarity(left_vector, right_vector, dim=0).item()),
+                left_ids + right_ids,
+            )
+            for (left_id, left_ids, left_vector), (right_id, right_ids, right_vector) in zip(left, right)
+        ]
 
     def _generate_tokenized(
         self, tokenized: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
@@ -236,6 +351,43 @@ class LLM:
         return self._run(requests, len(tokenized), use_tqdm)
 
     # ---- internals ------------------------------------------------------------------
+
+    def _require_runner(self, runner_type: str, method: str) -> None:
+        model_config = self.llm_engine_config.model
+        if model_config.runner_type == runner_type:
+            return
+        how_to_fix = (
+            "load an embedding model, or pass runner='pooling' to pool a decoder's last token"
+            if runner_type == "pooling"
+            else "load a generative model (without runner='pooling')"
+        )
+        raise ValueError(
+            f"LLM.{method}() needs a {_RUNNER_NOUNS[runner_type]} model, but {model_config.architecture} from "
+            f"{model_config.model} runs as a {_RUNNER_NOUNS[model_config.runner_type]} model here, which supports "
+            f"{_RUNNER_METHODS[model_config.runner_type]}: {how_to_fix}"
+        )
+
+    def _pool(self, prompts: list[PromptType], use_tqdm: bool) -> list[tuple[str, list[int], torch.Tensor]]:
+        """(request id, prompt token ids, pooled vector) of each prompt, in input order. The whole
+        call is validated before anything runs."""
+        max_model_len = self.llm_engine_config.model.max_model_len
+        token_lists = []
+        for index, prompt in enumerate(prompts):
+            _, token_ids = self._tokenize(prompt, index)
+            if len(token_ids) > max_model_len:
+                raise ValueError(
+                    f"prompt {index} has {len(token_ids)} tokens but max_model_len is {max_model_len}: shorten it "
+                    f"(or raise max_model_len, up to the model's limit)"
+                )
+            token_lists.append(token_ids)
+        runner = self.pooling_runner
+        assert runner is not None, "_require_runner('pooling', ...) comes first"
+        vectors: list[torch.Tensor] = []
+        with tqdm(total=len(token_lists), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as progress:
+            for batch in runner.plan_batches([len(token_ids) for token_ids in token_lists]):
+                vectors.extend(runner.execute([token_lists[i] for i in batch]).unbind(0))
+                progress.update(len(batch))
+        return [(str(next(self._request_counter)), ids, vector) for ids, vector in zip(token_lists, vectors)]
 
     def _sampling_params_list(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int

@@ -1,8 +1,12 @@
-"""Request outputs with vLLM's names: ``RequestOutput`` holding ``CompletionOutput``s."""
+"""Request outputs with vLLM's names: ``RequestOutput`` holding ``CompletionOutput``s, and
+for pooling models ``PoolingRequestOutput`` (``EmbeddingRequestOutput``, ``ScoringRequestOutput``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
 
 
 @dataclass
@@ -61,3 +65,43 @@ class BeamSearchOutput:
     """The beams of one prompt, best first."""
 
     sequences: list[BeamSearchSequence]
+
+
+@dataclass
+class PoolingOutput:
+    data: torch.Tensor  # the pooled vector, float32 on the host
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # cosine similarity of the two embeddings
+
+
+_Output = TypeVar("_Output", PoolingOutput, EmbeddingOutput, ScoringOutput)
+
+
+@dataclass
+class PoolingRequestOutput(Generic[_Output]):
+    """The result of one prompt of a pooling model (of one pair, for ``score``)."""
+
+    request_id: str
+    outputs: _Output
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
+    pass
+
+
+class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
+    pass

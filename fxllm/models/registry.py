@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fxllm.models.bert import BertModel
 from fxllm.models.gemma3 import Gemma3ForCausalLM
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.llama import LlamaForCausalLM
@@ -18,7 +19,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "BertModel": BertModel,
 }
+# Encoders without an LM head: they only pool (embed / encode / score), never generate.
+POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
 
 
 def supported_architectures() -> list[str]:

@@ -20,8 +20,9 @@ class AttentionBackend(Protocol):
         key: torch.Tensor,  # [T, num_kv_heads, head_dim]
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         out: torch.Tensor,  # [T, num_heads, head_dim], written in place
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor | None,  # [2, num_blocks, block_size, num_kv_heads, head_dim]; None: no cache
         metadata: AttentionMetadata,
     ) -> None:
-        """Write this step's K/V into the paged cache, then attention into ``out``."""
+        """Write this step's K/V into the paged cache, then attention into ``out``. Without a
+        cache (pooling: whole prompts), each request attends over its own ``key``/``value`` rows."""
         ...

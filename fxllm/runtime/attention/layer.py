@@ -4,7 +4,8 @@
 with a fake implementation): it is the splitting op of the piecewise compiler.
 It writes the new K/V into the layer's paged cache and the result into ``out``;
 the cache and per-step metadata come from the forward context, found by
-``layer_name`` (DESIGN.md contract 2).
+``layer_name`` (DESIGN.md contract 2). A forward context without caches (pooling
+runs whole prompts) makes attention read K/V from the op's own inputs only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class AttentionSpec:
     head_dim: int
     scale: float
     sliding_window: int | None = None  # a query at position q sees keys p with q - p < window
+    causal: bool = True  # False: every token of a prompt sees all of it (encoders such as BERT)
 
 
 @torch.library.custom_op("fxllm::attention", mutates_args=("out",))
@@ -44,7 +46,7 @@ def attention_op(
         key.view(-1, spec.num_kv_heads, spec.head_dim),
         value.view(-1, spec.num_kv_heads, spec.head_dim),
         out.view(-1, spec.num_heads, spec.head_dim),
-        context.kv_caches[layer_name],
+        context.kv_caches.get(layer_name),
         context.attn_metadata,
     )
 
@@ -65,6 +67,7 @@ class Attention(nn.Module):
         scale: float,
         layer_name: str,
         sliding_window: int | None = None,
+        causal: bool = True,
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -73,7 +76,7 @@ class Attention(nn.Module):
             )
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-        self.spec = AttentionSpec(layer_name, num_heads, num_kv_heads, head_dim, scale, sliding_window)
+        self.spec = AttentionSpec(layer_name, num_heads, num_kv_heads, head_dim, scale, sliding_window, causal)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(query)

@@ -2,7 +2,8 @@
 
 Decode requests (one query token) are batched into one padded SDPA call;
 prefill chunks run one request at a time with a causal mask offset by the
-request's cached prefix.
+request's cached prefix. Without a KV cache (pooling), each request attends over
+its own tokens of the step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,31 @@ def write_kv_cache(
     slots = slot_mapping[valid]
     key_cache.index_copy_(0, slots, key[valid])
     value_cache.index_copy_(0, slots, value[valid])
+
+
+def attention_without_cache(
+    spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+    metadata: AttentionMetadata,
+) -> None:
+    """Whole prompts, K/V straight from this step: one SDPA per request, bidirectional for an
+    encoder, causal (and windowed) for a decoder. The GPU backend uses it too: pooling
+    steps are not captured in CUDA graphs, so host-side request offsets are fine here."""
+    starts = metadata.query_start_loc_cpu
+    for start, end in zip(starts[:-1], starts[1:]):
+        mask = None
+        if spec.causal:
+            mask = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
+            if spec.sliding_window is not None:
+                mask = mask.triu(diagonal=1 - spec.sliding_window)
+        result = F.scaled_dot_product_attention(
+            query[start:end].transpose(0, 1),
+            key[start:end].transpose(0, 1),
+            value[start:end].transpose(0, 1),
+            attn_mask=mask,
+            scale=spec.scale,
+            enable_gqa=True,
+        )
+        out[start:end] = result.transpose(0, 1).to(out.dtype)
 
 
 def _gather_context(
@@ -87,9 +113,12 @@ class TorchAttentionBackend:
         key: torch.Tensor,
         value: torch.Tensor,
         out: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: torch.Tensor | None,
         metadata: AttentionMetadata,
     ) -> None:
+        if kv_cache is None:
+            attention_without_cache(spec, query, key, value, out, metadata)
+            return
         write_kv_cache(kv_cache, key, value, metadata.slot_mapping)
         block_size = kv_cache.shape[2]
         starts = metadata.query_start_loc_cpu

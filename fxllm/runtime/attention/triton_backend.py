@@ -4,7 +4,8 @@ Reads only device tensors of the metadata (never its host lists), launches with 
 from shapes, and reuses its scratch buffers, so a step can be captured in a CUDA
 graph (DESIGN.md contract 3). A step whose token count equals its request count is
 all decodes (the scheduler gives every request at least one token) and takes the
-split (flash-decoding) path; any other step runs the unified kernel.
+split (flash-decoding) path; any other step runs the unified kernel. Pooling steps
+(no KV cache) run the torch reference's per-request attention.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from fxllm.runtime.attention import triton_kernels
 from fxllm.runtime.attention.layer import AttentionSpec
+from fxllm.runtime.attention.torch_backend import attention_without_cache
 from fxllm.runtime.forward_context import AttentionMetadata
 
 ScratchKey = tuple[torch.device, int, int, int, int]  # device, B, num_heads, head_dim, num_splits
@@ -34,9 +36,12 @@ class TritonAttentionBackend:
         key: torch.Tensor,  # [T, num_kv_heads, head_dim]
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         out: torch.Tensor,  # [T, num_heads, head_dim], written in place
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor | None,  # [2, num_blocks, block_size, num_kv_heads, head_dim]; None: no cache
         metadata: AttentionMetadata,
     ) -> None:
+        if kv_cache is None:
+            attention_without_cache(spec, query, key, value, out, metadata)
+            return
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         triton_kernels.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         sliding_window = spec.sliding_window
