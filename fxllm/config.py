@@ -190,13 +190,16 @@ class PassConfig:
     """Switches for the FX passes run on the captured graph (levels 2 and 3).
 
     ``enable_noop`` and ``enable_fusion`` are vLLM's; ``enable_fusion`` turns every
-    fusion off, and each fusion has a switch of its own under it. All on by default.
+    fusion off, and each fusion has a switch of its own under it. A fusion is on by
+    default only where it measured faster (BENCHMARKS.md).
     ``compilation_config={"pass_config": ...}`` takes this object or a dict of its fields.
     """
 
     enable_noop: bool = True  # drop casts, views and multiplications that change nothing
     enable_fusion: bool = True
-    enable_qk_norm_rope_fusion: bool = True  # Qwen3's per-head q/k RMSNorm + RoPE as one op
+    # Qwen3's per-head q/k RMSNorm + RoPE as one op: 20% fewer kernels per decode step at
+    # batch 1, but workload T ran 13% slower with it on an H100, so it is opt-in.
+    enable_qk_norm_rope_fusion: bool = False
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

@@ -41,6 +41,7 @@ BF16_RELATIVE_ERROR = 1e-2
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPT_LENGTHS = [5, 17, 40]
 ALL_OFF = {"enable_fusion": False, "enable_noop": False}
+ALL_ON = {"enable_qk_norm_rope_fusion": True}  # the fusion is opt-in
 FUSED_OP = "fxllm.qk_norm_rope"
 # A fixed KV cache, so that engines of one process need not share out a GPU's memory.
 NUM_KV_BLOCKS = 64
@@ -205,7 +206,7 @@ def test_qk_norm_rope_triton_kernel_equals_the_torch_reference(dtype, head_dim):
 
 def test_pass_config_comes_from_a_dict_and_rejects_unknown_switches():
     config = CompilationConfig.from_user({"pass_config": {"enable_noop": False}})
-    assert config.pass_config == PassConfig(enable_noop=False, enable_fusion=True, enable_qk_norm_rope_fusion=True)
+    assert config.pass_config == PassConfig(enable_noop=False, enable_fusion=True, enable_qk_norm_rope_fusion=False)
     with pytest.raises(ValueError, match="unknown pass_config field"):
         CompilationConfig.from_user({"pass_config": {"enable_nop": False}})
     with pytest.raises(ValueError, match="must be True or False"):
@@ -215,9 +216,9 @@ def test_pass_config_comes_from_a_dict_and_rejects_unknown_switches():
 @pytest.mark.parametrize(
     "switches, passes",
     [
-        ({}, ["noop_elimination", "qk_norm_rope_fusion"]),
-        ({"enable_fusion": False}, ["noop_elimination"]),
-        ({"enable_qk_norm_rope_fusion": False}, ["noop_elimination"]),
+        ({}, ["noop_elimination"]),
+        (ALL_ON, ["noop_elimination", "qk_norm_rope_fusion"]),
+        ({"enable_fusion": False, **ALL_ON}, ["noop_elimination"]),
         (ALL_OFF, []),
     ],
 )
@@ -246,7 +247,7 @@ def _greedy_tokens(llm: LLM) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def qwen3_fused(tiny_model_dirs, tmp_path_factory) -> LLM:
     """Every pass on, pieces compiled by Inductor: the fused op inside compiled pieces."""
-    return _engine(tiny_model_dirs["qwen3"], cache_dir=str(tmp_path_factory.mktemp("compile_cache")))
+    return _engine(tiny_model_dirs["qwen3"], cache_dir=str(tmp_path_factory.mktemp("compile_cache")), pass_config=ALL_ON)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ def test_qwen3_tokens_equal_with_and_without_passes(qwen3_fused, qwen3_unfused):
 
 
 def test_llama_tokens_equal_with_and_without_passes(tiny_model_dirs):
-    with_passes = _engine(tiny_model_dirs["llama"], use_inductor=False)
+    with_passes = _engine(tiny_model_dirs["llama"], use_inductor=False, pass_config=ALL_ON)
     without = _engine(tiny_model_dirs["llama"], use_inductor=False, pass_config=ALL_OFF)
     assert _greedy_tokens(with_passes) == _greedy_tokens(without)
     report = with_passes.compile_report()
@@ -279,7 +280,7 @@ def test_compile_report_shows_one_qk_norm_rope_fusion_per_qwen3_layer(qwen3_fuse
 
 def test_cache_key_changes_with_every_pass_switch(qwen3_fused):
     config = qwen3_fused.llm_engine_config
-    switches = [{}, {"enable_noop": False}, {"enable_fusion": False}, {"enable_qk_norm_rope_fusion": False}]
+    switches = [{}, {"enable_noop": False}, ALL_ON, {"enable_fusion": False, **ALL_ON}]
     keys = set()
     for switch in switches:
         pass_config = PassConfig(**switch)
@@ -287,4 +288,5 @@ def test_cache_key_changes_with_every_pass_switch(qwen3_fused):
         keys.add(engine_cache_key(engine, PassManager(pass_config).uuid()))
     assert len(keys) == len(switches)
     assert PassManager(PassConfig()).uuid() == PassManager(PassConfig()).uuid()  # stable
-    assert qwen3_fused.compile_report().cache_dir.endswith(engine_cache_key(config, PassManager(PassConfig()).uuid()))
+    fused_uuid = PassManager(config.compilation.pass_config).uuid()
+    assert qwen3_fused.compile_report().cache_dir.endswith(engine_cache_key(config, fused_uuid))

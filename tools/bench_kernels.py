@@ -27,7 +27,8 @@ from bench_latency import write_model  # noqa: E402  (tools/ is not a package)
 PROMPT_TOKENS = 16
 PASS_SETTINGS = {
     "inductor alone": {"enable_noop": False, "enable_fusion": False},
-    "with passes": {"enable_noop": True, "enable_fusion": True},
+    "default passes": {"enable_noop": True, "enable_fusion": True},
+    "every pass": {"enable_noop": True, "enable_fusion": True, "enable_qk_norm_rope_fusion": True},
 }
 TOP_KERNELS = 12
 

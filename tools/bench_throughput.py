@@ -149,9 +149,12 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     # HF first: on a GPU the engine takes most of the memory for its KV cache.
     if args.hf_compare:
         result["hf"] = bench_hf(model_dir, workload.head(args.hf_compare), resolve_device(args.device))
+    compilation = {"level": args.level}
+    if args.pass_config is not None:
+        compilation["pass_config"] = args.pass_config
     start = time.perf_counter()
     llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
-              enforce_eager=args.enforce_eager, compilation_config={"level": args.level},
+              enforce_eager=args.enforce_eager, compilation_config=compilation,
               enable_prefix_caching=False)
     result["startup_s"] = round(time.perf_counter() - start, 2)
     result["device"] = torch.cuda.get_device_name() if llm.llm_engine_config.device.type == "cuda" else "cpu"
@@ -211,6 +214,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compare-passes-off", action="store_true",
                         help="also run the workload with the FX passes off (enable_noop/enable_fusion False)")
+    parser.add_argument("--pass-config", type=json.loads, default=None, metavar="JSON",
+                        help='pass_config of the main run, e.g. \'{"enable_qk_norm_rope_fusion": true}\'')
     parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
     args = parser.parse_args()
     if args.num_requests < 1:
