@@ -74,7 +74,7 @@ class ModelRunner:
         self.compile_report = self.compiled.report
         self.compile_report.cudagraph_mode = self.graph_plan.mode.value
         self.compile_report.load_seconds = round(load_seconds, 2)
-        self.graphs = CUDAGraphs(self.graph_plan)
+        self.graphs = CUDAGraphs(self.graph_plan, self.model.compute_logits)
         scheduler = config.scheduler
         with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
             self.inputs = StepInputs(
@@ -182,15 +182,17 @@ class ModelRunner:
         its last token, and gather prompt logprobs where asked."""
         dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled))
         prepared = self.inputs.prepare(step.scheduled, dispatch)
+        sampling = [s.request for s in step.scheduled if s.samples]
         if dispatch.mode is CUDAGraphMode.FULL:
-            hidden = self.graphs.replay_full(dispatch.num_tokens)
+            full = self.graphs.replay_full(dispatch.num_tokens)
+            hidden, logits = full.hidden, full.logits[prepared.sample_rows]
         else:
             graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
             hidden = self._forward(prepared, graph_step)  # [T_padded, hidden]
+            logits = self.model.compute_logits(hidden[prepared.sample_rows]) if sampling else None  # [S, vocab]
         result = StepResult()
-        sampling = [s.request for s in step.scheduled if s.samples]
         if sampling:
-            self._sample(hidden[prepared.sample_rows], sampling, result)
+            self._sample(logits, sampling, result)
         for request, rows, targets in self._prompt_logprob_rows(step):
             result.prompt_logprobs[request] = self._prompt_logprobs(hidden, rows, targets, request)
         return result
@@ -224,8 +226,7 @@ class ModelRunner:
             first_row += scheduled.num_new_tokens
         return found
 
-    def _sample(self, hidden: torch.Tensor, requests: list[Request], result: StepResult) -> None:
-        logits = self.model.compute_logits(hidden)  # [S, vocab]
+    def _sample(self, logits: torch.Tensor, requests: list[Request], result: StepResult) -> None:
         batch = SamplingBatch.from_requests(requests, self.vocab_size, self.device)
         output = self.sampler(logits, batch)
         result.sampled = output.token_ids.tolist()
