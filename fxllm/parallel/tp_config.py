@@ -1,0 +1,92 @@
+"""The TP-local view of a model config: what one rank of ``world_size`` builds."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """How a model's heads, MLP and vocabulary split over ``world_size`` ranks."""
+
+    rank: int
+    world_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @property
+    def local_heads(self) -> int:
+        return self.num_heads // self.world_size
+
+    @property
+    def kv_replicas(self) -> int:
+        """Ranks sharing one KV head: more ranks than KV heads replicate them, as vLLM does."""
+        return max(1, self.world_size // self.num_kv_heads)
+
+    @property
+    def local_kv_heads(self) -> int:
+        return max(1, self.num_kv_heads // self.world_size)
+
+    @property
+    def first_kv_head(self) -> int:
+        return (self.rank // self.kv_replicas) * self.local_kv_heads
+
+    @property
+    def local_intermediate(self) -> int:
+        return self.intermediate_size // self.world_size
+
+    @property
+    def local_vocab(self) -> int:
+        """Each rank's vocabulary shard; the last is padded so that the shards are equal."""
+        return _cdiv(self.vocab_size, self.world_size)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.local_vocab
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
+    """The split of ``config`` over ``world_size`` ranks; a clear error where it cannot split."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    intermediate = config.intermediate_size
+    problems = []
+    if heads % world_size:
+        problems.append(f"num_attention_heads={heads} is not divisible by it")
+    if world_size <= kv_heads and kv_heads % world_size:
+        problems.append(f"num_key_value_heads={kv_heads} is not divisible by it")
+    if world_size > kv_heads and world_size % kv_heads:
+        problems.append(f"it is not a multiple of num_key_value_heads={kv_heads} (KV heads are replicated then)")
+    if intermediate % world_size:
+        problems.append(f"intermediate_size={intermediate} is not divisible by it")
+    if problems:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} cannot split this model: {'; '.join(problems)}. "
+            f"Choose a tensor_parallel_size that divides the attention heads and the MLP width"
+        )
+    return TPLayout(rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size)
+
+
+def tp_local_config(config: PretrainedConfig, layout: TPLayout) -> PretrainedConfig:
+    """A copy of ``config`` whose sizes are this rank's, so the model traces local shapes."""
+    local = copy.deepcopy(config)
+    local.num_attention_heads = layout.local_heads
+    local.num_key_value_heads = layout.local_kv_heads
+    local.head_dim = layout.head_dim  # no longer hidden_size // heads once heads are split
+    local.intermediate_size = layout.local_intermediate
+    local.vocab_size = layout.local_vocab
+    return local

@@ -1,0 +1,101 @@
+"""The tensor-parallel pass: collectives inserted into the captured graph of a TP-local model.
+
+The model traced local shapes (``parallel.tp_config``) and holds only its weight
+slices (``parallel.sharding``); what makes the ranks compute the single-device
+result is here, in the graph (DESIGN.md contract 8):
+- after each row-parallel linear (o_proj, down_proj): an all-reduce of the partial sums;
+- the vocab-parallel embedding: ids outside this rank's shard are looked up as row 0
+  and their rows zeroed, then an all-reduce assembles every token's embedding.
+The logits shards are gathered where the logits are computed (``gather_logits``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+
+import torch
+from torch import fx
+
+from fxllm.parallel import collectives, sharding
+from fxllm.parallel.tp_config import TPLayout
+from fxllm.passes.graph_pass import source_uuid
+
+ALL_REDUCE = torch.ops.fxllm.all_reduce.default
+
+
+def _is_call(node: fx.Node, *targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+class TensorParallelPass:
+    name = "tensor_parallel"
+
+    def __init__(self, layout: TPLayout, parameter_names: dict[str, str]):
+        """``parameter_names``: placeholder node name -> the model parameter it carries."""
+        self.layout = layout
+        self.parameter_names = parameter_names
+
+    def uuid(self) -> str:
+        return f"{source_uuid(inspect.getmodule(TensorParallelPass), sharding, collectives)}-tp{self.layout.world_size}"
+
+    def applies(self, num_tokens: int | None) -> bool:
+        return self.layout.world_size > 1
+
+    def _module_of(self, weight: fx.Node) -> str:
+        parameter = self.parameter_names.get(weight.name, "")
+        parts = parameter.split(".")
+        return parts[-2] if len(parts) >= 2 else ""
+
+    def __call__(self, graph: fx.Graph) -> int:
+        matches = 0
+        for node in list(graph.nodes):
+            if _is_call(node, torch._C._nn.linear) and self._module_of(node.args[1]) in sharding.ROW_PARALLEL_MODULES:
+                self._reduce_after(graph, node)
+                matches += 1
+            elif (
+                _is_call(node, torch.nn.functional.embedding)
+                and self._module_of(node.args[1]) in sharding.VOCAB_PARALLEL_MODULES
+            ):
+                self._vocab_parallel(graph, node)
+                matches += 1
+        return matches
+
+    @staticmethod
+    def _reduce_after(graph: fx.Graph, node: fx.Node) -> fx.Node:
+        with graph.inserting_after(node):
+            reduced = graph.call_function(ALL_REDUCE, (node,))
+        node.replace_all_uses_with(reduced, delete_user_cb=lambda user: user is not reduced)
+        return reduced
+
+    def _vocab_parallel(self, graph: fx.Graph, embedding: fx.Node) -> None:
+        ids = embedding.args[0]
+        start, size = self.layout.vocab_start, self.layout.local_vocab
+        with graph.inserting_before(embedding):
+            local = graph.call_function(operator.sub, (ids, start))
+            below = graph.call_function(torch.lt, (local, 0))
+            above = graph.call_function(torch.ge, (local, size))
+            outside = graph.call_function(torch.logical_or, (below, above))
+            local_ids = graph.call_function(torch.masked_fill, (local, outside, 0))
+            mask = graph.call_function(torch.unsqueeze, (outside, -1))
+        embedding.replace_input_with(ids, local_ids)
+        with graph.inserting_after(embedding):
+            zeroed = graph.call_function(torch.masked_fill, (embedding, mask, 0.0))
+        embedding.replace_all_uses_with(zeroed, delete_user_cb=lambda user: user is not zeroed)
+        self._reduce_after(graph, zeroed)
+
+
+def gather_logits(local_logits: torch.Tensor, layout: TPLayout) -> torch.Tensor:
+    """[S, local_vocab] on each rank -> [S, vocab] (the padded tail of the last shard dropped)."""
+    if layout.world_size == 1:
+        return local_logits
+    return collectives.all_gather_last_dim(local_logits)[..., : layout.vocab_size]
+
+
+def placeholder_parameter_names(graph: fx.Graph, example_inputs: list, model: torch.nn.Module) -> dict[str, str]:
+    """Map each placeholder that carries a parameter (by identity) to the parameter's name."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    return {
+        node.name: names[id(value)] for node, value in zip(placeholders, example_inputs) if id(value) in names
+    }

@@ -1,0 +1,139 @@
+"""Tensor parallelism as a graph pass, on CPU with gloo: two ranks compute one rank's logits.
+
+Each rank builds its model from the TP-local config, reads only its weight slices,
+and runs the captured graph (eagerly, as at level 0) after the TP pass inserted
+the all-reduces; the gathered logits must equal the single-device model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoConfig
+
+from fxllm.compiler.capture import DirectCall, capture
+from fxllm.models.registry import resolve_architecture
+from fxllm.models.weights import safetensors_files
+from fxllm.parallel.sharding import iterate_sharded_safetensors
+from fxllm.parallel.tp_config import tp_layout, tp_local_config
+from fxllm.passes.tensor_parallel import TensorParallelPass, gather_logits, placeholder_parameter_names
+from fxllm.runtime.attention.layer import Attention
+from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
+from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from tests.tiny_models import save_config_checkpoint, CONFIGS
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
+BLOCK_SIZE = 16
+MAX_POSITIONS = 64
+WORLD_SIZE = 2
+# fp32 partial sums added in another order: logits agree to rounding.
+LOGIT_TOLERANCE = 1e-4
+
+
+def tp_forward(model_dir: Path, rank: int, world_size: int) -> tuple[torch.Tensor, int]:
+    """(logits of every prompt position [T, vocab], TP pass matches) on this rank."""
+    config = AutoConfig.from_pretrained(model_dir)
+    layout = tp_layout(config, rank, world_size)
+    local_config = tp_local_config(config, layout)
+    _, model_class = resolve_architecture(local_config.architectures, str(model_dir))
+    torch.manual_seed(0)
+    model = model_class(local_config, MAX_POSITIONS)
+    model.load_weights(iterate_sharded_safetensors(safetensors_files(model_dir), layout))
+    model.eval().requires_grad_(False)
+    specs = {m.spec.layer_name: m.spec for m in model.modules() if isinstance(m, Attention)}
+    backend = TorchAttentionBackend()
+    num_tokens = len(PROMPT)
+    input_ids, positions = torch.tensor(PROMPT), torch.arange(num_tokens)
+    with torch.inference_mode():
+        with set_forward_context(ForwardContext(None, {}, specs, backend)):
+            captured = capture(model, torch.zeros_like(input_ids), positions.clone())  # ids valid on every shard
+        tp_pass = TensorParallelPass(layout, placeholder_parameter_names(captured.graph_module.graph, captured.example_inputs, model))
+        matches = tp_pass(captured.graph_module.graph) if tp_pass.applies(None) else 0
+        captured.graph_module.recompile()
+        blocks = -(-num_tokens // BLOCK_SIZE)
+        kv_caches = {
+            name: torch.zeros(2, blocks, BLOCK_SIZE, spec.num_kv_heads, spec.head_dim) for name, spec in specs.items()
+        }
+        metadata = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens),
+            block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
+            seq_lens_cpu=[num_tokens],
+            query_start_loc_cpu=[0, num_tokens],
+        )
+        with set_forward_context(ForwardContext(metadata, kv_caches, specs, backend)):
+            hidden = DirectCall(captured, captured.graph_module)(input_ids, positions)
+        return gather_logits(model.compute_logits(hidden), layout), matches
+
+
+def _rank_main(rank: int, world_size: int, model_dirs: list[str], rendezvous: str) -> None:
+    """One rank: every model in turn (one process pair for all, as spawning costs seconds)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        for model_dir in map(Path, model_dirs):
+            logits, matches = tp_forward(model_dir, rank, world_size)
+            torch.save(logits, model_dir / f"logits{rank}.pt")
+            (model_dir / f"matches{rank}.json").write_text(json.dumps(matches))
+    finally:
+        dist.destroy_process_group()
+
+
+def _gqa_one_kv_head():
+    config = CONFIGS["llama"]()
+    config.num_key_value_heads = 1  # fewer KV heads than ranks: replicated, as vLLM does
+    return config
+
+
+MODELS = {
+    "llama": lambda: CONFIGS["llama"](),
+    "qwen2": lambda: CONFIGS["qwen2"](),  # q/k/v biases: column-parallel
+    "qwen3": lambda: CONFIGS["qwen3"](),  # per-head q/k norms: replicated
+    "gqa_replicated_kv": _gqa_one_kv_head,
+}
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs(tmp_path_factory) -> dict[str, Path]:
+    """Each model's checkpoint directory, holding what both ranks computed."""
+    root = tmp_path_factory.mktemp("tensor_parallel")
+    model_dirs = {name: save_config_checkpoint(make(), root / name) for name, make in MODELS.items()}
+    mp.start_processes(
+        _rank_main, args=(WORLD_SIZE, [str(d) for d in model_dirs.values()], str(root / "rendezvous")),
+        nprocs=WORLD_SIZE, join=True, start_method="spawn",
+    )
+    return model_dirs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_two_ranks_give_the_single_device_logits(name, tensor_parallel_runs):
+    model_dir = tensor_parallel_runs[name]
+    reference, no_matches = tp_forward(model_dir, rank=0, world_size=1)
+    assert no_matches == 0
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    assert json.loads((model_dir / "matches0.json").read_text()) == 2 * num_layers + 1  # o/down per layer, embedding
+    for rank in range(WORLD_SIZE):  # every rank gathers the full vocabulary
+        logits = torch.load(model_dir / f"logits{rank}.pt")
+        assert logits.shape == reference.shape
+        torch.testing.assert_close(logits, reference, rtol=0, atol=LOGIT_TOLERANCE)
+        assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
+def test_a_head_count_the_ranks_cannot_divide_is_a_clear_error():
+    config = CONFIGS["llama"]()
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 cannot split this model: num_attention_heads=4"):
+        tp_layout(config, rank=0, world_size=3)
+
+
+def test_the_last_vocab_shard_is_padded_and_sliced_off():
+    config = CONFIGS["llama"]()
+    config.vocab_size = 101
+    layout = tp_layout(config, rank=1, world_size=2)
+    assert layout.local_vocab == 51 and layout.vocab_start == 51
+    assert tp_local_config(config, layout).vocab_size == 51
