@@ -1,0 +1,144 @@
+"""Worker processes for tensor parallelism: ranks 1..N-1, with the calling process as rank 0.
+
+Like vLLM: fork when the parent has not initialized CUDA (cheap, and no
+``__main__`` guard needed), otherwise spawn, with a warning, since a forked child
+cannot use CUDA after its parent did. Every rank joins one default process group
+(NCCL on GPU, gloo on CPU). A worker's exception reaches the parent with its rank
+and traceback; the group shuts down on ``shutdown()``, when its owner is collected,
+and at interpreter exit, and never leaves processes behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import os
+import queue
+import tempfile
+import traceback
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+START_METHODS = ("fork", "spawn")
+# How long a collective may wait for a peer: a dead peer closes its connection sooner.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+JOIN_SECONDS = 10.0  # a worker asked to stop gets this long before it is terminated
+WorkerMain = Callable[[int, int, Any], None]  # (rank, world_size, payload)
+
+
+def choose_start_method(requested: str | None) -> str:
+    """``requested`` (FXLLM_WORKER_MULTIPROC_METHOD) if set, else fork unless CUDA is initialized."""
+    if requested is not None:
+        if requested not in START_METHODS:
+            raise ValueError(f"FXLLM_WORKER_MULTIPROC_METHOD must be one of {', '.join(START_METHODS)}, got {requested!r}")
+        return requested
+    if torch.cuda.is_initialized():
+        logger.warning(
+            "CUDA was initialized before the tensor-parallel workers started, so they are spawned instead of "
+            "forked: the script that creates the LLM must guard its entry point with "
+            "`if __name__ == \"__main__\":`"
+        )
+        return "spawn"
+    return "fork"
+
+
+def init_process_group(rank: int, world_size: int, rendezvous: str, device_type: str) -> None:
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+
+
+def _worker_entry(
+    rank: int, world_size: int, rendezvous: str, device_type: str, main: WorkerMain, payload: Any, errors
+) -> None:
+    if device_type == "cpu":
+        torch.set_num_threads(1)  # one thread per rank: ranks share the host's cores
+    try:
+        init_process_group(rank, world_size, rendezvous, device_type)
+        main(rank, world_size, payload)
+    except BaseException:  # reported to the parent, whatever it was
+        errors.put((rank, traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class WorkerGroup:
+    """Starts ranks 1..world_size-1 running ``main(rank, world_size, payload)`` and joins the
+    caller to the process group as rank 0."""
+
+    def __init__(
+        self, world_size: int, device_type: str, main: WorkerMain, payload: Any, start_method: str | None = None
+    ):
+        self.world_size = world_size
+        method = choose_start_method(start_method)
+        context = multiprocessing.get_context(method)
+        self._scratch = tempfile.TemporaryDirectory(prefix="fxllm-tp-")
+        rendezvous = str(Path(self._scratch.name) / "rendezvous")
+        self._errors = context.Queue()
+        self._processes = []
+        try:
+            for rank in range(1, world_size):
+                process = context.Process(
+                    target=_worker_entry,
+                    args=(rank, world_size, rendezvous, device_type, main, payload, self._errors),
+                    name=f"fxllm-tp-rank{rank}",
+                    daemon=True,  # never outlive the parent
+                )
+                process.start()
+                self._processes.append(process)
+        except RuntimeError as error:
+            _stop(self._processes)
+            if method == "spawn" and "bootstrapping phase" in str(error):
+                raise RuntimeError(
+                    "tensor_parallel_size > 1 spawns worker processes, which re-import your script: guard the "
+                    "code that creates the LLM with `if __name__ == \"__main__\":` (or create the LLM before "
+                    "anything initializes CUDA, so workers are forked)"
+                ) from error
+            raise
+        self._finalizer = weakref.finalize(self, _stop, self._processes)
+        if device_type == "cpu":
+            torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+        init_process_group(0, world_size, rendezvous, device_type)
+
+    def raise_worker_error(self, cause: BaseException | None = None) -> None:
+        """Raise the first worker's error (with its rank), if a worker failed."""
+        for process in self._processes:
+            process.join(timeout=0 if process.is_alive() else None)
+        try:
+            rank, trace = self._errors.get(timeout=1.0 if cause is not None else 0.01)
+        except queue.Empty:
+            dead = [p.name for p in self._processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} died without a report") from cause
+            return
+        raise RuntimeError(f"tensor-parallel worker rank {rank} failed:\n{trace}") from cause
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._finalizer()
+        self._scratch.cleanup()
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+
+def _stop(processes: list) -> None:
+    for process in processes:
+        process.join(timeout=JOIN_SECONDS if process.is_alive() else 0)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=JOIN_SECONDS)
+        if process.is_alive():
+            os.kill(process.pid, 9)
