@@ -19,9 +19,12 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "(default: $XDG_CACHE_HOME/fxllm or ~/.cache/fxllm)",
     "FXLLM_CPU_KVCACHE_SPACE": "GiB of memory for the KV cache on CPU (default 4; fractions allowed)",
     "FXLLM_DISABLE_COMPILE_CACHE": "1 turns off the on-disk compile cache (every start compiles)",
+    "FXLLM_MM_INPUT_CACHE_GIB": "GiB of processed images (pixel values) kept for reuse by vision-language models "
+    "(default 4; 0 turns the cache off)",
 }
 
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
+DEFAULT_MM_INPUT_CACHE_GIB = 4.0
 
 
 def fxllm_cache_dir() -> Path:
@@ -52,6 +55,20 @@ def cpu_kvcache_space_bytes() -> int:
             ) from None
         if gib <= 0:
             raise ValueError(f"FXLLM_CPU_KVCACHE_SPACE must be > 0 GiB, got {raw!r}")
+    return int(gib * (1 << 30))
+
+
+def mm_input_cache_bytes() -> int:
+    """Bytes of processed multimodal inputs cached, from ``FXLLM_MM_INPUT_CACHE_GIB``."""
+    raw = os.environ.get("FXLLM_MM_INPUT_CACHE_GIB")
+    if raw is None or raw.strip() == "":
+        return int(DEFAULT_MM_INPUT_CACHE_GIB * (1 << 30))
+    try:
+        gib = float(raw)
+    except ValueError:
+        raise ValueError(f"FXLLM_MM_INPUT_CACHE_GIB must be a number of GiB (e.g. 4, 0.5 or 0), got {raw!r}") from None
+    if gib < 0:
+        raise ValueError(f"FXLLM_MM_INPUT_CACHE_GIB must be >= 0 GiB (0 turns the cache off), got {raw!r}")
     return int(gib * (1 << 30))
 
 
@@ -111,6 +128,49 @@ class PoolerConfig:
         raise TypeError(f"override_pooler_config must be a PoolerConfig, a dict or None, got {type(value).__name__}")
 
 
+MODALITIES = ("image", "video")
+# vLLM's default limit for every modality.
+DEFAULT_MM_LIMIT_PER_PROMPT = 999
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    """Inputs of a vision-language model: vLLM's ``limit_mm_per_prompt`` (items of each modality a
+    prompt may hold; 0 builds nothing for that modality) and ``mm_processor_kwargs`` (passed to the
+    Hugging Face processor, checked against it when it loads)."""
+
+    image_limit: int = DEFAULT_MM_LIMIT_PER_PROMPT
+    video_limit: int = DEFAULT_MM_LIMIT_PER_PROMPT
+    processor_kwargs: tuple[tuple[str, Any], ...] = field(default=(), hash=False)
+    input_cache_bytes: int = int(DEFAULT_MM_INPUT_CACHE_GIB * (1 << 30))
+
+    @classmethod
+    def from_user(
+        cls, limit_mm_per_prompt: dict | None, mm_processor_kwargs: dict | None, input_cache_bytes: int
+    ) -> "MultiModalConfig":
+        limits = {} if limit_mm_per_prompt is None else limit_mm_per_prompt
+        if not isinstance(limits, dict):
+            raise TypeError(f"limit_mm_per_prompt must be a dict like {{'image': 2}}, got {type(limits).__name__}")
+        unknown = sorted(set(limits) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"limit_mm_per_prompt has unknown modalities {unknown}; known: {', '.join(MODALITIES)}")
+        for modality, limit in limits.items():
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an int >= 0, got {limit!r}")
+        kwargs = {} if mm_processor_kwargs is None else mm_processor_kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+            raise TypeError(f"mm_processor_kwargs must be a dict of processor arguments, got {kwargs!r}")
+        return cls(
+            image_limit=limits.get("image", DEFAULT_MM_LIMIT_PER_PROMPT),
+            video_limit=limits.get("video", DEFAULT_MM_LIMIT_PER_PROMPT),
+            processor_kwargs=tuple(sorted(kwargs.items())),
+            input_cache_bytes=input_cache_bytes,
+        )
+
+    def limit(self, modality: str) -> int:
+        return self.image_limit if modality == "image" else self.video_limit
+
+
 RUNNER_TYPES = ("auto", "generate", "pooling")
 # vLLM's older ``task=`` argument -> the runner it selects.
 _TASK_RUNNERS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling", "score": "pooling"}
@@ -145,10 +205,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     runner_type: str = "generate"  # "generate" or "pooling" (see resolve_runner_type)
     pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
+    multimodal: MultiModalConfig | None = None  # vision-language checkpoints only
+    quantization: str | None = None  # "fp8" or "compressed-tensors" (vLLM's names); None: full precision
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_config.vocab_size
+        return self.hf_config.get_text_config().vocab_size
 
 
 @dataclass(frozen=True)

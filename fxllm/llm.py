@@ -6,6 +6,7 @@ import itertools
 import logging
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,12 +21,15 @@ from fxllm.config import (
     DEFAULT_MAX_NUM_SEQS,
     CacheConfig,
     CompilationConfig,
+    CUDAGraphMode,
     EngineConfig,
     ModelConfig,
+    MultiModalConfig,
     PoolerConfig,
     SchedulerConfig,
     cpu_kvcache_space_bytes,
     derive_max_model_len,
+    mm_input_cache_bytes,
     resolve_device,
     resolve_dtype,
     resolve_runner_type,
@@ -33,7 +37,8 @@ from fxllm.config import (
 from fxllm.compiler import CompileReport
 from fxllm.models.loader import load_generation_config, load_hf_config, resolve_model_dir
 from fxllm.models.pooling import is_pooling_checkpoint, resolve_pooler_config, sentence_max_seq_length
-from fxllm.models.registry import POOLING_ONLY_ARCHITECTURES, resolve_architecture
+from fxllm.models.quantization import quantization_method as resolve_quantization_method
+from fxllm.models.registry import MULTIMODAL_ARCHITECTURES, POOLING_ONLY_ARCHITECTURES, resolve_architecture
 from fxllm.outputs import (
     BeamSearchOutput,
     CompletionOutput,
@@ -47,6 +52,8 @@ from fxllm.outputs import (
 )
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.engine import LLMEngine
+from fxllm.runtime.multimodal.inputs import MultiModalPrompt
+from fxllm.runtime.multimodal.processor import MultiModalProcessor, check_mm_data
 from fxllm.runtime.pooling_runner import PoolingRunner
 from fxllm.runtime.request import Request
 from fxllm.beam_search import run_beam_search
@@ -111,13 +118,13 @@ class LLM:
         runner: str = "auto",
         task: str | None = None,
         override_pooler_config: PoolerConfig | dict | None = None,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self._reject_unknown_arguments(kwargs)
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is not supported yet; use 1")
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} is not supported yet; pass quantization=None")
         _check_int("max_num_seqs", max_num_seqs, minimum=1)
         _check_int("block_size", block_size, minimum=1)
         _check_int("seed", seed, minimum=None)
@@ -131,9 +138,14 @@ class LLM:
         compilation = CompilationConfig.from_user(compilation_config)
         model_dir = resolve_model_dir(model)
         hf_config = load_hf_config(model_dir, hf_overrides)
-        architecture, _ = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
+        quantization_method = resolve_quantization_method(quantization, hf_config)
+        architecture, model_class = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
         resolved_device = resolve_device(device)
         runner_type = resolve_runner_type(runner, task, is_pooling_checkpoint(model_dir, architecture))
+        multimodal = _multimodal_config(architecture, runner_type, limit_mm_per_prompt, mm_processor_kwargs)
+        if getattr(model_class, "takes_inputs_embeds", False):
+            # Image embeddings are merged into a fresh tensor each step, not a persistent buffer.
+            compilation = replace(compilation, cudagraph_mode=CUDAGraphMode.NONE)
         pooler_config, sentence_max_len = None, None
         if runner_type == "pooling":
             override = PoolerConfig.from_user(override_pooler_config)
@@ -149,7 +161,8 @@ class LLM:
                 f"override_pooler_config applies to pooling models, but {model_dir} runs as a generative model: "
                 f"pass runner='pooling' to pool with it, or drop override_pooler_config"
             )
-        model_max_len = derive_max_model_len(hf_config, max_model_len, sentence_max_len)
+        text_config = hf_config.get_text_config()  # a vision-language config's language-model part
+        model_max_len = derive_max_model_len(text_config, max_model_len, sentence_max_len)
         self.tokenizer = _load_tokenizer(tokenizer, model_dir)
         gen_config = load_generation_config(generation_config, model_dir)
         model_config = ModelConfig(
@@ -160,9 +173,11 @@ class LLM:
             max_model_len=model_max_len,
             hf_config=hf_config,
             generation_config=gen_config,
-            eos_token_ids=_eos_token_ids(self.tokenizer, hf_config, gen_config),
+            eos_token_ids=_eos_token_ids(self.tokenizer, text_config, gen_config),
             runner_type=runner_type,
             pooler_config=pooler_config,
+            multimodal=multimodal,
+            quantization=quantization_method,
         )
         pooling = runner_type == "pooling"
         if pooling and max_num_batched_tokens is not None and max_num_batched_tokens < model_max_len:
@@ -194,6 +209,10 @@ class LLM:
             compilation=compilation.eager() if enforce_eager else compilation,
             seed=seed,
         )
+        # Images are processed on the host before requests are queued; nothing for a zero image limit.
+        self.mm_processor: MultiModalProcessor | None = None
+        if multimodal is not None and multimodal.image_limit > 0 and "image" in MULTIMODAL_ARCHITECTURES[architecture]:
+            self.mm_processor = MultiModalProcessor(model_dir, hf_config, multimodal)
         # A pooling model runs whole prompts without KV cache or scheduler: its own runner.
         self.llm_engine: LLMEngine | None = None
         self.pooling_runner: PoolingRunner | None = None
@@ -240,8 +259,9 @@ class LLM:
         self._require_runner("generate", "generate")
         prompt_list = _as_prompt_list(prompts)
         params_list = self._sampling_params_list(sampling_params, len(prompt_list))
-        tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(prompt_list)]
-        return self._generate_tokenized(tokenized, params_list, use_tqdm)
+        processed = [self._process_prompt(prompt, index) for index, prompt in enumerate(prompt_list)]
+        tokenized = [(text, token_ids) for text, token_ids, _ in processed]
+        return self._generate_tokenized(tokenized, params_list, use_tqdm, [mm for _, _, mm in processed])
 
     def chat(
         self,
@@ -343,11 +363,16 @@ class LLM:
         ]
 
     def _generate_tokenized(
-        self, tokenized: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
+        self,
+        tokenized: list[tuple[str | None, list[int]]],
+        params_list: list[SamplingParams],
+        use_tqdm: bool,
+        multimodal: list[MultiModalPrompt | None] | None = None,
     ) -> list[RequestOutput]:
         requests = []
-        for index, ((text, token_ids), params) in enumerate(zip(tokenized, params_list)):
-            requests.extend(self._make_requests(text, token_ids, params, index))
+        multimodal = multimodal or [None] * len(tokenized)
+        for index, ((text, token_ids), params, mm) in enumerate(zip(tokenized, params_list, multimodal)):
+            requests.extend(self._make_requests(text, token_ids, params, index, mm))
         return self._run(requests, len(tokenized), use_tqdm)
 
     # ---- internals ------------------------------------------------------------------
@@ -410,7 +435,14 @@ class LLM:
                 raise TypeError(f"sampling_params[{index}] must be a SamplingParams, got {type(params).__name__}")
         return list(sampling_params)
 
-    def _make_requests(self, text: str | None, token_ids: list[int], params: SamplingParams, index: int) -> list[Request]:
+    def _make_requests(
+        self,
+        text: str | None,
+        token_ids: list[int],
+        params: SamplingParams,
+        index: int,
+        multimodal: MultiModalPrompt | None = None,
+    ) -> list[Request]:
         """The ``n`` requests of one prompt, validated against this model."""
         model_config = self.llm_engine_config.model
         max_model_len = model_config.max_model_len
@@ -454,11 +486,32 @@ class LLM:
                     prompt_index=index,
                     completion_index=completion,
                     bad_word_ids=bad_word_ids,
+                    multimodal=multimodal,
                 )
             )
         return requests
 
+    def _process_prompt(self, prompt: PromptType, index: int) -> tuple[str | None, list[int], MultiModalPrompt | None]:
+        """Tokens of a prompt; with ``multi_modal_data``, its images processed and their placeholders expanded."""
+        if not (isinstance(prompt, dict) and "multi_modal_data" in prompt):
+            return (*self._tokenize(prompt, index), None)
+        text, token_ids = self._tokenize({k: v for k, v in prompt.items() if k != "multi_modal_data"}, index)
+        data = prompt["multi_modal_data"]
+        multimodal = self.llm_engine_config.model.multimodal
+        if multimodal is None:
+            raise ValueError(
+                f"prompt {index} has multi_modal_data but {self.llm_engine_config.model.architecture} is a text-only "
+                f"model: load a vision-language model (e.g. Qwen2VLForConditionalGeneration) to pass images"
+            )
+        if self.mm_processor is None:
+            check_mm_data(data, multimodal, index)  # raises unless it holds no items
+            return text, token_ids, None
+        processed = self.mm_processor.process(token_ids, data, index)
+        return text, processed.token_ids, processed
+
     def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict) and "multi_modal_data" in prompt:
+            raise ValueError(f"prompt {index}: multi_modal_data is supported by generate() only")
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -573,6 +626,25 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
     raise TypeError(
         f"prompts must be a string, a dict (TokensPrompt/TextPrompt) or a list of them, got {type(prompts).__name__}"
     )
+
+
+def _multimodal_config(
+    architecture: str, runner_type: str, limit_mm_per_prompt: dict | None, mm_processor_kwargs: dict | None
+) -> MultiModalConfig | None:
+    """The multimodal settings of a vision-language checkpoint; None for a text-only one."""
+    if architecture not in MULTIMODAL_ARCHITECTURES:
+        given = {"limit_mm_per_prompt": limit_mm_per_prompt, "mm_processor_kwargs": mm_processor_kwargs}
+        named = [name for name, value in given.items() if value is not None]
+        if named:
+            raise ValueError(
+                f"{' and '.join(named)} apply to vision-language models, but {architecture} is text-only: drop them"
+            )
+        return None
+    if runner_type == "pooling":
+        raise ValueError(
+            f"{architecture} is a vision-language model, which fxllm runs generatively only: drop runner/task"
+        )
+    return MultiModalConfig.from_user(limit_mm_per_prompt, mm_processor_kwargs, mm_input_cache_bytes())
 
 
 def _check_int(name: str, value: Any, minimum: int | None) -> None:

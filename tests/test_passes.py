@@ -22,7 +22,6 @@ from torch import fx, nn
 # Without CUDA, tests/conftest.py has switched Triton to its interpreter.
 from fxllm import LLM, SamplingParams
 from fxllm.compiler.cache import engine_cache_key
-from fxllm.compiler.capture import mark_num_tokens_dynamic
 from fxllm.compiler.split import op_name
 from fxllm.config import CompilationConfig, PassConfig
 from fxllm.models.layers import RotaryEmbedding, apply_rotary
@@ -58,7 +57,8 @@ def _capture(function: Callable[..., Any], *inputs: torch.Tensor) -> tuple[fx.Gr
         captured.append((graph_module, list(example_inputs)))
         return graph_module.forward
 
-    mark_num_tokens_dynamic(*inputs)
+    for tensor in inputs:  # dim 0 is T for every input here
+        torch._dynamo.decorators.mark_unbacked(tensor, 0)
     torch.compile(function, backend=record, fullgraph=True, dynamic=False)(*inputs)
     assert len(captured) == 1
     return captured[0]

@@ -54,6 +54,7 @@ def engine_cache_key(config: EngineConfig, passes_uuid: str) -> str:
         "hf_config": model.hf_config.to_json_string(use_diff=False),
         "architecture": model.architecture,
         "dtype": str(model.dtype),
+        "quantization": model.quantization,
         "max_model_len": model.max_model_len,  # sizes the RoPE table, a graph input
         "block_size": config.cache.block_size,
         "tensor_parallel_size": 1,

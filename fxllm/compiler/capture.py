@@ -4,6 +4,11 @@ Dynamo caches compiled frames on the code object, which every instance of a mode
 class shares. So each engine traces a function with a code object of its own, and
 afterwards calls the graph it got directly: no guard evaluation per step and no
 way to recompile (DESIGN.md contract 4).
+
+A model takes two tensors (contract 1): ``input_ids[T]`` (or ``inputs_embeds[T, H]``
+for a vision-language model, whose images are merged in before the graph) and
+``positions[T]`` (``[3, T]`` for M-RoPE). T is dim 0 of the first and the last dim of
+the second.
 """
 
 from __future__ import annotations
@@ -23,30 +28,30 @@ _engine_ids = itertools.count()
 class CapturedGraph:
     graph_module: fx.GraphModule
     example_inputs: list[Any]  # real tensors (parameters, buffers, the dummy step) and SymInts
-    input_ids_slot: int
+    inputs_slot: int  # input_ids or inputs_embeds
     positions_slot: int
     size_slots: list[int]  # SymInt inputs: each equals T at run time
 
 
-def mark_num_tokens_dynamic(*tensors: torch.Tensor) -> None:
-    """Mark dim 0 (T) dynamic without Dynamo's 0/1 specialization, so T=1 needs no other graph."""
-    for tensor in tensors:
-        torch._dynamo.decorators.mark_unbacked(tensor, 0)
+def mark_num_tokens_dynamic(inputs: torch.Tensor, positions: torch.Tensor) -> None:
+    """Mark T dynamic without Dynamo's 0/1 specialization, so T=1 needs no other graph."""
+    torch._dynamo.decorators.mark_unbacked(inputs, 0)
+    torch._dynamo.decorators.mark_unbacked(positions, positions.dim() - 1)
 
 
 def engine_local_forward(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model's forward behind a code object that belongs to one engine (for torch.compile)."""
 
-    def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return model(input_ids, positions)
+    def forward(inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model(inputs, positions)
 
     name = f"fxllm_engine_{next(_engine_ids)}_forward"
     code = forward.__code__.replace(co_name=name)
     return types.FunctionType(code, forward.__globals__, name, None, forward.__closure__)
 
 
-def capture(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> CapturedGraph:
-    """Trace ``model(input_ids, positions)`` once, T dynamic; the caller sets the forward context."""
+def capture(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor) -> CapturedGraph:
+    """Trace ``model(inputs, positions)`` once, T dynamic; the caller sets the forward context."""
     captured: list[tuple[fx.GraphModule, list[Any]]] = []
 
     def record(graph_module: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -54,8 +59,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) 
         return graph_module.forward
 
     compiled = torch.compile(engine_local_forward(model), backend=record, fullgraph=True, dynamic=False)
-    mark_num_tokens_dynamic(input_ids, positions)
-    compiled(input_ids, positions)
+    mark_num_tokens_dynamic(inputs, positions)
+    compiled(inputs, positions)
     if len(captured) != 1:
         raise RuntimeError(f"expected one Dynamo graph for the model, got {len(captured)}")
     graph_module, example_inputs = captured[0]
@@ -65,7 +70,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) 
     return CapturedGraph(
         graph_module=graph_module,
         example_inputs=example_inputs,
-        input_ids_slot=slots[id(input_ids)],
+        inputs_slot=slots[id(inputs)],
         positions_slot=slots[id(positions)],
         size_slots=[i for i, value in enumerate(example_inputs) if isinstance(value, torch.SymInt)],
     )
@@ -77,15 +82,15 @@ class DirectCall:
     def __init__(self, captured: CapturedGraph, compiled: Callable[..., Any]):
         self.compiled = compiled
         self.template = list(captured.example_inputs)
-        self.input_ids_slot = captured.input_ids_slot
+        self.inputs_slot = captured.inputs_slot
         self.positions_slot = captured.positions_slot
         self.size_slots = captured.size_slots
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         args = list(self.template)
-        args[self.input_ids_slot] = input_ids
+        args[self.inputs_slot] = inputs
         args[self.positions_slot] = positions
-        num_tokens = input_ids.shape[0]
+        num_tokens = inputs.shape[0]
         for slot in self.size_slots:
             args[slot] = num_tokens
         return self.compiled(*args)[0]

@@ -54,7 +54,7 @@ def compile_model(
     if compilation.level == CompilationLevel.DYNAMO_AS_IS:
         compiled = CompiledModel(_DynamoAsIs(model, compilation.use_inductor, report), report)
         with profile_context(), torch.inference_mode():
-            compiled.forward(*_dummy_inputs(config, CAPTURE_NUM_TOKENS))
+            compiled.forward(*dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
     else:
         compiled = _capture_and_compile(model, config, profile_context, report)
     report.compile_seconds = round(time.perf_counter() - start, 2)
@@ -66,10 +66,16 @@ def compile_model(
     return compiled
 
 
-def _dummy_inputs(config: EngineConfig, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dummy_inputs(model: nn.Module, config: EngineConfig, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step of ``num_tokens`` tokens in the layout the runner passes: input_ids (or their
+    embeddings), and positions (for M-RoPE, [3, T] viewed from a [T, 3] buffer: strides (1, 3))."""
     device = config.device
     input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device) % config.model.max_model_len
+    if getattr(model, "uses_mrope", False):
+        positions = positions[:, None].repeat(1, 3).t()
+    if getattr(model, "takes_inputs_embeds", False):
+        return model.embed_input_ids(input_ids), positions
     return input_ids, positions
 
 
@@ -93,11 +99,11 @@ class _DynamoAsIs:
 
         self.compiled = torch.compile(engine_local_forward(model), backend=count_compiles, fullgraph=True)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        mark_num_tokens_dynamic(input_ids, positions)
+    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mark_num_tokens_dynamic(inputs, positions)
         stance = torch.compiler.set_stance("fail_on_recompile") if self.report.dynamo_compiles else contextlib.nullcontext()
         with stance:
-            return self.compiled(input_ids, positions)
+            return self.compiled(inputs, positions)
 
 
 def _capture_and_compile(
@@ -107,7 +113,7 @@ def _capture_and_compile(
     dump_dir = Path(compilation.debug_dump_path) if compilation.debug_dump_path else None
     start = time.perf_counter()
     with profile_context(), torch.inference_mode(), _depyf_dump(dump_dir):
-        captured = capture(model, *_dummy_inputs(config, CAPTURE_NUM_TOKENS))
+        captured = capture(model, *dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
     report.dynamo_compiles = 1
     report.dynamo_seconds = round(time.perf_counter() - start, 2)
 
@@ -130,7 +136,7 @@ def _capture_and_compile(
             report.cache_dir = str(cache.directory)
         compiler = PieceCompiler(cache)
         start = time.perf_counter()
-        _compile_pieces(split, captured, compiler, config, profile_context)
+        _compile_pieces(model, split, captured, compiler, config, profile_context)
         report.inductor_seconds = round(time.perf_counter() - start, 2)
         report.compiled_shapes = ["dynamic"] + [str(size) for size in compilation.compile_sizes]
         report.inductor_compiles = compiler.inductor_compiles
@@ -144,6 +150,7 @@ def _capture_and_compile(
 
 
 def _compile_pieces(
+    model: nn.Module,
     split: SplitGraph,
     captured: CapturedGraph,
     compiler: PieceCompiler,
@@ -170,7 +177,7 @@ def _compile_pieces(
         def compile_static(name: str, module: fx.GraphModule, args: list[Any], size: int = size) -> None:
             dispatchers[name].by_size[size] = compiler.compile(module, args, size=size)
 
-        inputs = _real_inputs(captured, *_dummy_inputs(config, size))
+        inputs = _real_inputs(captured, *dummy_inputs(model, config, size))
         with profile_context(), torch.inference_mode():
             _PieceVisitor(graph_module, compute, compile_static).run(*inputs)
 
@@ -182,13 +189,13 @@ def _fake_value(node: fx.Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _real_inputs(captured: CapturedGraph, input_ids: torch.Tensor, positions: torch.Tensor) -> list[Any]:
-    """The captured inputs with the dummy step replaced by a step of ``len(input_ids)`` tokens."""
+def _real_inputs(captured: CapturedGraph, step_inputs: torch.Tensor, positions: torch.Tensor) -> list[Any]:
+    """The captured inputs with the dummy step replaced by a step of ``len(step_inputs)`` tokens."""
     inputs = list(captured.example_inputs)
-    inputs[captured.input_ids_slot] = input_ids
+    inputs[captured.inputs_slot] = step_inputs
     inputs[captured.positions_slot] = positions
     for slot in captured.size_slots:
-        inputs[slot] = input_ids.shape[0]
+        inputs[slot] = step_inputs.shape[0]
     return inputs
 
 

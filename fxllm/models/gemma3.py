@@ -1,4 +1,5 @@
-"""Gemma 3 text decoder (Gemma3ForCausalLM, model_type gemma3_text).
+"""Gemma 3 text decoder (Gemma3ForCausalLM, model_type gemma3_text; also the language model of a
+Gemma3ForConditionalGeneration checkpoint, run text-only).
 
 Alternating sliding-window and global layers (``layer_types``), one RoPE table per
 layer type, q/k norms, norms before and after attention and MLP, Gemma's (1 + w)
@@ -7,10 +8,13 @@ RMSNorm, the sqrt(hidden) embedding scale and optional final logit soft-capping.
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from fxllm.config import MultiModalConfig
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
 from fxllm.models.layers import RotaryEmbedding, RotaryTables, apply_rotary
 from fxllm.runtime.attention import Attention
@@ -123,3 +127,37 @@ class Gemma3ForCausalLM(FusedDecoderForCausalLM):
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+# Checkpoint name prefixes of a Gemma 3 vision-language checkpoint's language model (transformers 5's
+# module paths, then the original layout) and of the parts a text-only run skips.
+_LANGUAGE_PREFIXES = {
+    "model.language_model.": "model.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """A Gemma 3 vision-language checkpoint run text-only (``limit_mm_per_prompt={"image": 0}``):
+    its language model on Gemma3ForCausalLM; the vision tower and projector are never loaded."""
+
+    def __init__(self, config: PretrainedConfig, max_positions: int, multimodal: MultiModalConfig):
+        if multimodal.image_limit > 0:
+            raise ValueError(
+                "fxllm runs Gemma3ForConditionalGeneration text-only (its vision tower is not supported): "
+                "pass limit_mm_per_prompt={'image': 0}"
+            )
+        super().__init__(config.get_text_config(), max_positions)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(self._language_weights(weights))
+
+    @staticmethod
+    def _language_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if name.startswith(_VISION_PREFIXES):
+                continue
+            prefix = next((p for p in _LANGUAGE_PREFIXES if name.startswith(p)), None)
+            yield (_LANGUAGE_PREFIXES[prefix] + name[len(prefix) :] if prefix else name), tensor

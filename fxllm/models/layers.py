@@ -35,7 +35,7 @@ def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> 
     return {"rope_type": "default", **params}
 
 
-def _default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+def default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
 
 
@@ -61,7 +61,7 @@ class RotaryEmbedding(nn.Module):
                 f"captured graphs cannot do; use a checkpoint with default, linear, llama3 or yarn RoPE"
             )
         if rope_type == "default":
-            inv_freq, attention_scaling = _default_inv_freq(params["rope_theta"], head_dim), 1.0
+            inv_freq, attention_scaling = default_inv_freq(params["rope_theta"], head_dim), 1.0
         elif rope_type in ROPE_INIT_FUNCTIONS:
             by_layer_type = {"layer_type": layer_type} if layer_type is not None else {}
             inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **by_layer_type)

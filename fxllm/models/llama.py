@@ -16,6 +16,10 @@ from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndM
 from fxllm.runtime.attention import Attention
 
 
+# Qwen2 decoders (also the language models of Qwen2-VL and Qwen2.5-VL): q/k/v biases, none on o_proj.
+_QWEN2_TEXT_MODEL_TYPES = frozenset({"qwen2", "qwen2_vl_text", "qwen2_5_vl_text"})
+
+
 def _head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -42,9 +46,10 @@ class LlamaAttentionBlock(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         model_type = config.model_type
         attention_bias = getattr(config, "attention_bias", False)
-        qkv_bias = attention_bias or model_type == "qwen2"  # Qwen2 always has q/k/v biases
+        qwen2 = model_type in _QWEN2_TEXT_MODEL_TYPES
+        qkv_bias = attention_bias or qwen2  # Qwen2 always has q/k/v biases
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias and model_type != "qwen2")
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias and not qwen2)
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

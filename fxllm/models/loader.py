@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from fxllm.config import ModelConfig
+from fxllm.models.quantization import construct_with_fp8_linears, model_quantization
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.weights import iterate_safetensors, safetensors_files
 
@@ -70,15 +73,21 @@ def load_generation_config(source: str, model_dir: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def build_model(
-    hf_config: PretrainedConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int
-) -> nn.Module:
+def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """The model of ``model_config`` on ``device`` with its checkpoint's weights; FP8 linears
+    where the checkpoint or ``quantization`` asks for them; the vision tower of a
+    vision-language architecture as its ``multimodal`` config allows."""
+    hf_config = model_config.hf_config
+    model_dir = Path(model_config.model)
     _, model_class = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
+    extra = () if model_config.multimodal is None else (model_config.multimodal,)
+    construct = functools.partial(model_class, hf_config, model_config.max_model_len, *extra)
+    quantization = model_quantization(model_config.quantization, hf_config)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(model_config.dtype)
     try:
         with torch.device(device):
-            model = model_class(hf_config, max_positions)
+            model = construct() if quantization is None else construct_with_fp8_linears(construct, quantization)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(iterate_safetensors(safetensors_files(model_dir)))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from fxllm.models.bert import BertModel
-from fxllm.models.gemma3 import Gemma3ForCausalLM
+from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.opt import OPTForCausalLM
+from fxllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -20,9 +21,19 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "BertModel": BertModel,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
 }
 # Encoders without an LM head: they only pool (embed / encode / score), never generate.
 POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
+# Vision-language checkpoints -> the modalities fxllm feeds them (their classes take a
+# MultiModalConfig). Gemma 3's runs text-only, with limit_mm_per_prompt={"image": 0}.
+MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
+    "Qwen2VLForConditionalGeneration": frozenset({"image"}),
+    "Qwen2_5_VLForConditionalGeneration": frozenset({"image"}),
+    "Gemma3ForConditionalGeneration": frozenset(),
+}
 
 
 def supported_architectures() -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # Buffers some checkpoints carry that models recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,26 @@ class FusedShard:
 
     fused_name: str
     index: int
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """The output rows (dim 0) of a layer that one checkpoint tensor fills: a fused shard's."""
+
+    offset: int
+    size: int
+
+
+@runtime_checkable
+class LoadsCheckpointTensors(Protocol):
+    """A layer that loads its own checkpoint tensors (quantized layers: FP8 weights, scales)."""
+
+    def load_checkpoint_tensor(
+        self, checkpoint_name: str, name: str, tensor: torch.Tensor, rows: ShardRows | None
+    ) -> tuple[str, ...]:
+        """Load the tensor the checkpoint calls ``<layer>.<name>`` into ``rows`` (None: all rows)
+        and return the names of the layer's parameters it wrote."""
+        ...
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -70,35 +91,55 @@ def load_named_weights(
     """Copy checkpoint tensors into ``model`` by HF name, filling fused parameters.
 
     The model declares ``fused_weights`` (checkpoint module name -> FusedShard) and
-    ``fused_shard_sizes(fused_name)``. Every parameter must be written exactly once.
+    ``fused_shard_sizes(fused_name)``. Layers that are ``LoadsCheckpointTensors`` take
+    their tensors themselves. Every parameter must be written exactly once per shard.
     """
     params = dict(model.named_parameters())
     fused_weights: dict[str, FusedShard] = getattr(model, "fused_weights", {})
+    own_loaders = {name: m for name, m in model.named_modules() if isinstance(m, LoadsCheckpointTensors)}
     pending = {name: _num_shards(model, name, fused_weights) for name in params}
     for name, tensor in weights:
         if name in skip or name.endswith(_IGNORED_SUFFIXES):
             continue
         target, shard = _resolve(name, fused_weights)
+        layer_name, _, leaf = target.rpartition(".")
+        if layer_name in own_loaders:
+            with torch.no_grad():
+                written = own_loaders[layer_name].load_checkpoint_tensor(name, leaf, tensor, _shard_rows(model, shard))
+            for param_name in written:
+                pending[f"{layer_name}.{param_name}"] -= 1
+            continue
         if target not in params:
             raise ValueError(
                 f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}; "
                 f"is the config's architecture right for these weights?"
             )
         param = params[target]
+        if tensor.dtype in _FP8_DTYPES and param.dtype not in _FP8_DTYPES:
+            raise ValueError(
+                f"checkpoint tensor {name!r} is {tensor.dtype}, but {target!r} is not a quantized layer; "
+                f"config.json needs the checkpoint's quantization_config (and must not list this layer as ignored)"
+            )
         with torch.no_grad():
             if shard is None:
                 _check_shape(name, param.shape, tensor.shape)
                 param.copy_(tensor)
             else:
-                sizes = model.fused_shard_sizes(shard.fused_name)
-                offset = sum(sizes[: shard.index])
-                part = param.narrow(0, offset, sizes[shard.index])
+                rows = _shard_rows(model, shard)
+                part = param.narrow(0, rows.offset, rows.size)
                 _check_shape(name, part.shape, tensor.shape)
                 part.copy_(tensor)
         pending[target] -= 1
     missing = sorted(name for name, count in pending.items() if count > 0)
     if missing:
         raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _shard_rows(model: nn.Module, shard: FusedShard | None) -> ShardRows | None:
+    if shard is None:
+        return None
+    sizes = model.fused_shard_sizes(shard.fused_name)
+    return ShardRows(sum(sizes[: shard.index]), sizes[shard.index])
 
 
 def _resolve(name: str, fused_weights: dict[str, FusedShard]) -> tuple[str, FusedShard | None]:

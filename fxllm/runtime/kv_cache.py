@@ -1,7 +1,9 @@
 """The KV-cache block pool: allocation, prefix caching and freeing, all in one place.
 
 Blocks hold ``block_size`` tokens. A FULL block's hash chains its parent's hash
-and its token ids, so equal hashes mean equal prefixes. Freed blocks keep their
+and its token ids (and the content hashes of the images whose placeholder tokens it
+overlaps: equal placeholders of different images never share), so equal hashes mean
+equal prefixes. Freed blocks keep their
 hash and wait in an LRU queue; a later request with the same prefix takes them
 back (ref counts), and allocation evicts from the queue's old end.
 """
@@ -110,9 +112,11 @@ class KVCacheManager:
     def _extend_hashes(self, request: Request, num_blocks: int) -> None:
         hashes, size = request.block_hashes, self.block_size
         while len(hashes) < num_blocks:
-            index = len(hashes)
+            start, end = len(hashes) * size, (len(hashes) + 1) * size
             parent = hashes[-1] if hashes else _ROOT_HASH
-            hashes.append(hash((parent, tuple(request.all_token_ids[index * size : (index + 1) * size]))))
+            tokens = tuple(request.all_token_ids[start:end])
+            images = request.multimodal.image_hashes(start, end) if request.multimodal is not None else ()
+            hashes.append(hash((parent, tokens, images) if images else (parent, tokens)))
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -8,7 +8,6 @@ caches). The model is compiled by the same pipeline as a generative one.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +30,7 @@ class PoolingRunner:
         self.config = config
         self.pooler_config: PoolerConfig = model_config.pooler_config
         self.device = config.device
-        self.model: nn.Module = build_model(
-            model_config.hf_config, Path(model_config.model), model_config.dtype, self.device, model_config.max_model_len
-        )
+        self.model: nn.Module = build_model(model_config, self.device)
         self.layers: dict[str, AttentionSpec] = {
             module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
         }

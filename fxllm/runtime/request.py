@@ -13,6 +13,7 @@ import torch
 
 from fxllm.outputs import Logprob
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
+from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.sampling_params import SamplingParams
 
 
@@ -48,6 +49,10 @@ class Request:
     cumulative_logprob: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
+    multimodal: MultiModalPrompt | None = None  # images (and M-RoPE positions) of a vision-language prompt
+    # Image index -> its embeddings [tokens, H], from the first step that computes one of its
+    # tokens to the step that computes its last (see runtime/multimodal/embedder.py).
+    encoder_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

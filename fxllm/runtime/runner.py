@@ -4,6 +4,11 @@ A step's requests are flattened into one token dimension T (DESIGN.md contract 1
 ``input_ids[T]``, ``positions[T]``, ``slot_mapping[T]`` plus per-request
 ``block_tables``, ``seq_lens`` and ``query_start_loc``. The model is called inside
 the forward context, then logits are computed only for rows that sample.
+
+A vision-language model takes ``inputs_embeds[T, H]`` and M-RoPE ``positions[3, T]``
+instead: the embedder merges image embeddings into the token embeddings each step.
+Its steps run without CUDA graphs (they would need the embeddings in a persistent
+buffer too).
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from fxllm.compiler import compile_model
 from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphStep
+from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
@@ -26,6 +31,7 @@ from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.cudagraphs import CUDAGraphs
 from fxllm.runtime.forward_context import ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
+from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
 from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
@@ -54,9 +60,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         model_config = config.model
         load_start = time.perf_counter()
-        self.model: nn.Module = build_model(
-            model_config.hf_config, Path(model_config.model), model_config.dtype, self.device, model_config.max_model_len
-        )
+        self.model: nn.Module = build_model(model_config, self.device)
         load_seconds = time.perf_counter() - load_start
         self.vocab_size = model_config.vocab_size
         self.layers: dict[str, AttentionSpec] = {
@@ -69,6 +73,8 @@ class ModelRunner:
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
         self.graph_plan = CUDAGraphPlan.resolve(config)
+        takes_embeds = getattr(self.model, "takes_inputs_embeds", False)
+        self.embedder = MultiModalEmbedder(self.model) if takes_embeds else None
         self.compiled = compile_model(self.model, config, self._profile_context)
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
@@ -84,6 +90,7 @@ class ModelRunner:
                 max_blocks_per_seq=cdiv(model_config.max_model_len, self.block_size),
                 block_size=self.block_size,
                 device=self.device,
+                mrope=getattr(self.model, "uses_mrope", False),
             )
 
     def _profile_context(self):
@@ -123,10 +130,8 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(device)
         scheduler = self.config.scheduler
         num_tokens = scheduler.max_num_batched_tokens
-        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-        positions = torch.arange(num_tokens, device=device) % self.config.model.max_model_len
         with torch.inference_mode(), self._profile_context():
-            hidden = self.forward_fn(input_ids, positions)
+            hidden = self.forward_fn(*dummy_inputs(self.model, self.config, num_tokens))
         rows = min(scheduler.max_num_seqs, num_tokens)
         with torch.inference_mode():
             logits = self.model.compute_logits(hidden[:rows])
@@ -188,7 +193,8 @@ class ModelRunner:
             hidden, logits = full.hidden, full.logits[prepared.sample_rows]
         else:
             graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
-            hidden = self._forward(prepared, graph_step)  # [T_padded, hidden]
+            inputs_embeds = self.embedder.inputs_embeds(step.scheduled, prepared.input_ids) if self.embedder else None
+            hidden = self._forward(prepared, graph_step, inputs_embeds)  # [T_padded, hidden]
             logits = self.model.compute_logits(hidden[prepared.sample_rows]) if sampling else None  # [S, vocab]
         result = StepResult()
         if sampling:
@@ -197,10 +203,12 @@ class ModelRunner:
             result.prompt_logprobs[request] = self._prompt_logprobs(hidden, rows, targets, request)
         return result
 
-    def _forward(self, prepared: PreparedStep, graph_step: GraphStep | None) -> torch.Tensor:
+    def _forward(
+        self, prepared: PreparedStep, graph_step: GraphStep | None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         context = ForwardContext(prepared.metadata, self.kv_caches, self.layers, self.backend, graph_step)
         with set_forward_context(context):
-            return self.forward_fn(prepared.input_ids, prepared.positions)
+            return self.forward_fn(prepared.input_ids if inputs_embeds is None else inputs_embeds, prepared.positions)
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:

@@ -8,6 +8,12 @@ Padding (to a CUDA-graph size): padded tokens get slot -1 (the KV write skips th
 and position 0; a decode-only step is padded with empty requests of one token and
 seq_len 0, so attention reads nothing for them and the decode kernel still sees
 one token per request.
+
+M-RoPE models (``mrope=True``) take positions [3, T] instead: a transposed view of a
+[max_tokens, 3] buffer, so its strides (1, 3) are the same for every T, as in the
+graph captured at start-up. Tokens of a prompt take the rows the multimodal
+processor computed, later tokens their index plus the request's M-RoPE delta in
+every row, text-only requests their index; padded tokens position 0.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from fxllm.compiler.cudagraph import GraphDispatch
+from fxllm.models.mrope import NUM_MROPE_ROWS
 from fxllm.runtime.forward_context import AttentionMetadata
 from fxllm.runtime.scheduler import ScheduledRequest
 
@@ -32,7 +39,7 @@ SEQ_LENS, QUERY_START_LOC, SAMPLE_ROWS = range(3)
 @dataclass
 class PreparedStep:
     input_ids: torch.Tensor  # [T_padded] int64, a view of a persistent buffer
-    positions: torch.Tensor  # [T_padded] int64
+    positions: torch.Tensor  # [T_padded] int64 ([3, T_padded] for M-RoPE models)
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [S] int32: rows of the hidden states that sample, in step order
     num_tokens: int  # T before padding
@@ -40,7 +47,13 @@ class PreparedStep:
 
 class StepInputs:
     def __init__(
-        self, max_num_tokens: int, max_num_requests: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+        self,
+        max_num_tokens: int,
+        max_num_requests: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+        mrope: bool = False,
     ):
         self.block_size = block_size
         self.device = device
@@ -58,6 +71,9 @@ class StepInputs:
         self._tokens_np = self.host_tokens.numpy()
         self._requests_np = self.host_requests.numpy()
         self._tables_np = self.host_block_tables.numpy()
+        self.host_mrope = torch.zeros(max_num_tokens if mrope else 0, NUM_MROPE_ROWS, dtype=torch.int64, pin_memory=pin)
+        self.mrope = self.host_mrope if device.type == "cpu" else torch.zeros_like(self.host_mrope, device=device)
+        self._mrope_np = self.host_mrope.numpy() if mrope else None
         # The host buffers are reused every step: wait for the last copy out of them first.
         self._copied = torch.cuda.Event() if pin else None
 
@@ -103,6 +119,8 @@ class StepInputs:
         padded_tokens, padded_requests = dispatch.num_tokens, dispatch.num_requests
         ids[num_tokens:padded_tokens] = PADDING_TOKEN_ID
         positions[num_tokens:padded_tokens] = 0
+        if self._mrope_np is not None:
+            self._fill_mrope(scheduled, computed, query_start_loc, padded_tokens)
         slots[num_tokens:padded_tokens] = PADDING_SLOT
         # Empty requests of a padded decode-only step: one token each, nothing to attend to.
         seq_lens[num_requests:padded_requests] = 0
@@ -111,6 +129,21 @@ class StepInputs:
         )
         self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
         return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens)
+
+    def _fill_mrope(
+        self, scheduled: list[ScheduledRequest], computed: np.ndarray, query_start_loc: np.ndarray, padded_tokens: int
+    ) -> None:
+        mrope = self._mrope_np  # [T, 3]
+        mrope[:padded_tokens] = self._tokens_np[POSITIONS, :padded_tokens, None]
+        for row, entry in enumerate(scheduled):
+            prompt = entry.request.multimodal
+            if prompt is None:
+                continue  # text only: every row is the index
+            start, first = int(computed[row]), int(query_start_loc[row])
+            end = start + entry.num_new_tokens
+            from_prompt = max(min(end, len(prompt.token_ids)) - start, 0)
+            mrope[first : first + from_prompt] = prompt.mrope_positions[:, start : start + from_prompt].T
+            mrope[first + from_prompt : first + entry.num_new_tokens] += prompt.mrope_delta
 
     def _prepared(self, padded_tokens: int, padded_requests: int, num_samples: int, num_tokens: int) -> PreparedStep:
         seq_lens, query_start_loc, _ = self._requests_np
@@ -126,7 +159,7 @@ class StepInputs:
         )
         return PreparedStep(
             input_ids=self.tokens[INPUT_IDS, :padded_tokens],
-            positions=self.tokens[POSITIONS, :padded_tokens],
+            positions=self.tokens[POSITIONS, :padded_tokens] if self._mrope_np is None else self.mrope[:padded_tokens].t(),
             metadata=metadata,
             sample_rows=self.requests[SAMPLE_ROWS, :num_samples],
             num_tokens=num_tokens,
@@ -140,6 +173,8 @@ class StepInputs:
         ids, positions, slots = self._tokens_np
         seq_lens, query_start_loc, _ = self._requests_np
         ids[:num_requests], positions[:num_requests], slots[:num_requests] = PADDING_TOKEN_ID, 0, PADDING_SLOT
+        if self._mrope_np is not None:
+            self._mrope_np[:num_requests] = 0
         seq_lens[:num_requests] = 0
         query_start_loc[: num_requests + 1] = np.arange(num_requests + 1)
         self._copy(num_requests, num_requests, 0, 0)
@@ -149,6 +184,8 @@ class StepInputs:
         if self.device.type == "cpu":
             return
         self.tokens[:, :num_tokens].copy_(self.host_tokens[:, :num_tokens], non_blocking=True)
+        if self._mrope_np is not None:
+            self.mrope[:num_tokens].copy_(self.host_mrope[:num_tokens], non_blocking=True)
         self.requests[:, : num_requests + 1].copy_(self.host_requests[:, : num_requests + 1], non_blocking=True)
         # Only the blocks in use: columns past a request's blocks are never read.
         self.block_tables[:num_real_requests, :max_blocks].copy_(
