@@ -21,6 +21,8 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "FXLLM_DISABLE_COMPILE_CACHE": "1 turns off the on-disk compile cache (every start compiles)",
     "FXLLM_MM_INPUT_CACHE_GIB": "GiB of processed images (pixel values) kept for reuse by vision-language models "
     "(default 4; 0 turns the cache off)",
+    "FXLLM_WORKER_MULTIPROC_METHOD": "how tensor-parallel workers start: fork or spawn (default: fork unless CUDA "
+    "is already initialized)",
 }
 
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
@@ -358,6 +360,17 @@ def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
     return tuple(values)
 
 
+def worker_multiproc_method() -> str | None:
+    """``FXLLM_WORKER_MULTIPROC_METHOD``, unset: None (the engine chooses)."""
+    return os.environ.get("FXLLM_WORKER_MULTIPROC_METHOD") or None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    worker_multiproc_method: str | None = None  # fork / spawn; None: fork unless CUDA is initialized
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -366,6 +379,7 @@ class EngineConfig:
     device: torch.device
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -6,9 +6,10 @@ import itertools
 import logging
 import time
 import warnings
+import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from fxllm.config import (
     EngineConfig,
     ModelConfig,
     MultiModalConfig,
+    ParallelConfig,
     PoolerConfig,
     SchedulerConfig,
     cpu_kvcache_space_bytes,
@@ -33,6 +35,7 @@ from fxllm.config import (
     resolve_device,
     resolve_dtype,
     resolve_runner_type,
+    worker_multiproc_method,
 )
 from fxllm.compiler import CompileReport
 from fxllm.models.loader import load_generation_config, load_hf_config, resolve_model_dir
@@ -51,6 +54,8 @@ from fxllm.outputs import (
     ScoringRequestOutput,
 )
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
+from fxllm.parallel.tp_worker import check_tensor_parallel_support, run_tensor_parallel_worker, stop_tensor_parallel
+from fxllm.parallel.workers import WorkerGroup
 from fxllm.runtime.engine import LLMEngine
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.runtime.multimodal.processor import MultiModalProcessor, check_mm_data
@@ -123,8 +128,7 @@ class LLM:
         **kwargs: Any,
     ):
         self._reject_unknown_arguments(kwargs)
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is not supported yet; use 1")
+        _check_int("tensor_parallel_size", tensor_parallel_size, minimum=1)
         _check_int("max_num_seqs", max_num_seqs, minimum=1)
         _check_int("block_size", block_size, minimum=1)
         _check_int("seed", seed, minimum=None)
@@ -208,6 +212,7 @@ class LLM:
             device=resolved_device,
             compilation=compilation.eager() if enforce_eager else compilation,
             seed=seed,
+            parallel=ParallelConfig(tensor_parallel_size, worker_multiproc_method()),
         )
         # Images are processed on the host before requests are queued; nothing for a zero image limit.
         self.mm_processor: MultiModalProcessor | None = None
@@ -216,11 +221,30 @@ class LLM:
         # A pooling model runs whole prompts without KV cache or scheduler: its own runner.
         self.llm_engine: LLMEngine | None = None
         self.pooling_runner: PoolingRunner | None = None
+        self._workers: WorkerGroup | None = None
+        if tensor_parallel_size > 1:
+            check_tensor_parallel_support(self.llm_engine_config, pooling or multimodal is not None)
+            # Workers start first and build their shards while rank 0 (this process) builds its own.
+            self._workers = WorkerGroup(
+                tensor_parallel_size, resolved_device.type, run_tensor_parallel_worker, self.llm_engine_config,
+                self.llm_engine_config.parallel.worker_multiproc_method,
+            )
         if pooling:
             self.pooling_runner = PoolingRunner(self.llm_engine_config)
         else:
-            self.llm_engine = LLMEngine(self.llm_engine_config, self.tokenizer)
+            self.llm_engine = self._with_worker_errors(LLMEngine, self.llm_engine_config, self.tokenizer)
+        if self._workers is not None:
+            weakref.finalize(self, stop_tensor_parallel, self.llm_engine.runner.step_sync, self._workers)
         self._request_counter = itertools.count()
+
+    def _with_worker_errors(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Call ``function``; where a tensor-parallel worker failed, raise its error (with its rank)."""
+        try:
+            return function(*args)
+        except Exception as error:
+            if self._workers is not None:
+                self._workers.raise_worker_error(error)
+            raise
 
     @staticmethod
     def _reject_unknown_arguments(kwargs: dict[str, Any]) -> None:
@@ -550,7 +574,7 @@ class LLM:
         try:
             num_output_tokens = 0
             while engine.has_unfinished():
-                for request in engine.step():
+                for request in self._with_worker_errors(engine.step):
                     num_output_tokens += len(request.output_token_ids)
                     progress.update(1)
                     elapsed = time.perf_counter() - start

@@ -7,7 +7,9 @@ the all-reduces; the gathered logits must equal the single-device model's.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig
 
+from fxllm import LLM, SamplingParams
 from fxllm.compiler.capture import DirectCall, capture
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.weights import safetensors_files
@@ -25,7 +28,7 @@ from fxllm.passes.tensor_parallel import TensorParallelPass, gather_logits, plac
 from fxllm.runtime.attention.layer import Attention
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
-from tests.tiny_models import save_config_checkpoint, CONFIGS
+from tests.tiny_models import CONFIGS, VOCAB_SIZE, save_config_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
 BLOCK_SIZE = 16
@@ -137,3 +140,74 @@ def test_the_last_vocab_shard_is_padded_and_sliced_off():
     layout = tp_layout(config, rank=1, world_size=2)
     assert layout.local_vocab == 51 and layout.vocab_start == 51
     assert tp_local_config(config, layout).vocab_size == 51
+
+
+# ---- the engine: LLM(tensor_parallel_size=2) on CPU ---------------------------------------------
+
+ENGINE_PROMPTS = [{"prompt_token_ids": PROMPT[: 3 + 2 * i]} for i in range(4)]
+GREEDY = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def _tokens(llm: LLM, **params) -> list:
+    outputs = llm.generate(ENGINE_PROMPTS, SamplingParams(**GREEDY, **params), use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.prompt_logprobs and [sorted(p) for p in o.prompt_logprobs[1:]]) for o in outputs]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_an_engine_of_two_ranks_generates_the_single_device_tokens(name, tensor_parallel_runs):
+    model_dir = tensor_parallel_runs[name]
+    single = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS)
+    expected = _tokens(single, prompt_logprobs=2)
+    del single
+    parallel = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
+    assert parallel.compile_report().passes["tensor_parallel"] > 0
+    assert _tokens(parallel, prompt_logprobs=2) == expected  # one logits gather serves samples and prompt logprobs
+    pids = parallel._workers.pids
+    del parallel
+    gc.collect()
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_a_compiled_engine_of_two_ranks_generates_the_single_device_tokens(tensor_parallel_runs):
+    model_dir = tensor_parallel_runs["qwen3"]
+    expected = _tokens(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS))
+    parallel = LLM(model=str(model_dir), max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
+    report = parallel.compile_report()
+    assert report.level == 3 and report.passes["tensor_parallel"] == 2 * CONFIGS["qwen3"]().num_hidden_layers + 1
+    assert _tokens(parallel) == expected
+
+
+def _fail_on_rank_1(self, step):
+    if self.tp_layout.rank == 1:
+        raise RuntimeError("rank 1 lost its device")
+
+
+def test_a_worker_error_during_a_step_surfaces_with_its_rank(tensor_parallel_runs, monkeypatch):
+    from fxllm.runtime.runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "execute_received", _fail_on_rank_1)  # forked workers inherit it
+    llm = LLM(model=str(tensor_parallel_runs["llama"]), enforce_eager=True, max_model_len=MAX_POSITIONS,
+              tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match="(?s)worker rank 1 failed.*rank 1 lost its device"):
+        _tokens(llm)
+    pids = llm._workers.pids
+    del llm
+    gc.collect()
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_an_architecture_without_a_sharding_plan_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=1, n_head=4, architectures=["GPT2LMHeadModel"])
+    model_dir = save_config_checkpoint(config, tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="tensor parallelism supports .* not GPT2LMHeadModel"):
+        LLM(model=str(model_dir), enforce_eager=True, tensor_parallel_size=2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -57,7 +57,7 @@ def engine_cache_key(config: EngineConfig, passes_uuid: str) -> str:
         "quantization": model.quantization,
         "max_model_len": model.max_model_len,  # sizes the RoPE table, a graph input
         "block_size": config.cache.block_size,
-        "tensor_parallel_size": 1,
+        "tensor_parallel_size": config.parallel.tensor_parallel_size,
         "level": int(compilation.level),
         "use_inductor": compilation.use_inductor,
         "splitting_ops": list(compilation.effective_splitting_ops),

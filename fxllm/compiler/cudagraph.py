@@ -99,10 +99,11 @@ class CUDAGraphPlan:
     def enabled(self) -> bool:
         return bool(self.piecewise_sizes or self.full_sizes)
 
-    def dispatch(self, num_tokens: int, num_requests: int) -> GraphDispatch:
-        """Pick the graph for a step of ``num_tokens`` tokens from ``num_requests`` requests."""
+    def dispatch(self, num_tokens: int, num_requests: int, full_allowed: bool = True) -> GraphDispatch:
+        """Pick the graph for a step of ``num_tokens`` tokens from ``num_requests`` requests
+        (``full_allowed=False``: the step needs logits a FULL graph does not compute)."""
         decode_only = num_tokens == num_requests
-        if decode_only:
+        if decode_only and full_allowed:
             size = padded_size(self.full_sizes, num_tokens)
             if size is not None:
                 return GraphDispatch(CUDAGraphMode.FULL, size, size)

@@ -25,6 +25,8 @@ from fxllm.compiler.capture import CapturedGraph, DirectCall, capture, engine_lo
 from fxllm.compiler.piecewise import PieceCompiler, SizeDispatch, find_size_argument, returns_single_value
 from fxllm.compiler.report import CompileReport
 from fxllm.compiler.split import SplitGraph, split_graph
+from fxllm.parallel.tp_config import TPLayout
+from fxllm.passes.tensor_parallel import TensorParallelPass, placeholder_parameter_names
 from fxllm.config import CompilationLevel, EngineConfig, compile_cache_disabled, fxllm_cache_dir
 from fxllm.passes.manager import PassManager
 
@@ -43,20 +45,33 @@ class CompiledModel:
 
 
 def compile_model(
-    model: nn.Module, config: EngineConfig, profile_context: Callable[[], ContextManager[None]]
+    model: nn.Module,
+    config: EngineConfig,
+    profile_context: Callable[[], ContextManager[None]],
+    tp_layout: TPLayout | None = None,
 ) -> CompiledModel:
-    """``profile_context`` sets a forward context without attention metadata (attention is skipped)."""
+    """``profile_context`` sets a forward context without attention metadata (attention is skipped).
+    ``tp_layout``: this rank's part of a tensor-parallel model, whose collectives a pass inserts
+    into the captured graph (at level 0 that graph then runs eagerly)."""
     compilation = config.compilation
     report = CompileReport(level=int(compilation.level))
-    if compilation.level == CompilationLevel.NO_COMPILATION:
+    tensor_parallel = tp_layout is not None and tp_layout.world_size > 1
+    if compilation.level == CompilationLevel.NO_COMPILATION and not tensor_parallel:
         return CompiledModel(model, report)
+    if compilation.level == CompilationLevel.NO_COMPILATION:
+        with profile_context(), torch.inference_mode():
+            captured = capture(model, *dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
+        report.dynamo_compiles = 1
+        report.passes = {"tensor_parallel": _tensor_parallel_pass(model, captured, tp_layout)(captured.graph_module.graph)}
+        captured.graph_module.recompile()
+        return CompiledModel(DirectCall(captured, captured.graph_module), report)
     start = time.perf_counter()
     if compilation.level == CompilationLevel.DYNAMO_AS_IS:
         compiled = CompiledModel(_DynamoAsIs(model, compilation.use_inductor, report), report)
         with profile_context(), torch.inference_mode():
             compiled.forward(*dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
     else:
-        compiled = _capture_and_compile(model, config, profile_context, report)
+        compiled = _capture_and_compile(model, config, profile_context, report, tp_layout if tensor_parallel else None)
     report.compile_seconds = round(time.perf_counter() - start, 2)
     logger.info(
         "compiled at level %d: %d pieces, %.1f s, %s",
@@ -106,8 +121,17 @@ class _DynamoAsIs:
             return self.compiled(inputs, positions)
 
 
+def _tensor_parallel_pass(model: nn.Module, captured: CapturedGraph, tp_layout: TPLayout) -> TensorParallelPass:
+    names = placeholder_parameter_names(captured.graph_module.graph, captured.example_inputs, model)
+    return TensorParallelPass(tp_layout, names)
+
+
 def _capture_and_compile(
-    model: nn.Module, config: EngineConfig, profile_context: Callable[[], ContextManager[None]], report: CompileReport
+    model: nn.Module,
+    config: EngineConfig,
+    profile_context: Callable[[], ContextManager[None]],
+    report: CompileReport,
+    tp_layout: TPLayout | None,
 ) -> CompiledModel:
     compilation = config.compilation
     dump_dir = Path(compilation.debug_dump_path) if compilation.debug_dump_path else None
@@ -119,6 +143,12 @@ def _capture_and_compile(
 
     pass_manager = PassManager(compilation.pass_config)
     report.passes = pass_manager(captured.graph_module)
+    passes_uuid = pass_manager.uuid()
+    if tp_layout is not None:
+        tp_pass = _tensor_parallel_pass(model, captured, tp_layout)
+        report.passes[tp_pass.name] = tp_pass(captured.graph_module.graph)
+        captured.graph_module.recompile()
+        passes_uuid += tp_pass.uuid()
 
     splitting_ops = compilation.effective_splitting_ops if compilation.level == CompilationLevel.PIECEWISE else ()
     split = split_graph(captured.graph_module, splitting_ops)
@@ -132,7 +162,7 @@ def _capture_and_compile(
         cache = None
         if not compile_cache_disabled():
             root = Path(compilation.cache_dir) if compilation.cache_dir else fxllm_cache_dir() / "compile"
-            cache = CompileCache(root, engine_cache_key(config, pass_manager.uuid()))
+            cache = CompileCache(root, engine_cache_key(config, passes_uuid))
             report.cache_dir = str(cache.directory)
         compiler = PieceCompiler(cache)
         start = time.perf_counter()

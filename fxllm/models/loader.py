@@ -14,6 +14,8 @@ from transformers import AutoConfig, PretrainedConfig
 from fxllm.config import ModelConfig
 from fxllm.models.quantization import construct_with_fp8_linears, model_quantization
 from fxllm.models.registry import resolve_architecture
+from fxllm.parallel.sharding import iterate_sharded_safetensors
+from fxllm.parallel.tp_config import TPLayout, tp_local_config
 from fxllm.models.weights import iterate_safetensors, safetensors_files
 
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None
@@ -73,12 +75,17 @@ def load_generation_config(source: str, model_dir: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLayout | None = None) -> nn.Module:
     """The model of ``model_config`` on ``device`` with its checkpoint's weights; FP8 linears
     where the checkpoint or ``quantization`` asks for them; the vision tower of a
-    vision-language architecture as its ``multimodal`` config allows."""
+    vision-language architecture as its ``multimodal`` config allows. With ``tp_layout``,
+    this rank's part: built from the TP-local config, reading only its weight slices."""
     hf_config = model_config.hf_config
     model_dir = Path(model_config.model)
+    weights = iterate_safetensors(safetensors_files(model_dir))
+    if tp_layout is not None and tp_layout.world_size > 1:
+        hf_config = tp_local_config(hf_config, tp_layout)
+        weights = iterate_sharded_safetensors(safetensors_files(model_dir), tp_layout)
     _, model_class = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
     extra = () if model_config.multimodal is None else (model_config.multimodal,)
     construct = functools.partial(model_class, hf_config, model_config.max_model_len, *extra)
@@ -90,5 +97,5 @@ def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
             model = construct() if quantization is None else construct_with_fp8_linears(construct, quantization)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iterate_safetensors(safetensors_files(model_dir)))
+    model.load_weights(weights)
     return model.eval().requires_grad_(False)

@@ -37,7 +37,9 @@ class TensorParallelPass:
         self.parameter_names = parameter_names
 
     def uuid(self) -> str:
-        return f"{source_uuid(inspect.getmodule(TensorParallelPass), sharding, collectives)}-tp{self.layout.world_size}"
+        # The graph differs per rank (the vocab shard's start is a constant in it).
+        modules = source_uuid(inspect.getmodule(TensorParallelPass), sharding, collectives)
+        return f"{modules}-tp{self.layout.world_size}-rank{self.layout.rank}"
 
     def applies(self, num_tokens: int | None) -> bool:
         return self.layout.world_size > 1
@@ -48,6 +50,11 @@ class TensorParallelPass:
         return parts[-2] if len(parts) >= 2 else ""
 
     def __call__(self, graph: fx.Graph) -> int:
+        matches = self._insert_collectives(graph)
+        _fill_example_values(graph)
+        return matches
+
+    def _insert_collectives(self, graph: fx.Graph) -> int:
         matches = 0
         for node in list(graph.nodes):
             if _is_call(node, torch._C._nn.linear) and self._module_of(node.args[1]) in sharding.ROW_PARALLEL_MODULES:
@@ -83,6 +90,18 @@ class TensorParallelPass:
             zeroed = graph.call_function(torch.masked_fill, (embedding, mask, 0.0))
         embedding.replace_all_uses_with(zeroed, delete_user_cb=lambda user: user is not zeroed)
         self._reduce_after(graph, zeroed)
+
+
+def _fill_example_values(graph: fx.Graph) -> None:
+    """Give the inserted nodes the fake values Dynamo's nodes carry (Inductor's cache needs
+    them to see a node's output is a tensor), by running them on their inputs' fake values."""
+    values = [node.meta.get("example_value") for node in graph.nodes]
+    fake_mode = torch._guards.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    with fake_mode:
+        for node in graph.nodes:
+            if node.op == "call_function" and "example_value" not in node.meta:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
+                node.meta["example_value"] = node.target(*args, **kwargs)
 
 
 def gather_logits(local_logits: torch.Tensor, layout: TPLayout) -> torch.Tensor:

@@ -20,7 +20,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer  # decodes the tokens of logprob entries
         self.runner = ModelRunner(config)
-        num_blocks = self.runner.determine_num_blocks()
+        num_blocks = self.runner.agree_num_blocks(self.runner.determine_num_blocks())
         block_size = config.cache.block_size
         max_model_len = config.model.max_model_len
         needed = cdiv(max_model_len, block_size)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fxllm.compiler import compile_model
@@ -28,6 +29,9 @@ from fxllm.models.loader import build_model
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
+from fxllm.parallel.step_sync import ReceivedStep, StepSync
+from fxllm.parallel.tp_config import tp_layout
+from fxllm.passes.tensor_parallel import gather_logits
 from fxllm.runtime.cudagraphs import CUDAGraphs
 from fxllm.runtime.forward_context import ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
@@ -54,13 +58,16 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, rank: int = 0):
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
         model_config = config.model
+        world_size = config.parallel.tensor_parallel_size
+        # This rank's part of a tensor-parallel model; None on one device.
+        self.tp_layout = tp_layout(model_config.hf_config, rank, world_size) if world_size > 1 else None
         load_start = time.perf_counter()
-        self.model: nn.Module = build_model(model_config, self.device)
+        self.model: nn.Module = build_model(model_config, self.device, self.tp_layout)
         load_seconds = time.perf_counter() - load_start
         self.vocab_size = model_config.vocab_size
         self.layers: dict[str, AttentionSpec] = {
@@ -75,12 +82,12 @@ class ModelRunner:
         self.graph_plan = CUDAGraphPlan.resolve(config)
         takes_embeds = getattr(self.model, "takes_inputs_embeds", False)
         self.embedder = MultiModalEmbedder(self.model) if takes_embeds else None
-        self.compiled = compile_model(self.model, config, self._profile_context)
+        self.compiled = compile_model(self.model, config, self._profile_context, self.tp_layout)
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
         self.compile_report.cudagraph_mode = self.graph_plan.mode.value
         self.compile_report.load_seconds = round(load_seconds, 2)
-        self.graphs = CUDAGraphs(self.graph_plan, self.model.compute_logits)
+        self.graphs = CUDAGraphs(self.graph_plan, self._logits)
         scheduler = config.scheduler
         with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
             self.inputs = StepInputs(
@@ -92,6 +99,7 @@ class ModelRunner:
                 device=self.device,
                 mrope=getattr(self.model, "uses_mrope", False),
             )
+        self.step_sync = StepSync(self.inputs, rank) if self.tp_layout is not None else None
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
@@ -134,7 +142,7 @@ class ModelRunner:
             hidden = self.forward_fn(*dummy_inputs(self.model, self.config, num_tokens))
         rows = min(scheduler.max_num_seqs, num_tokens)
         with torch.inference_mode():
-            logits = self.model.compute_logits(hidden[:rows])
+            logits = self._logits(hidden[:rows])
             probs = logits.float().softmax(-1)
             probs.sort(dim=-1, descending=True)
         del hidden, logits, probs
@@ -185,23 +193,63 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> StepResult:
         """Run the model for the scheduled tokens; sample one token per request that reached
         its last token, and gather prompt logprobs where asked."""
-        dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled))
+        prompt_rows = self._prompt_logprob_rows(step)
+        # A FULL graph computes the logits of its own rows only, not those of prompt logprobs.
+        dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled), full_allowed=not prompt_rows)
         prepared = self.inputs.prepare(step.scheduled, dispatch)
         sampling = [s.request for s in step.scheduled if s.samples]
+        num_samples = len(sampling)
+        extra_rows = [row for _, rows, _ in prompt_rows for row in rows]
+        if self.step_sync is not None:
+            rows = [] if dispatch.mode is CUDAGraphMode.FULL else self.inputs.host_sample_rows(num_samples) + extra_rows
+            self.step_sync.send(prepared, dispatch, torch.tensor(rows, dtype=torch.int64))
         if dispatch.mode is CUDAGraphMode.FULL:
             full = self.graphs.replay_full(dispatch.num_tokens)
-            hidden, logits = full.hidden, full.logits[prepared.sample_rows]
+            logits = full.logits[prepared.sample_rows]
         else:
             graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
             inputs_embeds = self.embedder.inputs_embeds(step.scheduled, prepared.input_ids) if self.embedder else None
             hidden = self._forward(prepared, graph_step, inputs_embeds)  # [T_padded, hidden]
-            logits = self.model.compute_logits(hidden[prepared.sample_rows]) if sampling else None  # [S, vocab]
+            rows = prepared.sample_rows
+            if extra_rows:
+                rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
+            # One logits computation for every row that needs one (one gather under TP).
+            logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
         result = StepResult()
         if sampling:
-            self._sample(logits, sampling, result)
-        for request, rows, targets in self._prompt_logprob_rows(step):
-            result.prompt_logprobs[request] = self._prompt_logprobs(hidden, rows, targets, request)
+            self._sample(logits[:num_samples], sampling, result)
+        offset = num_samples
+        for request, rows_of_request, targets in prompt_rows:
+            request_logits = logits[offset : offset + len(rows_of_request)]
+            result.prompt_logprobs[request] = self._prompt_logprobs(request_logits, targets, request)
+            offset += len(rows_of_request)
         return result
+
+    @torch.inference_mode()
+    def execute_received(self, step: ReceivedStep) -> None:
+        """A tensor-parallel worker's step: the forward rank 0 broadcast, and its part of the
+        logits gather; sampling stays with rank 0."""
+        dispatch = step.dispatch
+        if dispatch.mode is CUDAGraphMode.FULL:
+            self.graphs.replay_full(dispatch.num_tokens)  # the gather is inside the graph
+            return
+        graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
+        hidden = self._forward(step.prepared, graph_step)
+        if step.logit_rows.numel():
+            self._logits(hidden[step.logit_rows])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab]; under tensor parallelism every rank's vocab shard, gathered."""
+        logits = self.model.compute_logits(hidden)
+        return logits if self.tp_layout is None else gather_logits(logits, self.tp_layout)
+
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        """Under tensor parallelism, the fewest blocks any rank can hold (every rank holds every block)."""
+        if self.step_sync is None:
+            return num_blocks
+        fewest = torch.tensor([num_blocks])
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self.step_sync.group)
+        return int(fewest.item())
 
     def _forward(
         self, prepared: PreparedStep, graph_step: GraphStep | None, inputs_embeds: torch.Tensor | None = None
@@ -250,19 +298,16 @@ class ModelRunner:
                     top_ids[row][:wanted], top_logprobs[row][:wanted], result.sampled[row], sampled_logprobs[row], ranks[row]
                 )
 
-    def _prompt_logprobs(
-        self, hidden: torch.Tensor, rows: list[int], targets: list[int], request: Request
-    ) -> list[TokenLogprobs]:
-        device = self.device
-        logprobs = self.model.compute_logits(hidden[torch.tensor(rows, device=device)]).float().log_softmax(-1)
-        target_ids = torch.tensor(targets, device=device)
+    def _prompt_logprobs(self, logits: torch.Tensor, targets: list[int], request: Request) -> list[TokenLogprobs]:
+        logprobs = logits.float().log_softmax(-1)
+        target_ids = torch.tensor(targets, device=self.device)
         target_logprobs = logprobs.gather(1, target_ids[:, None])[:, 0]
         ranks = ((logprobs > target_logprobs[:, None]).sum(-1) + 1).tolist()
         top_logprobs, top_ids = logprobs.topk(request.sampling_params.prompt_logprobs, dim=-1)
         top_logprobs, top_ids, target_logprobs = top_logprobs.tolist(), top_ids.tolist(), target_logprobs.tolist()
         return [
             TokenLogprobs.with_chosen(top_ids[i], top_logprobs[i], targets[i], target_logprobs[i], ranks[i])
-            for i in range(len(rows))
+            for i in range(len(targets))
         ]
 
 

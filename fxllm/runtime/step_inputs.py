@@ -43,6 +43,8 @@ class PreparedStep:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [S] int32: rows of the hidden states that sample, in step order
     num_tokens: int  # T before padding
+    num_requests: int  # B before padding
+    max_blocks: int  # the most KV blocks one of the step's requests holds
 
 
 class StepInputs:
@@ -128,7 +130,23 @@ class StepInputs:
             num_tokens + 1, num_tokens + 1 + padded_requests - num_requests
         )
         self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
-        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens)
+        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
+
+    def host_sample_rows(self, num_samples: int) -> list[int]:
+        return self._requests_np[SAMPLE_ROWS, :num_samples].tolist()
+
+    def wait_for_copies(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def adopt_host_step(
+        self, padded_tokens: int, padded_requests: int, num_requests: int, max_blocks: int, num_samples: int,
+        num_tokens: int,
+    ) -> PreparedStep:
+        """A step whose host arrays another rank wrote (tensor parallelism): copy them to this
+        rank's device buffers and describe it."""
+        self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
+        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
 
     def _fill_mrope(
         self, scheduled: list[ScheduledRequest], computed: np.ndarray, query_start_loc: np.ndarray, padded_tokens: int
@@ -145,7 +163,10 @@ class StepInputs:
             mrope[first : first + from_prompt] = prompt.mrope_positions[:, start : start + from_prompt].T
             mrope[first + from_prompt : first + entry.num_new_tokens] += prompt.mrope_delta
 
-    def _prepared(self, padded_tokens: int, padded_requests: int, num_samples: int, num_tokens: int) -> PreparedStep:
+    def _prepared(
+        self, padded_tokens: int, padded_requests: int, num_samples: int, num_tokens: int, num_requests: int,
+        max_blocks: int,
+    ) -> PreparedStep:
         seq_lens, query_start_loc, _ = self._requests_np
         metadata = AttentionMetadata(
             slot_mapping=self.tokens[SLOT_MAPPING, :padded_tokens],
@@ -163,6 +184,8 @@ class StepInputs:
             metadata=metadata,
             sample_rows=self.requests[SAMPLE_ROWS, :num_samples],
             num_tokens=num_tokens,
+            num_requests=num_requests,
+            max_blocks=max_blocks,
         )
 
     def prepare_idle(self, num_requests: int) -> PreparedStep:
@@ -178,7 +201,7 @@ class StepInputs:
         seq_lens[:num_requests] = 0
         query_start_loc[: num_requests + 1] = np.arange(num_requests + 1)
         self._copy(num_requests, num_requests, 0, 0)
-        return self._prepared(num_requests, num_requests, num_samples=0, num_tokens=num_requests)
+        return self._prepared(num_requests, num_requests, 0, num_requests, num_requests, 0)
 
     def _copy(self, num_tokens: int, num_requests: int, num_real_requests: int, max_blocks: int) -> None:
         if self.device.type == "cpu":

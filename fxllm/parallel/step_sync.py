@@ -1,0 +1,89 @@
+"""Rank 0 tells the other ranks what each step runs: the step's host buffers, broadcast.
+
+Rank 0 schedules and builds the step's inputs (``StepInputs``); the other ranks
+receive the same host arrays over a gloo group (CPU tensors, whatever the device),
+copy them into their own persistent buffers and run the same forward. A header
+says what follows; a stop header ends a worker's loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fxllm.compiler.cudagraph import GraphDispatch
+from fxllm.config import CUDAGraphMode
+from fxllm.runtime.step_inputs import PreparedStep, StepInputs
+
+_MODES = (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL)
+STEP, STOP = 0, 1
+HEADER_FIELDS = 9  # command, mode, padded tokens/requests, tokens, requests, samples, blocks, logit rows
+
+
+@dataclass
+class ReceivedStep:
+    prepared: PreparedStep
+    dispatch: GraphDispatch
+    logit_rows: torch.Tensor  # [R] rows whose logits rank 0 needs (every rank joins the gather)
+
+
+class StepSync:
+    def __init__(self, inputs: StepInputs, rank: int):
+        self.inputs = inputs
+        self.rank = rank
+        # The step goes over gloo even on GPUs: host arrays, no device sync to read them.
+        self.group = dist.new_group(backend="gloo")
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        dist.broadcast(tensor, src=0, group=self.group)
+
+    def send(self, prepared: PreparedStep, dispatch: GraphDispatch, logit_rows: torch.Tensor) -> None:
+        """Rank 0, after ``inputs.prepare``: the arrays of the step it just prepared."""
+        header = torch.tensor([
+            STEP, _MODES.index(dispatch.mode), dispatch.num_tokens, dispatch.num_requests, prepared.num_tokens,
+            prepared.num_requests, prepared.sample_rows.numel(), prepared.max_blocks, logit_rows.numel(),
+        ])
+        self._broadcast(header)
+        for tensor in self._payload(dispatch.num_tokens, dispatch.num_requests):
+            self._broadcast(tensor)
+        self._broadcast(self.inputs.host_block_tables[: prepared.num_requests, : prepared.max_blocks].contiguous())
+        self._broadcast(logit_rows.cpu())
+
+    def send_stop(self) -> None:
+        header = torch.zeros(HEADER_FIELDS, dtype=torch.int64)
+        header[0] = STOP
+        self._broadcast(header)
+
+    def receive(self) -> ReceivedStep | None:
+        """Other ranks: the next step, in this rank's buffers; None when rank 0 stops."""
+        header = torch.zeros(HEADER_FIELDS, dtype=torch.int64)
+        self._broadcast(header)
+        command, mode, padded_tokens, padded_requests, num_tokens, num_requests, num_samples, max_blocks, rows = (
+            header.tolist()
+        )
+        if command == STOP:
+            return None
+        self.inputs.wait_for_copies()  # the host buffers are about to be overwritten
+        for tensor in self._payload(padded_tokens, padded_requests):
+            self._broadcast(tensor)  # straight into this rank's host buffers
+        tables = torch.empty(num_requests, max_blocks, dtype=self.inputs.host_block_tables.dtype)
+        self._broadcast(tables)
+        self.inputs.host_block_tables[:num_requests, :max_blocks] = tables
+        logit_rows = torch.empty(rows, dtype=torch.int64)
+        self._broadcast(logit_rows)
+        prepared = self.inputs.adopt_host_step(
+            padded_tokens, padded_requests, num_requests, max_blocks, num_samples, num_tokens
+        )
+        dispatch = GraphDispatch(_MODES[mode], padded_tokens, padded_requests)
+        return ReceivedStep(prepared, dispatch, logit_rows.to(self.inputs.device))
+
+    def _payload(self, padded_tokens: int, padded_requests: int) -> list[torch.Tensor]:
+        """The host-buffer rows a step fills (contiguous, so they broadcast in place)."""
+        inputs = self.inputs
+        views = [row[:padded_tokens] for row in inputs.host_tokens]
+        views += [row[: padded_requests + 1] for row in inputs.host_requests]
+        if inputs.host_mrope.numel():
+            views.append(inputs.host_mrope[:padded_tokens])
+        return views

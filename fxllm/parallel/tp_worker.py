@@ -1,0 +1,69 @@
+"""What a tensor-parallel worker process runs, and what the engine checks before starting any.
+
+Rank 0 (the LLM's process) schedules and samples; every other rank builds the same
+runner on its shard, agrees on the KV-cache size, captures the same CUDA graphs,
+then runs each step rank 0 broadcasts until told to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fxllm.config import CompilationLevel, EngineConfig
+from fxllm.parallel.step_sync import StepSync
+from fxllm.parallel.workers import WorkerGroup
+
+# Architectures whose checkpoints follow the Llama sharding plan (parallel/sharding.py).
+TENSOR_PARALLEL_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
+})
+
+
+def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: bool) -> None:
+    size = config.parallel.tensor_parallel_size
+    architecture = config.model.architecture
+    if architecture not in TENSOR_PARALLEL_ARCHITECTURES:
+        raise ValueError(
+            f"tensor_parallel_size={size}: tensor parallelism supports {', '.join(sorted(TENSOR_PARALLEL_ARCHITECTURES))} "
+            f"so far, not {architecture}; use tensor_parallel_size=1"
+        )
+    if pooling_or_multimodal or config.model.quantization is not None:
+        raise ValueError(
+            f"tensor_parallel_size={size} is not supported yet for pooling, vision-language or quantized models; "
+            f"use tensor_parallel_size=1"
+        )
+    if config.compilation.level == CompilationLevel.DYNAMO_AS_IS:
+        raise ValueError(
+            "tensor parallelism inserts its collectives into the captured graph, which compilation level 1 "
+            "does not have: use level 0, 2 or 3"
+        )
+    if config.device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(
+            f"tensor_parallel_size={size} needs {size} GPUs but {torch.cuda.device_count()} are visible; "
+            f"set CUDA_VISIBLE_DEVICES or lower tensor_parallel_size"
+        )
+
+
+def run_tensor_parallel_worker(rank: int, world_size: int, config: EngineConfig) -> None:
+    from fxllm.runtime.runner import ModelRunner
+
+    if config.device.type == "cuda":
+        torch.cuda.set_device(rank)
+        config = replace(config, device=torch.device("cuda", rank))
+    runner = ModelRunner(config, rank=rank)
+    runner.allocate_kv_cache(runner.agree_num_blocks(runner.determine_num_blocks()))
+    runner.capture_cudagraphs()
+    with torch.inference_mode():  # the step buffers are inference tensors
+        while (step := runner.step_sync.receive()) is not None:
+            runner.execute_received(step)
+
+
+def stop_tensor_parallel(step_sync: StepSync, workers: WorkerGroup) -> None:
+    """Tell the workers to leave their loop, then join them (``del llm`` and interpreter exit)."""
+    try:
+        step_sync.send_stop()
+    except Exception:  # a worker already gone: shut down what is left
+        pass
+    workers.shutdown()
