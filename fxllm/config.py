@@ -195,6 +195,9 @@ def resolve_runner_type(runner: str, task: str | None, is_pooling_model: bool) -
     return runner
 
 
+LOAD_FORMATS = ("auto", "safetensors", "sharded_state")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # local HF-style directory
@@ -209,6 +212,7 @@ class ModelConfig:
     pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
     multimodal: MultiModalConfig | None = None  # vision-language checkpoints only
     quantization: str | None = None  # "fp8" or "compressed-tensors" (vLLM's names); None: full precision
+    load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank
 
     @property
     def vocab_size(self) -> int:

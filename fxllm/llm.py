@@ -20,6 +20,7 @@ from fxllm.config import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU,
     DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU,
     DEFAULT_MAX_NUM_SEQS,
+    LOAD_FORMATS,
     CacheConfig,
     CompilationConfig,
     CUDAGraphMode,
@@ -77,7 +78,6 @@ IGNORED_VLLM_ARGUMENTS = frozenset(
         "tokenizer_revision",
         "code_revision",
         "download_dir",
-        "load_format",
         "cpu_offload_gb",
         "disable_custom_all_reduce",
         "enable_chunked_prefill",
@@ -118,6 +118,7 @@ class LLM:
         generation_config: str = "auto",
         device: str = "auto",
         tensor_parallel_size: int = 1,
+        load_format: str = "auto",
         quantization: str | None = None,
         compilation_config: CompilationConfig | dict | int | None = None,
         runner: str = "auto",
@@ -129,6 +130,8 @@ class LLM:
     ):
         self._reject_unknown_arguments(kwargs)
         _check_int("tensor_parallel_size", tensor_parallel_size, minimum=1)
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
         _check_int("max_num_seqs", max_num_seqs, minimum=1)
         _check_int("block_size", block_size, minimum=1)
         _check_int("seed", seed, minimum=None)
@@ -182,6 +185,7 @@ class LLM:
             pooler_config=pooler_config,
             multimodal=multimodal,
             quantization=quantization_method,
+            load_format=load_format,
         )
         pooling = runner_type == "pooling"
         if pooling and max_num_batched_tokens is not None and max_num_batched_tokens < model_max_len:
@@ -268,6 +272,20 @@ class LLM:
         """What the compiler did at start-up: pieces, ops per piece, compile time, cache use."""
         runner = self.pooling_runner if self.pooling_runner is not None else self.llm_engine.runner
         return runner.compile_report
+
+    def save_sharded_state(self, path: str | Path) -> None:
+        """Write each tensor-parallel rank's weights to ``path`` as model-rank-R-part-0.safetensors, so
+        that ``LLM(model=path, load_format="sharded_state", tensor_parallel_size=N)`` reads one file a
+        rank (tools/save_sharded_state.py also copies the config and tokenizer)."""
+        if self.llm_engine is None:
+            raise ValueError("save_sharded_state() needs a generative model")
+        runner = self.llm_engine.runner
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if runner.step_sync is not None:
+            self._with_worker_errors(runner.step_sync.send_save, str(path))
+        runner.save_sharded_state(Path(path))
+        if runner.step_sync is not None:
+            runner.step_sync.barrier()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams from the model's generation_config.json (vLLM's generation_config="auto")."""

@@ -211,3 +211,28 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_sharded_state_round_trip_reads_one_file_per_rank(tensor_parallel_runs, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    from save_sharded_state import save_sharded_state
+
+    model_dir = tensor_parallel_runs["qwen2"]
+    expected = _tokens(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS))
+    sharded = tmp_path / "sharded"
+    save_sharded_state(str(model_dir), sharded, tensor_parallel_size=2, device="cpu")
+    assert sorted(p.name for p in sharded.glob("*.safetensors")) == [
+        "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"
+    ]
+    assert (sharded / "config.json").exists() and (sharded / "tokenizer.json").exists()
+    llm = LLM(model=str(sharded), load_format="sharded_state", tensor_parallel_size=2, enforce_eager=True,
+              max_model_len=MAX_POSITIONS)
+    assert _tokens(llm) == expected
+    del llm
+    with pytest.raises(ValueError, match="sharded for tensor_parallel_size=2"):
+        LLM(model=str(sharded), load_format="sharded_state", enforce_eager=True, max_model_len=MAX_POSITIONS)
+
+
+def test_an_unknown_load_format_is_a_clear_error():
+    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, sharded_state, got 'pt'"):
+        LLM(model="unused", load_format="pt")

@@ -14,6 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 from fxllm.config import ModelConfig
 from fxllm.models.quantization import construct_with_fp8_linears, model_quantization
 from fxllm.models.registry import resolve_architecture
+from fxllm.models.sharded_state import load_sharded_state
 from fxllm.parallel.sharding import iterate_sharded_safetensors
 from fxllm.parallel.tp_config import TPLayout, tp_local_config
 from fxllm.models.weights import iterate_safetensors, safetensors_files
@@ -97,5 +98,9 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
             model = construct() if quantization is None else construct_with_fp8_linears(construct, quantization)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(weights)
+    if model_config.load_format == "sharded_state":
+        rank, world_size = (0, 1) if tp_layout is None else (tp_layout.rank, tp_layout.world_size)
+        load_sharded_state(model, model_dir, rank, world_size)
+    else:
+        model.load_weights(weights)
     return model.eval().requires_grad_(False)

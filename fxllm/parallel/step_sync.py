@@ -18,7 +18,7 @@ from fxllm.config import CUDAGraphMode
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 
 _MODES = (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL)
-STEP, STOP = 0, 1
+STEP, STOP, SAVE = 0, 1, 2
 HEADER_FIELDS = 9  # command, mode, padded tokens/requests, tokens, requests, samples, blocks, logit rows
 
 
@@ -27,6 +27,11 @@ class ReceivedStep:
     prepared: PreparedStep
     dispatch: GraphDispatch
     logit_rows: torch.Tensor  # [R] rows whose logits rank 0 needs (every rank joins the gather)
+
+
+@dataclass
+class SaveRequest:
+    path: str
 
 
 class StepSync:
@@ -52,12 +57,23 @@ class StepSync:
         self._broadcast(logit_rows.cpu())
 
     def send_stop(self) -> None:
+        self._send_command(STOP)
+
+    def send_save(self, path: str) -> None:
+        """Every rank writes its weights under ``path`` (save_sharded_state)."""
+        self._send_command(SAVE)
+        dist.broadcast_object_list([path], src=0, group=self.group)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def _send_command(self, command: int) -> None:
         header = torch.zeros(HEADER_FIELDS, dtype=torch.int64)
-        header[0] = STOP
+        header[0] = command
         self._broadcast(header)
 
-    def receive(self) -> ReceivedStep | None:
-        """Other ranks: the next step, in this rank's buffers; None when rank 0 stops."""
+    def receive(self) -> ReceivedStep | SaveRequest | None:
+        """Other ranks: the next step, in this rank's buffers, or a save request; None when rank 0 stops."""
         header = torch.zeros(HEADER_FIELDS, dtype=torch.int64)
         self._broadcast(header)
         command, mode, padded_tokens, padded_requests, num_tokens, num_requests, num_samples, max_blocks, rows = (
@@ -65,6 +81,10 @@ class StepSync:
         )
         if command == STOP:
             return None
+        if command == SAVE:
+            path = [None]
+            dist.broadcast_object_list(path, src=0, group=self.group)
+            return SaveRequest(path[0])
         self.inputs.wait_for_copies()  # the host buffers are about to be overwritten
         for tensor in self._payload(padded_tokens, padded_requests):
             self._broadcast(tensor)  # straight into this rank's host buffers

@@ -8,11 +8,12 @@ then runs each step rank 0 broadcasts until told to stop.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from fxllm.config import CompilationLevel, EngineConfig
-from fxllm.parallel.step_sync import StepSync
+from fxllm.parallel.step_sync import SaveRequest, StepSync
 from fxllm.parallel.workers import WorkerGroup
 
 # Architectures whose checkpoints follow the Llama sharding plan (parallel/sharding.py).
@@ -56,8 +57,12 @@ def run_tensor_parallel_worker(rank: int, world_size: int, config: EngineConfig)
     runner.allocate_kv_cache(runner.agree_num_blocks(runner.determine_num_blocks()))
     runner.capture_cudagraphs()
     with torch.inference_mode():  # the step buffers are inference tensors
-        while (step := runner.step_sync.receive()) is not None:
-            runner.execute_received(step)
+        while (message := runner.step_sync.receive()) is not None:
+            if isinstance(message, SaveRequest):
+                runner.save_sharded_state(Path(message.path))
+                runner.step_sync.barrier()
+            else:
+                runner.execute_received(message)
 
 
 def stop_tensor_parallel(step_sync: StepSync, workers: WorkerGroup) -> None:

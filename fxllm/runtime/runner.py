@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphStep
 from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model
+from fxllm.models.sharded_state import save_sharded_state
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
@@ -242,6 +244,12 @@ class ModelRunner:
         """[rows, vocab]; under tensor parallelism every rank's vocab shard, gathered."""
         logits = self.model.compute_logits(hidden)
         return logits if self.tp_layout is None else gather_logits(logits, self.tp_layout)
+
+    def save_sharded_state(self, directory: Path) -> None:
+        """This rank's weights as loaded (fused, sharded) in one file: load_format="sharded_state"."""
+        rank = 0 if self.tp_layout is None else self.tp_layout.rank
+        world_size = 1 if self.tp_layout is None else self.tp_layout.world_size
+        save_sharded_state(self.model, directory, rank, world_size)
 
     def agree_num_blocks(self, num_blocks: int) -> int:
         """Under tensor parallelism, the fewest blocks any rank can hold (every rank holds every block)."""
