@@ -197,3 +197,16 @@ def test_throughput_workload_is_the_one_of_benchmarks_md(monkeypatch):
     workload = bench_throughput.make_workload(256, (100, 1024), (100, 1024))
     assert sum(map(len, workload.prompts)) == 142_827
     assert sum(workload.max_tokens) == 133_966
+
+
+def test_bench_kernels_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subprocesses):
+    result_path = tmp_path / "kernels.json"
+    status = cli.main([
+        "bench", "kernels", "--shape", "tiny", "--device", "cpu", "--no-inductor", "--steps", "2",
+        "--json", str(result_path),
+    ])
+    assert status == 0, capfd.readouterr().err[-2000:]
+    assert "kernels/layer" in capfd.readouterr().out
+    rows = json.loads(result_path.read_text())["rows"]
+    assert set(rows) == {"inductor alone", "default passes", "every pass"}
+    assert all(row["kernels_per_step"] > 0 for row in rows.values())

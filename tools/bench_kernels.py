@@ -6,7 +6,7 @@ lists the most frequent kernels of one step. The layer count divides everything
 (the embedding, final norm, lm_head and sampling add about one layer's worth).
 
     python tools/bench_kernels.py --shape qwen3-0.6b
-    python tools/bench_kernels.py --shape tiny --device cpu   # CPU smoke run: counts CPU ops
+    python tools/bench_kernels.py --shape tiny --device cpu --no-inductor   # CPU smoke run: counts CPU ops
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ PASS_SETTINGS = {
 TOP_KERNELS = 12
 
 
-def count_kernels(model_dir: Path, device: str, pass_config: dict, steps: int) -> dict:
+def count_kernels(model_dir: Path, device: str, pass_config: dict, steps: int, use_inductor: bool = True) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from fxllm import LLM, SamplingParams
 
     llm = LLM(
         model=str(model_dir), device=device, max_model_len=PROMPT_TOKENS + steps + 8, enable_prefix_caching=False,
-        compilation_config={"cudagraph_mode": "NONE", "pass_config": pass_config},
+        compilation_config={"cudagraph_mode": "NONE", "pass_config": pass_config, "use_inductor": use_inductor},
     )
     prompt = {"prompt_token_ids": list(range(2, 2 + PROMPT_TOKENS))}
     on_gpu = llm.llm_engine_config.device.type == "cuda"
@@ -79,10 +79,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default="bench_kernels.json")
+    parser.add_argument("--no-inductor", action="store_true", help="pieces run eagerly (a quick smoke run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_model(args.shape, Path(scratch) / args.shape)
-        rows = {name: count_kernels(model_dir, args.device, config, args.steps) for name, config in PASS_SETTINGS.items()}
+        rows = {
+            name: count_kernels(model_dir, args.device, config, args.steps, use_inductor=not args.no_inductor)
+            for name, config in PASS_SETTINGS.items()
+        }
     print(f"{'setting':<16} {'kernels/step':>12} {'kernels/layer':>13}  pass matches")
     for name, row in rows.items():
         print(f"{name:<16} {row['kernels_per_step']:>12} {row['kernels_per_layer']:>13}  {row['passes']}")
