@@ -56,9 +56,21 @@ def init_process_group(rank: int, world_size: int, rendezvous: str, device_type:
     )
 
 
+def _forget_inherited_thread_pools() -> None:
+    """A forked child inherits the parent's thread-pool objects but not their threads:
+    Inductor's compile pool would take work no thread ever runs (its own fork hook resets
+    only its process pool)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    pool = getattr(AsyncCompile, "pool", None)
+    if pool is not None and hasattr(pool, "cache_clear"):
+        pool.cache_clear()
+
+
 def _worker_entry(
     rank: int, world_size: int, rendezvous: str, device_type: str, main: WorkerMain, payload: Any, errors
 ) -> None:
+    _forget_inherited_thread_pools()
     if device_type == "cpu":
         torch.set_num_threads(1)  # one thread per rank: ranks share the host's cores
     try:
