@@ -61,6 +61,14 @@ from fxllm.runtime.engine import LLMEngine
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.runtime.multimodal.processor import MultiModalProcessor, check_mm_data
 from fxllm.runtime.pooling_runner import PoolingRunner
+from fxllm.prompts import (
+    PromptType,
+    as_conversations,
+    as_prompt_list,
+    collect_eos_token_ids,
+    load_tokenizer,
+    tokenize_bad_words,
+)
 from fxllm.runtime.request import Request
 from fxllm.beam_search import run_beam_search
 from fxllm.sampling_params import BeamSearchParams, SamplingParams
@@ -90,7 +98,6 @@ IGNORED_VLLM_ARGUMENTS = frozenset(
     }
 )
 
-PromptType = str | dict[str, Any]
 # What each kind of model serves.
 _RUNNER_METHODS = {"generate": "generate(), chat() and beam_search()", "pooling": "embed(), encode() and score()"}
 _RUNNER_NOUNS = {"generate": "generative", "pooling": "pooling"}
@@ -170,7 +177,7 @@ class LLM:
             )
         text_config = hf_config.get_text_config()  # a vision-language config's language-model part
         model_max_len = derive_max_model_len(text_config, max_model_len, sentence_max_len)
-        self.tokenizer = _load_tokenizer(tokenizer, model_dir)
+        self.tokenizer = load_tokenizer(tokenizer, model_dir)
         gen_config = load_generation_config(generation_config, model_dir)
         model_config = ModelConfig(
             model=str(model_dir),
@@ -180,7 +187,7 @@ class LLM:
             max_model_len=model_max_len,
             hf_config=hf_config,
             generation_config=gen_config,
-            eos_token_ids=_eos_token_ids(self.tokenizer, text_config, gen_config),
+            eos_token_ids=collect_eos_token_ids(self.tokenizer, text_config, gen_config),
             runner_type=runner_type,
             pooler_config=pooler_config,
             multimodal=multimodal,
@@ -299,7 +306,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Complete each prompt; outputs come back in input order."""
         self._require_runner("generate", "generate")
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = as_prompt_list(prompts)
         params_list = self._sampling_params_list(sampling_params, len(prompt_list))
         processed = [self._process_prompt(prompt, index) for index, prompt in enumerate(prompt_list)]
         tokenized = [(text, token_ids) for text, token_ids, _ in processed]
@@ -316,7 +323,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the chat template."""
         self._require_runner("generate", "chat")
-        conversations = _as_conversations(messages)
+        conversations = as_conversations(messages)
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
         tokenized = []
@@ -344,7 +351,7 @@ class LLM:
         self._require_runner("generate", "beam_search")
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(_as_prompt_list(prompts))]
+        tokenized = [self._tokenize(prompt, index) for index, prompt in enumerate(as_prompt_list(prompts))]
         return run_beam_search(self, tokenized, params)
 
     def embed(self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
@@ -353,7 +360,7 @@ class LLM:
         self._require_runner("pooling", "embed")
         return [
             EmbeddingRequestOutput(request_id, EmbeddingOutput(vector.tolist()), token_ids)
-            for request_id, token_ids, vector in self._pool(_as_prompt_list(prompts), use_tqdm)
+            for request_id, token_ids, vector in self._pool(as_prompt_list(prompts), use_tqdm)
         ]
 
     def encode(
@@ -373,7 +380,7 @@ class LLM:
             raise ValueError(f"pooling_task={pooling_task!r} is not supported; supported: {', '.join(POOLING_TASKS)}")
         return [
             PoolingRequestOutput(request_id, PoolingOutput(vector), token_ids)
-            for request_id, token_ids, vector in self._pool(_as_prompt_list(prompts), use_tqdm)
+            for request_id, token_ids, vector in self._pool(as_prompt_list(prompts), use_tqdm)
         ]
 
     def score(
@@ -385,7 +392,7 @@ class LLM:
         """Cosine similarity of the embeddings of each pair. As in vLLM, one text_1 is scored
         against every text_2 (1:N), and two lists of equal length pair up element-wise (N:N)."""
         self._require_runner("pooling", "score")
-        first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
+        first, second = as_prompt_list(text_1), as_prompt_list(text_2)
         if len(first) != 1 and len(first) != len(second):
             raise ValueError(
                 f"score() pairs text_1 with text_2 1:1, 1:N or N:N, got {len(first)} and {len(second)} inputs: pass "
@@ -504,7 +511,7 @@ class LLM:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(model_config.eos_token_ids)
-        bad_word_ids = _bad_word_ids(self.tokenizer, params.bad_words or [])
+        bad_word_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [])
         requests = []
         for completion in range(params.n):
             generator = None
@@ -633,43 +640,6 @@ def _request_output(requests: list[Request]) -> RequestOutput:
     )
 
 
-def _bad_word_ids(tokenizer: Any, bad_words: list[str]) -> list[list[int]]:
-    """Token sequences of each bad word, as it would appear mid-text and at the start
-    (with and without a leading space), as vLLM does."""
-    sequences: list[list[int]] = []
-    for word in bad_words:
-        for text in (word.lstrip(), " " + word.lstrip()):
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids and ids not in sequences:
-                sequences.append(ids)
-    return sequences
-
-
-def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
-    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
-        return [messages]
-    if isinstance(messages, list) and messages and all(
-        isinstance(c, list) and c and all(isinstance(m, dict) for m in c) for c in messages
-    ):
-        return messages
-    raise TypeError(
-        "messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} dicts) "
-        "or a non-empty list of conversations"
-    )
-
-
-def _as_prompt_list(prompts: Any) -> list[PromptType]:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise ValueError("no prompts given: pass a string or a non-empty list of prompts")
-        return list(prompts)
-    raise TypeError(
-        f"prompts must be a string, a dict (TokensPrompt/TextPrompt) or a list of them, got {type(prompts).__name__}"
-    )
-
-
 def _multimodal_config(
     architecture: str, runner_type: str, limit_mm_per_prompt: dict | None, mm_processor_kwargs: dict | None
 ) -> MultiModalConfig | None:
@@ -693,28 +663,3 @@ def _check_int(name: str, value: Any, minimum: int | None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name} must be an int{bound}, got {value!r}")
-
-
-def _load_tokenizer(tokenizer: str | None, model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    source = tokenizer or str(model_dir)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"could not load a tokenizer from {source}: {error}") from error
-
-
-def _eos_token_ids(tokenizer: Any, hf_config: Any, generation_config: dict) -> tuple[int, ...]:
-    """EOS ids from the tokenizer, config.json and generation_config.json (each may be a list)."""
-    ids: set[int] = set()
-    for value in (
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(hf_config, "eos_token_id", None),
-        generation_config.get("eos_token_id"),
-    ):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return tuple(sorted(ids))
