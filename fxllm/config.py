@@ -45,33 +45,35 @@ def compile_cache_disabled() -> bool:
 
 def cpu_kvcache_space_bytes() -> int:
     """Bytes of KV cache on CPU, from ``FXLLM_CPU_KVCACHE_SPACE`` (GiB)."""
-    raw = os.environ.get("FXLLM_CPU_KVCACHE_SPACE")
-    if raw is None or raw.strip() == "":
-        gib = DEFAULT_CPU_KVCACHE_SPACE_GIB
-    else:
-        try:
-            gib = float(raw)
-        except ValueError:
-            raise ValueError(
-                f"FXLLM_CPU_KVCACHE_SPACE must be a number of GiB (e.g. 4 or 0.5), got {raw!r}"
-            ) from None
-        if gib <= 0:
-            raise ValueError(f"FXLLM_CPU_KVCACHE_SPACE must be > 0 GiB, got {raw!r}")
-    return int(gib * (1 << 30))
+    return _gib_from_env("FXLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_SPACE_GIB, zero_allowed=False)
 
 
 def mm_input_cache_bytes() -> int:
-    """Bytes of processed multimodal inputs cached, from ``FXLLM_MM_INPUT_CACHE_GIB``."""
-    raw = os.environ.get("FXLLM_MM_INPUT_CACHE_GIB")
+    """Bytes of processed multimodal inputs cached, from ``FXLLM_MM_INPUT_CACHE_GIB`` (0: no cache)."""
+    return _gib_from_env("FXLLM_MM_INPUT_CACHE_GIB", DEFAULT_MM_INPUT_CACHE_GIB, zero_allowed=True)
+
+
+def _gib_from_env(name: str, default_gib: float, zero_allowed: bool) -> int:
+    raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
-        return int(DEFAULT_MM_INPUT_CACHE_GIB * (1 << 30))
+        return int(default_gib * (1 << 30))
     try:
         gib = float(raw)
     except ValueError:
-        raise ValueError(f"FXLLM_MM_INPUT_CACHE_GIB must be a number of GiB (e.g. 4, 0.5 or 0), got {raw!r}") from None
-    if gib < 0:
-        raise ValueError(f"FXLLM_MM_INPUT_CACHE_GIB must be >= 0 GiB (0 turns the cache off), got {raw!r}")
+        raise ValueError(f"{name} must be a number of GiB (e.g. 4 or 0.5), got {raw!r}") from None
+    if gib < 0 or (gib == 0 and not zero_allowed):
+        bound = ">= 0 GiB (0 turns it off)" if zero_allowed else "> 0 GiB"
+        raise ValueError(f"{name} must be {bound}, got {raw!r}")
     return int(gib * (1 << 30))
+
+
+def _fields_from_dict(cls: type, value: dict, argument: str) -> Any:
+    """``cls(**value)``, naming the unknown keys of a user's dict for ``argument``."""
+    known = sorted(cls.__dataclass_fields__)
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {argument} field(s) {unknown}; known: {known}")
+    return cls(**value)
 
 
 # Defaults (vLLM's where it has one).
@@ -123,10 +125,7 @@ class PoolerConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ValueError(f"unknown override_pooler_config field(s) {unknown}; known: pooling_type, normalize")
-            return cls(**value)
+            return _fields_from_dict(cls, value, "override_pooler_config")
         raise TypeError(f"override_pooler_config must be a PoolerConfig, a dict or None, got {type(value).__name__}")
 
 
@@ -265,8 +264,9 @@ class PassConfig:
 
     enable_noop: bool = True  # drop casts, views and multiplications that change nothing
     enable_fusion: bool = True
-    # Qwen3's per-head q/k RMSNorm + RoPE as one op: 20% fewer kernels per decode step at
-    # batch 1, but workload T ran 13% slower with it on an H100, so it is opt-in.
+    # Qwen3's per-head q/k RMSNorm + RoPE as one op. With it and no-op elimination, a batch-1
+    # decode step launched 16.6 kernels per layer instead of 20.7, but workload T ran 13%
+    # slower than with no passes on an H100 (BENCHMARKS.md), so it is opt-in.
     enable_qk_norm_rope_fusion: bool = False
 
     def __post_init__(self) -> None:
@@ -279,11 +279,7 @@ class PassConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            known = sorted(cls.__dataclass_fields__)
-            unknown = sorted(set(value) - set(known))
-            if unknown:
-                raise ValueError(f"unknown pass_config field(s) {unknown}; known: {known}")
-            return cls(**value)
+            return _fields_from_dict(cls, value, "pass_config")
         raise TypeError(f"pass_config must be a PassConfig or a dict, got {type(value).__name__}")
 
 
@@ -346,11 +342,7 @@ class CompilationConfig:
         if isinstance(value, int):
             return cls(level=value)
         if isinstance(value, dict):
-            known = {f for f in cls.__dataclass_fields__}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown compilation_config field(s) {unknown}; known: {sorted(known)}")
-            return cls(**value)
+            return _fields_from_dict(cls, value, "compilation_config")
         raise TypeError(
             f"compilation_config must be a CompilationConfig, a dict or an int level, got {type(value).__name__}"
         )

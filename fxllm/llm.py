@@ -287,7 +287,6 @@ class LLM:
         if self.llm_engine is None:
             raise ValueError("save_sharded_state() needs a generative model")
         runner = self.llm_engine.runner
-        Path(path).mkdir(parents=True, exist_ok=True)
         if runner.step_sync is not None:
             self._with_worker_errors(runner.step_sync.send_save, str(path))
         runner.save_sharded_state(Path(path))

@@ -51,19 +51,14 @@ def compile_model(
     tp_layout: TPLayout | None = None,
 ) -> CompiledModel:
     """``profile_context`` sets a forward context without attention metadata (attention is skipped).
-    ``tp_layout``: this rank's part of a tensor-parallel model, whose collectives a pass inserts
-    into the captured graph (at level 0 that graph then runs eagerly)."""
+    ``tp_layout``: this rank's part of a tensor-parallel model (None on one device), whose
+    collectives a pass inserts into the captured graph (at level 0 that graph then runs eagerly)."""
     compilation = config.compilation
     report = CompileReport(level=int(compilation.level))
-    tensor_parallel = tp_layout is not None and tp_layout.world_size > 1
-    if compilation.level == CompilationLevel.NO_COMPILATION and not tensor_parallel:
+    if compilation.level == CompilationLevel.NO_COMPILATION and tp_layout is None:
         return CompiledModel(model, report)
-    if compilation.level == CompilationLevel.NO_COMPILATION:
-        with profile_context(), torch.inference_mode():
-            captured = capture(model, *dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
-        report.dynamo_compiles = 1
-        report.passes = {"tensor_parallel": _tensor_parallel_pass(model, captured, tp_layout)(captured.graph_module.graph)}
-        captured.graph_module.recompile()
+    if compilation.level == CompilationLevel.NO_COMPILATION:  # TP: the captured graph, run eagerly
+        captured, _ = _capture_with_passes(model, config, profile_context, report, tp_layout)
         return CompiledModel(DirectCall(captured, captured.graph_module), report)
     start = time.perf_counter()
     if compilation.level == CompilationLevel.DYNAMO_AS_IS:
@@ -71,7 +66,7 @@ def compile_model(
         with profile_context(), torch.inference_mode():
             compiled.forward(*dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
     else:
-        compiled = _capture_and_compile(model, config, profile_context, report, tp_layout if tensor_parallel else None)
+        compiled = _capture_and_compile(model, config, profile_context, report, tp_layout)
     report.compile_seconds = round(time.perf_counter() - start, 2)
     logger.info(
         "compiled at level %d: %d pieces, %.1f s, %s",
@@ -121,9 +116,34 @@ class _DynamoAsIs:
             return self.compiled(inputs, positions)
 
 
-def _tensor_parallel_pass(model: nn.Module, captured: CapturedGraph, tp_layout: TPLayout) -> TensorParallelPass:
-    names = placeholder_parameter_names(captured.graph_module.graph, captured.example_inputs, model)
-    return TensorParallelPass(tp_layout, names)
+def _capture_with_passes(
+    model: nn.Module,
+    config: EngineConfig,
+    profile_context: Callable[[], ContextManager[None]],
+    report: CompileReport,
+    tp_layout: TPLayout | None,
+    dump_dir: Path | None = None,
+) -> tuple[CapturedGraph, str]:
+    """Capture the model, then run the graph passes: the configured ones at levels 2-3, and
+    the tensor-parallel pass for a rank of a TP model. Returns the graph and the passes' uuid."""
+    compilation = config.compilation
+    start = time.perf_counter()
+    with profile_context(), torch.inference_mode(), _depyf_dump(dump_dir):
+        captured = capture(model, *dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
+    report.dynamo_compiles = 1
+    report.dynamo_seconds = round(time.perf_counter() - start, 2)
+    passes_uuid = ""
+    if compilation.level != CompilationLevel.NO_COMPILATION:
+        pass_manager = PassManager(compilation.pass_config)
+        report.passes = pass_manager(captured.graph_module)
+        passes_uuid = pass_manager.uuid()
+    if tp_layout is not None:
+        names = placeholder_parameter_names(captured.graph_module.graph, captured.example_inputs, model)
+        tp_pass = TensorParallelPass(tp_layout, names)
+        report.passes[tp_pass.name] = tp_pass(captured.graph_module.graph)
+        captured.graph_module.recompile()
+        passes_uuid += tp_pass.uuid()
+    return captured, passes_uuid
 
 
 def _capture_and_compile(
@@ -135,20 +155,7 @@ def _capture_and_compile(
 ) -> CompiledModel:
     compilation = config.compilation
     dump_dir = Path(compilation.debug_dump_path) if compilation.debug_dump_path else None
-    start = time.perf_counter()
-    with profile_context(), torch.inference_mode(), _depyf_dump(dump_dir):
-        captured = capture(model, *dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
-    report.dynamo_compiles = 1
-    report.dynamo_seconds = round(time.perf_counter() - start, 2)
-
-    pass_manager = PassManager(compilation.pass_config)
-    report.passes = pass_manager(captured.graph_module)
-    passes_uuid = pass_manager.uuid()
-    if tp_layout is not None:
-        tp_pass = _tensor_parallel_pass(model, captured, tp_layout)
-        report.passes[tp_pass.name] = tp_pass(captured.graph_module.graph)
-        captured.graph_module.recompile()
-        passes_uuid += tp_pass.uuid()
+    captured, passes_uuid = _capture_with_passes(model, config, profile_context, report, tp_layout, dump_dir)
 
     splitting_ops = compilation.effective_splitting_ops if compilation.level == CompilationLevel.PIECEWISE else ()
     split = split_graph(captured.graph_module, splitting_ops)

@@ -12,16 +12,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
-from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, apply_rotary
+from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, apply_rotary, head_dim_of
 from fxllm.runtime.attention import Attention
 
 
 # Qwen2 decoders (also the language models of Qwen2-VL and Qwen2.5-VL): q/k/v biases, none on o_proj.
 _QWEN2_TEXT_MODEL_TYPES = frozenset({"qwen2", "qwen2_vl_text", "qwen2_5_vl_text"})
-
-
-def _head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def layer_sliding_window(config: PretrainedConfig, index: int) -> int | None:
@@ -41,7 +37,7 @@ class LlamaAttentionBlock(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         model_type = config.model_type
@@ -108,7 +104,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.rotary = RotaryEmbedding(config, _head_dim(config), max_positions)
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embedding_multiplier = getattr(config, "embedding_multiplier", None) or 1.0
 

@@ -39,12 +39,11 @@ LLAMA_PLAN: dict[str, Split] = {
     "embed_tokens": Split.VOCAB,
     "lm_head": Split.VOCAB,
 }
-# Module names whose output the TP pass all-reduces (after our loader fuses nothing into them).
-ROW_PARALLEL_MODULES = frozenset(name for name, split in LLAMA_PLAN.items() if split is Split.ROW)
-VOCAB_PARALLEL_MODULES = frozenset(name for name, split in LLAMA_PLAN.items() if split is Split.VOCAB)
 
 
 def split_of(tensor_name: str, plan: dict[str, Split] = LLAMA_PLAN) -> Split:
+    """How the tensor (a checkpoint tensor, or a model parameter: the module names agree for
+    the row- and vocab-parallel ones, which the loader fuses nothing into) is split."""
     parts = tensor_name.split(".")
     module = parts[-2] if len(parts) >= 2 else ""
     return plan.get(module, Split.REPLICATED)
@@ -72,7 +71,8 @@ def shard_tensor(name: str, source, shape: list[int], layout: TPLayout) -> torch
         return source[:]
     if split is Split.ROW:
         if is_bias:
-            return source[:] if layout.rank == 0 else torch.zeros(shape, dtype=_dtype_of(source))
+            bias = source[:]  # a vector: reading it whole costs nothing
+            return bias if layout.rank == 0 else torch.zeros_like(bias)
         columns = shape[1] // layout.world_size
         return source[:, layout.rank * columns : (layout.rank + 1) * columns]
     if split is Split.VOCAB:
@@ -84,15 +84,6 @@ def shard_tensor(name: str, source, shape: list[int], layout: TPLayout) -> torch
         return part
     start, end = _dim0_range(split, layout, shape[0])
     return source[start:end]
-
-
-def _dtype_of(source) -> torch.dtype:
-    if isinstance(source, torch.Tensor):
-        return source.dtype
-    return _SAFETENSORS_DTYPES[source.get_dtype()]
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def iterate_sharded_safetensors(files: list[Path], layout: TPLayout) -> Iterator[tuple[str, torch.Tensor]]:

@@ -35,9 +35,8 @@ class SaveRequest:
 
 
 class StepSync:
-    def __init__(self, inputs: StepInputs, rank: int):
+    def __init__(self, inputs: StepInputs):
         self.inputs = inputs
-        self.rank = rank
         # The step goes over gloo even on GPUs: host arrays, no device sync to read them.
         self.group = dist.new_group(backend="gloo")
 

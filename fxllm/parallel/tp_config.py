@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from fxllm.models.layers import head_dim_of
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -53,10 +55,6 @@ class TPLayout:
     @property
     def vocab_start(self) -> int:
         return self.rank * self.local_vocab
-
-
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:

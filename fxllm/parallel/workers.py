@@ -91,7 +91,6 @@ class WorkerGroup:
     def __init__(
         self, world_size: int, device_type: str, main: WorkerMain, payload: Any, start_method: str | None = None
     ):
-        self.world_size = world_size
         method = choose_start_method(start_method)
         context = multiprocessing.get_context(method)
         self._scratch = tempfile.TemporaryDirectory(prefix="fxllm-tp-")
@@ -125,7 +124,7 @@ class WorkerGroup:
     def raise_worker_error(self, cause: BaseException | None = None) -> None:
         """Raise the first worker's error (with its rank), if a worker failed."""
         for process in self._processes:
-            process.join(timeout=0 if process.is_alive() else None)
+            process.join(timeout=0)  # reap finished workers so their exit codes are known
         try:
             rank, trace = self._errors.get(timeout=1.0 if cause is not None else 0.01)
         except queue.Empty:

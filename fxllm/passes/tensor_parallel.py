@@ -44,10 +44,8 @@ class TensorParallelPass:
     def applies(self, num_tokens: int | None) -> bool:
         return self.layout.world_size > 1
 
-    def _module_of(self, weight: fx.Node) -> str:
-        parameter = self.parameter_names.get(weight.name, "")
-        parts = parameter.split(".")
-        return parts[-2] if len(parts) >= 2 else ""
+    def _split_of(self, weight: fx.Node) -> sharding.Split:
+        return sharding.split_of(self.parameter_names.get(weight.name, ""))
 
     def __call__(self, graph: fx.Graph) -> int:
         matches = self._insert_collectives(graph)
@@ -57,13 +55,10 @@ class TensorParallelPass:
     def _insert_collectives(self, graph: fx.Graph) -> int:
         matches = 0
         for node in list(graph.nodes):
-            if _is_call(node, torch._C._nn.linear) and self._module_of(node.args[1]) in sharding.ROW_PARALLEL_MODULES:
+            if _is_call(node, torch._C._nn.linear) and self._split_of(node.args[1]) is sharding.Split.ROW:
                 self._reduce_after(graph, node)
                 matches += 1
-            elif (
-                _is_call(node, torch.nn.functional.embedding)
-                and self._module_of(node.args[1]) in sharding.VOCAB_PARALLEL_MODULES
-            ):
+            elif _is_call(node, torch.nn.functional.embedding) and self._split_of(node.args[1]) is sharding.Split.VOCAB:
                 self._vocab_parallel(graph, node)
                 matches += 1
         return matches

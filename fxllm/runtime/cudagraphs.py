@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,37 +30,29 @@ Forward = Callable[[PreparedStep, GraphStep | None], torch.Tensor]
 ComputeLogits = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class FullGraph:
-    graph: torch.cuda.CUDAGraph
-    hidden: torch.Tensor  # [size, hidden_size], non-owning views into the pool
-    logits: torch.Tensor  # [size, vocab]
-
-
 class CUDAGraphs:
     def __init__(self, plan: CUDAGraphPlan, compute_logits: ComputeLogits):
         self.plan = plan
         self.compute_logits = compute_logits
-        self.pool = None
-        self.full: dict[int, FullGraph] = {}
+        # size -> (graph, its logits [size, vocab]: a non-owning view into the pool)
+        self.full: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def capture(self, prepare_idle: PrepareIdle, forward: Forward, report: CompileReport) -> None:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
         start = time.perf_counter()
-        self.pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.plan.piecewise_sizes):
             prepared = prepare_idle(size)
             forward(prepared, None)  # warm-up
-            forward(prepared, GraphStep(CUDAGraphMode.PIECEWISE, size, self.pool))
+            forward(prepared, GraphStep(CUDAGraphMode.PIECEWISE, size, pool))
         for size in reversed(self.plan.full_sizes):
             prepared = prepare_idle(size)
             forward(prepared, None)  # warm-up
             graph = torch.cuda.CUDAGraph()
-            with capturing(graph, self.pool):
-                hidden = forward(prepared, GraphStep(CUDAGraphMode.FULL, size))
-                logits = self.compute_logits(hidden)
-            self.full[size] = FullGraph(graph, non_owning(hidden), non_owning(logits))
+            with capturing(graph, pool):
+                logits = self.compute_logits(forward(prepared, GraphStep(CUDAGraphMode.FULL, size)))
+            self.full[size] = (graph, non_owning(logits))
         torch.cuda.synchronize()
         report.cudagraph_capture_seconds = round(time.perf_counter() - start, 2)
         report.cudagraph_memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
@@ -76,8 +67,8 @@ class CUDAGraphs:
             report.cudagraph_capture_seconds, report.cudagraph_memory_bytes / 2**30,
         )
 
-    def replay_full(self, size: int) -> FullGraph:
-        """Replay the graph of ``size``; its hidden states and logits hold this step's values."""
-        full = self.full[size]
-        full.graph.replay()
-        return full
+    def replay_full(self, size: int) -> torch.Tensor:
+        """Replay the graph of ``size``; the logits [size, vocab] it returns hold this step's values."""
+        graph, logits = self.full[size]
+        graph.replay()
+        return logits

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fxllm.compiler import compile_model
-from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphStep
+from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphDispatch, GraphStep
 from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model
@@ -101,7 +101,7 @@ class ModelRunner:
                 device=self.device,
                 mrope=getattr(self.model, "uses_mrope", False),
             )
-        self.step_sync = StepSync(self.inputs, rank) if self.tp_layout is not None else None
+        self.step_sync = StepSync(self.inputs) if self.tp_layout is not None else None
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
@@ -206,12 +206,10 @@ class ModelRunner:
             rows = [] if dispatch.mode is CUDAGraphMode.FULL else self.inputs.host_sample_rows(num_samples) + extra_rows
             self.step_sync.send(prepared, dispatch, torch.tensor(rows, dtype=torch.int64))
         if dispatch.mode is CUDAGraphMode.FULL:
-            full = self.graphs.replay_full(dispatch.num_tokens)
-            logits = full.logits[prepared.sample_rows]
+            logits = self.graphs.replay_full(dispatch.num_tokens)[prepared.sample_rows]
         else:
-            graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
             inputs_embeds = self.embedder.inputs_embeds(step.scheduled, prepared.input_ids) if self.embedder else None
-            hidden = self._forward(prepared, graph_step, inputs_embeds)  # [T_padded, hidden]
+            hidden = self._forward(prepared, _graph_step(dispatch), inputs_embeds)  # [T_padded, hidden]
             rows = prepared.sample_rows
             if extra_rows:
                 rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
@@ -235,8 +233,7 @@ class ModelRunner:
         if dispatch.mode is CUDAGraphMode.FULL:
             self.graphs.replay_full(dispatch.num_tokens)  # the gather is inside the graph
             return
-        graph_step = GraphStep(dispatch.mode, dispatch.num_tokens) if dispatch.mode is CUDAGraphMode.PIECEWISE else None
-        hidden = self._forward(step.prepared, graph_step)
+        hidden = self._forward(step.prepared, _graph_step(dispatch))
         if step.logit_rows.numel():
             self._logits(hidden[step.logit_rows])
 
@@ -317,6 +314,13 @@ class ModelRunner:
             TokenLogprobs.with_chosen(top_ids[i], top_logprobs[i], targets[i], target_logprobs[i], ranks[i])
             for i in range(len(targets))
         ]
+
+
+def _graph_step(dispatch: GraphDispatch) -> GraphStep | None:
+    """What the forward context tells the piece graphs: replay them for a PIECEWISE step."""
+    if dispatch.mode is CUDAGraphMode.PIECEWISE:
+        return GraphStep(dispatch.mode, dispatch.num_tokens)
+    return None
 
 
 @dataclass

@@ -76,20 +76,10 @@ class StepInputs:
         self.host_mrope = torch.zeros(max_num_tokens if mrope else 0, NUM_MROPE_ROWS, dtype=torch.int64, pin_memory=pin)
         self.mrope = self.host_mrope if device.type == "cpu" else torch.zeros_like(self.host_mrope, device=device)
         self._mrope_np = self.host_mrope.numpy() if mrope else None
-        # The host buffers are reused every step: wait for the last copy out of them first.
         self._copied = torch.cuda.Event() if pin else None
 
-    @property
-    def max_num_tokens(self) -> int:
-        return self.host_tokens.shape[1]
-
-    @property
-    def max_num_requests(self) -> int:
-        return self.host_block_tables.shape[0]
-
     def prepare(self, scheduled: list[ScheduledRequest], dispatch: GraphDispatch) -> PreparedStep:
-        if self._copied is not None:
-            self._copied.synchronize()
+        self.wait_for_copies()
         num_requests = len(scheduled)
         num_new = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, num_requests)
         computed = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64, num_requests)
@@ -136,6 +126,7 @@ class StepInputs:
         return self._requests_np[SAMPLE_ROWS, :num_samples].tolist()
 
     def wait_for_copies(self) -> None:
+        """The host buffers are reused every step: wait for the last copy out of them."""
         if self._copied is not None:
             self._copied.synchronize()
 
@@ -191,8 +182,7 @@ class StepInputs:
     def prepare_idle(self, num_requests: int) -> PreparedStep:
         """A decode-only step of empty requests (for capturing graphs): it writes no KV
         and attends to nothing."""
-        if self._copied is not None:
-            self._copied.synchronize()
+        self.wait_for_copies()
         ids, positions, slots = self._tokens_np
         seq_lens, query_start_loc, _ = self._requests_np
         ids[:num_requests], positions[:num_requests], slots[:num_requests] = PADDING_TOKEN_ID, 0, PADDING_SLOT

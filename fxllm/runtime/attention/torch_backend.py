@@ -39,20 +39,29 @@ def attention_without_cache(
     steps are not captured in CUDA graphs, so host-side request offsets are fine here."""
     starts = metadata.query_start_loc_cpu
     for start, end in zip(starts[:-1], starts[1:]):
-        mask = None
-        if spec.causal:
-            mask = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
-            if spec.sliding_window is not None:
-                mask = mask.triu(diagonal=1 - spec.sliding_window)
-        result = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1),
-            key[start:end].transpose(0, 1),
-            value[start:end].transpose(0, 1),
-            attn_mask=mask,
-            scale=spec.scale,
-            enable_gqa=True,
-        )
-        out[start:end] = result.transpose(0, 1).to(out.dtype)
+        length = end - start
+        mask = _causal_mask(length, length, spec.sliding_window, query.device) if spec.causal else None
+        out[start:end] = _attend(spec, query[start:end], key[start:end], value[start:end], mask).to(out.dtype)
+
+
+def _causal_mask(query_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[query_len, seq_len] bool: query j sits at position seq_len - query_len + j and sees keys
+    up to it (and, with a window W, none more than W - 1 positions back)."""
+    mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=device).tril(diagonal=seq_len - query_len)
+    if window is not None:
+        mask = mask.triu(diagonal=seq_len - query_len - window + 1)
+    return mask
+
+
+def _attend(
+    spec: AttentionSpec, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA over token-major [tokens, heads, head_dim] inputs, token-major out."""
+    result = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=spec.scale,
+        enable_gqa=True,
+    )
+    return result.transpose(0, 1)
 
 
 def _gather_context(
@@ -155,19 +164,5 @@ class TorchAttentionBackend:
         table = metadata.block_tables[row : row + 1]
         keys = _gather_context(kv_cache[0], table, num_blocks)[0, :seq_len]  # [L, kv_heads, head_dim]
         values = _gather_context(kv_cache[1], table, num_blocks)[0, :seq_len]
-        # Query j sits at position seq_len - query_len + j and sees keys up to it
-        # (and, with a window W, none more than W - 1 positions back).
-        mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=query.device).tril(
-            diagonal=seq_len - query_len
-        )
-        if spec.sliding_window is not None:
-            mask = mask.triu(diagonal=seq_len - query_len - spec.sliding_window + 1)
-        result = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            attn_mask=mask,
-            scale=spec.scale,
-            enable_gqa=True,
-        )
-        out[start:end] = result.transpose(0, 1).to(out.dtype)
+        mask = _causal_mask(query_len, seq_len, spec.sliding_window, query.device)
+        out[start:end] = _attend(spec, query[start:end], keys, values, mask).to(out.dtype)
