@@ -139,7 +139,7 @@ def test_user_errors_exit_2_with_the_engine_message_and_no_traceback(llama_dir, 
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("arguments", [["generate", "--temperature", "hot"], ["inspect", "--level", "1"], ["bench", "speed"]])
+@pytest.mark.parametrize("arguments", [["generate", "--prompt", "x", "--temperature", "hot"], ["inspect", "--level", "1"], ["bench", "speed"]])
 def test_bad_options_are_argparse_errors(arguments, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(arguments)

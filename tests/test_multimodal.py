@@ -97,7 +97,6 @@ def test_piecewise_compiled_matches_hf_without_cuda_graphs(vl_dirs, tmp_path):
     assert report.level == CompilationLevel.PIECEWISE and report.pieces == 5 and report.dynamo_compiles == 1
     assert llm.llm_engine_config.compilation.cudagraph_mode is CUDAGraphMode.NONE
     _assert_batch_matches_hf(llm, vl_dirs["qwen2_vl"])
-    assert report.dynamo_compiles == 1  # no recompile for any step size
 
 
 def test_prompts_over_the_image_limit_are_rejected_before_anything_runs(vl_dirs):

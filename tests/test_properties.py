@@ -15,6 +15,7 @@ from fxllm.runtime.scheduler import Scheduler
 
 MAX_STEPS = 5000
 ALPHABET = 3  # few distinct token ids, so prompts share prefixes and hit the cache
+BLOCK_SIZE = 4
 
 
 class _NoTokenizer:
@@ -111,7 +112,7 @@ def test_scheduler_keeps_its_limits_and_never_leaks_or_double_frees(workload):
 @pytest.fixture(scope="module")
 def engines(llama_dir):
     def make(prefix_caching):
-        return LLM(model=str(llama_dir), enforce_eager=True, max_model_len=64, block_size=4,
+        return LLM(model=str(llama_dir), enforce_eager=True, max_model_len=64, block_size=BLOCK_SIZE,
                    enable_prefix_caching=prefix_caching, num_gpu_blocks_override=40)
     return make(True), make(False)
 
@@ -122,6 +123,11 @@ def test_prefix_cache_hits_never_change_outputs(engines, prompts):
     cached, uncached = engines
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    with_cache = [o.outputs[0].token_ids for o in cached.generate(requests, params, use_tqdm=False)]
     without = [o.outputs[0].token_ids for o in uncached.generate(requests, params, use_tqdm=False)]
-    assert with_cache == without
+    hits_before = cached.llm_engine.kv_cache.prefix_hits
+    # Twice: the second run finds the first one's full blocks in the cache.
+    for _ in range(2):
+        with_cache = [o.outputs[0].token_ids for o in cached.generate(requests, params, use_tqdm=False)]
+        assert with_cache == without
+    if any(len(p) > BLOCK_SIZE for p in prompts):  # a full block before the token a prompt must compute
+        assert cached.llm_engine.kv_cache.prefix_hits > hits_before

@@ -83,10 +83,9 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
     this rank's part: built from the TP-local config, reading only its weight slices."""
     hf_config = model_config.hf_config
     model_dir = Path(model_config.model)
-    weights = iterate_safetensors(safetensors_files(model_dir))
-    if tp_layout is not None and tp_layout.world_size > 1:
+    sharded = tp_layout is not None and tp_layout.world_size > 1
+    if sharded:
         hf_config = tp_local_config(hf_config, tp_layout)
-        weights = iterate_sharded_safetensors(safetensors_files(model_dir), tp_layout)
     _, model_class = resolve_architecture(getattr(hf_config, "architectures", None), f"{model_dir}/config.json")
     extra = () if model_config.multimodal is None else (model_config.multimodal,)
     construct = functools.partial(model_class, hf_config, model_config.max_model_len, *extra)
@@ -102,5 +101,6 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
         rank, world_size = (0, 1) if tp_layout is None else (tp_layout.rank, tp_layout.world_size)
         load_sharded_state(model, model_dir, rank, world_size)
     else:
-        model.load_weights(weights)
+        files = safetensors_files(model_dir)
+        model.load_weights(iterate_sharded_safetensors(files, tp_layout) if sharded else iterate_safetensors(files))
     return model.eval().requires_grad_(False)

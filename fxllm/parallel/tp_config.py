@@ -8,10 +8,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from fxllm.models.layers import head_dim_of
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from fxllm.runtime.kv_cache import cdiv
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class TPLayout:
     @property
     def local_vocab(self) -> int:
         """Each rank's vocabulary shard; the last is padded so that the shards are equal."""
-        return _cdiv(self.vocab_size, self.world_size)
+        return cdiv(self.vocab_size, self.world_size)
 
     @property
     def vocab_start(self) -> int:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from fxllm.runtime.kv_cache import cdiv
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # Floor for computed scales, so an all-zero row or token divides by something; its values
 # quantize to 0 whatever the floor is.
 MIN_SCALE = 1e-12
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _to_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
