@@ -213,9 +213,8 @@ def test_static_input_scale_of_a_fused_layer_is_the_largest_of_its_shards(engine
 
 
 def test_fp8_weights_take_less_memory_than_bf16(llama_dir):
-    def weight_bytes(llm: LLM) -> int:  # what the runner reports as weights
-        model = llm.llm_engine.runner.model
-        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    def weight_bytes(llm: LLM) -> int:
+        return llm.compile_report().weight_bytes
 
     bf16 = LLM(model=str(llama_dir), dtype="bfloat16", enforce_eager=True)
     fp8 = LLM(model=str(llama_dir), dtype="bfloat16", quantization="fp8", enforce_eager=True)

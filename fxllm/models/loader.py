@@ -104,3 +104,8 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
         files = safetensors_files(model_dir)
         model.load_weights(iterate_sharded_safetensors(files, tp_layout) if sharded else iterate_safetensors(files))
     return model.eval().requires_grad_(False)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Device memory the model's parameters and buffers take (FP8 weights count one byte each)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -15,7 +15,7 @@ from torch import nn
 
 from fxllm.compiler import compile_model
 from fxllm.config import EngineConfig, PoolerConfig
-from fxllm.models.loader import build_model
+from fxllm.models.loader import build_model, weight_bytes
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from fxllm.runtime.runner import select_attention_backend
@@ -38,6 +38,7 @@ class PoolingRunner:
         self.compiled = compile_model(self.model, config, self._context_without_metadata)
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
+        self.compile_report.weight_bytes = weight_bytes(self.model)
 
     def _context_without_metadata(self):
         """For the compiler's dummy forwards: attention is skipped."""

@@ -26,7 +26,7 @@ from fxllm.compiler import compile_model
 from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphDispatch, GraphStep
 from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CUDAGraphMode, EngineConfig
-from fxllm.models.loader import build_model
+from fxllm.models.loader import build_model, weight_bytes
 from fxllm.models.sharded_state import save_sharded_state
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
@@ -95,6 +95,7 @@ class ModelRunner:
             self.inputs = StepInputs(
                 max_num_tokens=scheduler.max_num_batched_tokens,
                 # Graphs are captured on idle steps of one request per token.
+        self.compile_report.weight_bytes = weight_bytes(self.model)
                 max_num_requests=max((scheduler.max_num_seqs, *self.graph_plan.piecewise_sizes)),
                 max_blocks_per_seq=cdiv(model_config.max_model_len, self.block_size),
                 block_size=self.block_size,
@@ -150,7 +151,7 @@ class ModelRunner:
         del hidden, logits, probs
         torch.cuda.synchronize(device)
         activation_peak = torch.cuda.max_memory_allocated(device) - allocated_before
-        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        weights = self.compile_report.weight_bytes
         torch.cuda.empty_cache()
         free_after = torch.cuda.mem_get_info(device)[0]
         graphs = self._cudagraph_reserve(activation_peak)

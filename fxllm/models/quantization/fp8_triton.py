@@ -2,11 +2,14 @@
 
 Program (m, n) owns a [BLOCK_M, BLOCK_N] tile of the output and walks K: it loads an
 activation tile in the model dtype and an FP8 weight tile (one byte per weight, the
-point for memory-bound small steps), multiplies the weight by the scale of each
-element's (row // SCALE_BLOCK_N, col // SCALE_BLOCK_K) cell, rounds it to the model
-dtype as the dequantize reference does, and accumulates the dot in float32.
+point for memory-bound small steps), widens the weights to the model dtype (exact) and
+accumulates the dot in float32. Scales are applied as coarsely as their layout allows:
+per-channel scales once to the finished row, block scales whose K-extent is a multiple
+of the tile to each tile's partial product, and any other layout per element (rounded
+to the model dtype as the dequantize reference rounds).
 
-Tile sizes are a first guess: not yet tuned or run on a GPU.
+Tiles are autotuned per (row bucket, N, K): the first step of each bucket benchmarks
+the configs below, which the CUDA-graph warm-ups do before any capture.
 """
 
 from __future__ import annotations
@@ -16,9 +19,36 @@ import triton
 import triton.language as tl
 
 # tl.dot needs at least 16 rows; decode steps (M <= 16) fill one row tile.
-BLOCK_M = 16
-BLOCK_N = 64
-BLOCK_K = 64
+MIN_BLOCK_M = 16
+# Steps are tuned per power-of-two row count up to this; larger steps share its tiles.
+LARGEST_ROW_BUCKET = 256
+# Small steps read weights and little else: narrow N tiles spread them over every SM,
+# long K tiles keep many loads in flight. Larger steps reuse each weight tile across rows.
+_SMALL_STEP_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=stages)
+    for block_n in (16, 32, 64)
+    for block_k in (128, 256)
+    for stages in (4,)
+]
+_LARGE_STEP_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=warps, num_stages=3)
+    for block_m, block_n, warps in ((32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 128, 8))
+]
+# The interpreter (CPU tests) runs one fixed tile: tuning there would only cost time.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    small = named_args["row_bucket"] <= MIN_BLOCK_M
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == MIN_BLOCK_M) == small]
+
+
+@triton.jit
+def _dot(x, weight, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc + x @ weight.T for x [BLOCK_M, BLOCK_K] and weight [BLOCK_N, BLOCK_K] in the model dtype."""
+    if DOT_IN_FP32:
+        return tl.dot(x.to(tl.float32), tl.trans(weight.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(weight), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -29,6 +59,7 @@ def _fp8_weight_only_gemm_kernel(
     bias_ptr,
     out_ptr,
     num_tokens,
+    row_bucket,  # the autotuning key: next power of two of num_tokens, capped
     stride_x_token,
     stride_x_k,
     stride_weight_n,
@@ -52,7 +83,7 @@ def _fp8_weight_only_gemm_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < num_tokens
     col_valid = cols < N
-    scale_rows = scale_ptr + (cols // SCALE_BLOCK_N)[:, None] * stride_scale_n
+    scale_rows = scale_ptr + (cols // SCALE_BLOCK_N) * stride_scale_n  # [BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
@@ -66,12 +97,20 @@ def _fp8_weight_only_gemm_kernel(
         weight = tl.load(
             weight_ptr + cols[:, None] * stride_weight_n + ks[None, :] * stride_weight_k, mask=weight_mask, other=0.0
         )
-        scale = tl.load(scale_rows + (ks // SCALE_BLOCK_K)[None, :] * stride_scale_k, mask=weight_mask, other=0.0)
-        dequantized = (weight.to(tl.float32) * scale).to(x.dtype)  # [BLOCK_N, BLOCK_K]
-        if DOT_IN_FP32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(dequantized.to(tl.float32)), acc, input_precision="ieee")
+        if SCALE_BLOCK_K >= K:
+            # One scale per output row: FP8 widens exactly to the model dtype, scale once at the end.
+            acc = _dot(x, weight.to(x.dtype), acc, DOT_PRECISION, DOT_IN_FP32)
+        elif SCALE_BLOCK_K % BLOCK_K == 0:
+            # The tile lies in one scale column: scale its partial product per output row.
+            scale = tl.load(scale_rows + (k_start // SCALE_BLOCK_K) * stride_scale_k, mask=col_valid, other=0.0)
+            partial = _dot(x, weight.to(x.dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, DOT_IN_FP32)
+            acc += partial * scale[None, :]
         else:
-            acc = tl.dot(x, tl.trans(dequantized), acc, input_precision=DOT_PRECISION)
+            # Blocks not aligned to the tile: a scale per element, rounded as the reference rounds.
+            scale = tl.load(scale_rows[:, None] + (ks // SCALE_BLOCK_K)[None, :] * stride_scale_k, mask=weight_mask, other=0.0)
+            acc = _dot(x, (weight.to(tl.float32) * scale).to(x.dtype), acc, DOT_PRECISION, DOT_IN_FP32)
+    if SCALE_BLOCK_K >= K:
+        acc *= tl.load(scale_rows, mask=col_valid, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -94,18 +133,7 @@ def fp8_weight_only_gemm(
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    grid = (triton.cdiv(num_tokens, BLOCK_M), triton.cdiv(out_features, BLOCK_N))
-    _fp8_weight_only_gemm_kernel[grid](
-        x,
-        weight,
-        weight_scale,
-        bias if bias is not None else weight_scale,  # never read without HAS_BIAS
-        out,
-        num_tokens,
-        *x.stride(),
-        *weight.stride(),
-        *weight_scale.stride(),
-        *out.stride(),
+    common = dict(
         N=out_features,
         K=in_features,
         SCALE_BLOCK_N=block_n,
@@ -116,8 +144,33 @@ def fp8_weight_only_gemm(
         # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers; widening
         # first is exact (a product of two bf16 fits float32).
         DOT_IN_FP32=triton.knobs.runtime.interpret and x.dtype == torch.bfloat16,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
     )
+    args = (
+        x,
+        weight,
+        weight_scale,
+        bias if bias is not None else weight_scale,  # never read without HAS_BIAS
+        out,
+        num_tokens,
+        min(triton.next_power_of_2(num_tokens), LARGEST_ROW_BUCKET),
+        *x.stride(),
+        *weight.stride(),
+        *weight_scale.stride(),
+        *out.stride(),
+    )
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(num_tokens, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"])
+
+    if triton.knobs.runtime.interpret:
+        _fp8_weight_only_gemm_kernel[grid(INTERPRETER_CONFIG)](*args, **common, **INTERPRETER_CONFIG)
+    else:
+        _tuned_kernel[grid](*args, **common)
     return out
+
+
+_tuned_kernel = triton.autotune(
+    configs=_SMALL_STEP_CONFIGS + _LARGE_STEP_CONFIGS,
+    key=["row_bucket", "N", "K", "SCALE_BLOCK_N", "SCALE_BLOCK_K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_fp8_weight_only_gemm_kernel)

@@ -1,0 +1,106 @@
+"""FP8 GEMM paths against bf16, per step size, on the linear layers of a named shape (GPU).
+
+For each layer (fused qkv, o, fused gate/up, down) and each row count M, the time of:
+bf16 ``F.linear``; WEIGHT_ONLY (the Triton kernel that dequantizes FP8 weights in
+registers); W8A8 (per-token activation quantization + ``torch._scaled_mm``). Each is
+replayed from a CUDA graph, so launch overhead does not hide the kernels. The last
+lines give, per M, a decoder layer's four GEMMs summed, and the largest M for which
+WEIGHT_ONLY beats W8A8: the value ``WEIGHT_ONLY_MAX_TOKENS`` should take on this card.
+
+    python tools/bench_fp8_gemm.py --shape llama-3-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_model  # noqa: E402  (tools/ is not a package)
+
+DEFAULT_ROWS = (1, 4, 16, 32, 64, 128, 256)
+REPLAYS_PER_GRAPH = 20  # calls captured into one graph, so one replay times many kernels
+TIMED_REPLAYS = 10
+WEIGHT_STD = 0.02
+
+
+def layer_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """[out, in] of the fused linear layers of one decoder layer."""
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config["num_key_value_heads"] * head_dim
+    intermediate = config["intermediate_size"]
+    return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
+
+
+def graph_us(fn) -> float:
+    """Mean µs of one ``fn()``, replayed from a CUDA graph of REPLAYS_PER_GRAPH calls."""
+    fn()  # compiles and autotunes outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPLAYS_PER_GRAPH):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TIMED_REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (TIMED_REPLAYS * REPLAYS_PER_GRAPH)
+
+
+def main() -> None:
+    from fxllm.models.quantization.fp8_gemm import w8a8_gemm
+    from fxllm.models.quantization.fp8_quant import quantize_per_channel
+    from fxllm.models.quantization.fp8_triton import fp8_weight_only_gemm
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(random_model.SHAPES), default="llama-3-8b")
+    parser.add_argument("--rows", type=int, nargs="+", default=list(DEFAULT_ROWS), help="step sizes M")
+    parser.add_argument("--json", default="bench_fp8_gemm.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU with FP8 (sm89 or newer)")
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    rows = []
+    for layer, (out_features, in_features) in layer_shapes(random_model.SHAPES[args.shape]).items():
+        weight = torch.randn(out_features, in_features, device=device) * WEIGHT_STD
+        weight_bf16 = weight.bfloat16()
+        weight_fp8, scale = quantize_per_channel(weight)
+        del weight
+        for m in args.rows:
+            x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
+            rows.append({
+                "layer": layer, "out": out_features, "in": in_features, "m": m,
+                "bf16_us": graph_us(lambda: F.linear(x, weight_bf16)),
+                "weight_only_us": graph_us(lambda: fp8_weight_only_gemm(x, weight_fp8, scale, None, 1, in_features)),
+                "w8a8_us": graph_us(lambda: w8a8_gemm(x, weight_fp8, scale, None, None)),
+            })
+    print(f"{torch.cuda.get_device_name()}, shape {args.shape}, µs per GEMM (CUDA-graph replay)")
+    print(f"{'layer':<8} {'M':>5} {'bf16':>8} {'w-only':>8} {'w8a8':>8}  {'fp8 GB/s (w-only)':>17}")
+    for row in rows:
+        gb_s = row["out"] * row["in"] / (row["weight_only_us"] * 1e3)
+        print(f"{row['layer']:<8} {row['m']:>5} {row['bf16_us']:>8.1f} {row['weight_only_us']:>8.1f} "
+              f"{row['w8a8_us']:>8.1f}  {gb_s:>17.0f}")
+    print(f"\n{'M':>5} {'layer bf16':>11} {'w-only':>8} {'w8a8':>8}  (µs, the four GEMMs of a decoder layer)")
+    crossover, still_winning = 0, True
+    for m in sorted(args.rows):
+        total = {path: sum(r[f"{path}_us"] for r in rows if r["m"] == m) for path in ("bf16", "weight_only", "w8a8")}
+        print(f"{m:>5} {total['bf16']:>11.1f} {total['weight_only']:>8.1f} {total['w8a8']:>8.1f}")
+        still_winning = still_winning and total["weight_only"] <= total["w8a8"]
+        crossover = m if still_winning else crossover
+    print(f"largest M up to which WEIGHT_ONLY beats W8A8 at every measured size: {crossover}")
+    Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
