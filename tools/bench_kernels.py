@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_latency import write_model  # noqa: E402  (tools/ is not a package)
+import random_model  # noqa: E402  (tools/ is not a package)
 
 PROMPT_TOKENS = 16
 PASS_SETTINGS = {
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--no-inductor", action="store_true", help="pieces run eagerly (a quick smoke run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_model(args.shape, Path(scratch) / args.shape)
+        model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
         rows = {
             name: count_kernels(model_dir, args.device, config, args.steps, use_inductor=not args.no_inductor)
             for name, config in PASS_SETTINGS.items()

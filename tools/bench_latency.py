@@ -9,22 +9,30 @@ reads one row) times decode tok/s, against the 3.0 TB/s the H100 copies at.
     python tools/bench_latency.py --shape llama-3.2-1b        # GPU
     python tools/bench_latency.py --shape tiny --new-tokens 16 --enforce-eager   # CPU smoke run
     python tools/bench_latency.py --cudagraph-modes NONE FULL_AND_PIECEWISE --profile
+    python tools/bench_latency.py --shape llama-3-8b --quantization none fp8
+    python tools/bench_latency.py --shape llama-3-8b --tensor-parallel-sizes 1 2 --profile
+    python tools/bench_latency.py --shape qwen3-0.6b --pass-configs default off
 
-``--profile`` adds where a decode step's time goes: the device time of its kernels
-(torch profiler) against the step's wall time; the rest is host overhead the GPU
-waits on.
+One row per combination of the listed modes, quantizations, tensor-parallel sizes and
+pass configs, all in one run. ``--profile`` adds where a decode step's time goes: the
+device time of its kernels (torch profiler, rank 0) against the step's wall time, the
+rest being host overhead the GPU waits on; and, under tensor parallelism, the time of
+the all-reduce kernels in it. Under tensor parallelism the bound is per card: each
+reads 1/N of the weights and KV cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import random
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,24 +50,31 @@ H100_BYTES_PER_S = 3.0e12  # device-to-device copy on the H100 of BENCHMARKS.md
 WARMUP_TOKENS = 4
 PROFILED_STEPS = 32
 PROMPT_ID_LIMIT = 10_000  # prompt ids below every shape's vocabulary
-# A 2-layer Llama for CPU smoke runs; the real shapes come from tools/random_model.py.
-TINY_SHAPE = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=512,
-    tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu",
-    rope_theta=500000.0,
-)
-SHAPES = ("llama-3.2-1b", "llama-3-8b", "tiny")
+SHAPES = tuple(random_model.SHAPES)
+# --pass-configs names; anything else is read as a JSON PassConfig.
+NAMED_PASS_CONFIGS = {"default": None, "off": {"enable_noop": False, "enable_fusion": False}}
+FP8_BYTES = 1
+ALL_REDUCE_KERNEL = "allreduce"  # NCCL's all-reduce kernels, lower-cased
 
 
-def write_model(shape: str, directory: Path) -> Path:
-    # random_model knows the real shapes only; the tiny one is registered for this process.
-    random_model.SHAPES.setdefault("tiny", TINY_SHAPE)
-    return random_model.write_random_model(shape, directory)
+@dataclass(frozen=True)
+class Variant:
+    cudagraph_mode: str | None
+    quantization: str | None
+    tensor_parallel_size: int
+    pass_config: str  # a NAMED_PASS_CONFIGS key or JSON
+
+    def pass_config_dict(self) -> dict | None:
+        if self.pass_config in NAMED_PASS_CONFIGS:
+            return NAMED_PASS_CONFIGS[self.pass_config]
+        return json.loads(self.pass_config)
 
 
-def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: int) -> dict[str, float]:
-    """Bytes one decode step reads: linear weights, lm_head and the KV cache of ``context_tokens``."""
+def bytes_per_decode_step(
+    config: dict, context_tokens: float, element_bytes: int, linear_bytes: int | None = None
+) -> dict[str, float]:
+    """Bytes one decode step reads: linear weights (``linear_bytes`` each, FP8: 1), lm_head
+    and the KV cache of ``context_tokens``."""
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_width = config["num_attention_heads"] * head_dim
@@ -67,7 +82,7 @@ def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: in
     layers = config["num_hidden_layers"]
     attention = hidden * (q_width + 2 * kv_width) + q_width * hidden  # qkv and o projections
     mlp = 3 * hidden * config["intermediate_size"]  # gate, up, down
-    linear = layers * (attention + mlp) * element_bytes
+    linear = layers * (attention + mlp) * (linear_bytes or element_bytes)
     lm_head = config["vocab_size"] * hidden * element_bytes  # read in full even when tied
     kv = layers * 2 * kv_width * context_tokens * element_bytes
     return {"linear": linear, "lm_head": lm_head, "kv": kv, "total": linear + lm_head + kv}
@@ -79,31 +94,37 @@ def timed_generate(llm: LLM, prompt: dict, params: SamplingParams) -> float:
     return time.perf_counter() - start
 
 
-def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> float:
-    """Kernel time per decode step, from the torch profiler (prefill included, then removed
-    by profiling a 1-token run too)."""
+def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> tuple[float, float]:
+    """Kernel time and all-reduce kernel time per decode step, from the torch profiler
+    (prefill included, then removed by profiling a 1-token run too)."""
     from torch.profiler import ProfilerActivity, profile
 
     from fxllm import SamplingParams
 
-    def kernel_ms(tokens: int) -> float:
+    def kernel_ms(tokens: int) -> tuple[float, float]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
-        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        events = prof.key_averages()
+        all_reduce = sum(e.self_device_time_total for e in events if ALL_REDUCE_KERNEL in e.key.lower())
+        return sum(e.self_device_time_total for e in events) / 1e3, all_reduce / 1e3
 
-    return (kernel_ms(decode_steps + 1) - kernel_ms(1)) / decode_steps
+    (total_long, reduce_long), (total_short, reduce_short) = kernel_ms(decode_steps + 1), kernel_ms(1)
+    return (total_long - total_short) / decode_steps, (reduce_long - reduce_short) / decode_steps
 
 
-def run(args: argparse.Namespace, model_dir: Path, cudagraph_mode: str | None) -> dict:
+def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
     from fxllm import LLM, SamplingParams
 
-    compilation = {"level": args.level}
-    if cudagraph_mode is not None:
-        compilation["cudagraph_mode"] = cudagraph_mode
+    compilation: dict = {"level": args.level}
+    if variant.cudagraph_mode is not None:
+        compilation["cudagraph_mode"] = variant.cudagraph_mode
+    if variant.pass_config_dict() is not None:
+        compilation["pass_config"] = variant.pass_config_dict()
     # No prefix caching: every repeat must compute the prompt again, like the first.
     llm = LLM(
         model=str(model_dir), max_model_len=PROMPT_TOKENS + args.new_tokens, device=args.device,
         enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False,
+        quantization=variant.quantization, tensor_parallel_size=variant.tensor_parallel_size,
     )
     rng = random.Random(0)
     id_limit = min(PROMPT_ID_LIMIT, llm.llm_engine_config.model.hf_config.vocab_size)
@@ -120,16 +141,23 @@ def run(args: argparse.Namespace, model_dir: Path, cudagraph_mode: str | None) -
     config = json.loads((model_dir / "config.json").read_text())
     element_bytes = llm.llm_engine_config.model.dtype.itemsize
     # Decode steps see contexts of PROMPT_TOKENS + 1 ... PROMPT_TOKENS + new_tokens - 1 tokens.
-    step_bytes = bytes_per_decode_step(config, PROMPT_TOKENS + args.new_tokens / 2, element_bytes)
-    bandwidth = step_bytes["total"] * decode_tok_s
+    linear_bytes = FP8_BYTES if variant.quantization == "fp8" else None
+    step_bytes = bytes_per_decode_step(config, PROMPT_TOKENS + args.new_tokens / 2, element_bytes, linear_bytes)
+    cards = variant.tensor_parallel_size
+    bandwidth = step_bytes["total"] / cards * decode_tok_s  # per card
     on_gpu = llm.llm_engine_config.device.type == "cuda"
     step_ms = 1e3 / decode_tok_s
-    device_ms = device_ms_per_step(llm, prompt, PROFILED_STEPS) if args.profile and on_gpu else None
+    device_ms, all_reduce_ms = device_ms_per_step(llm, prompt, PROFILED_STEPS) if args.profile and on_gpu else (None, None)
     row = {
         "shape": args.shape,
-        "cudagraph_mode": "NONE" if args.enforce_eager else (cudagraph_mode or "default"),
+        "cudagraph_mode": "NONE" if args.enforce_eager else (variant.cudagraph_mode or "default"),
+        "quantization": variant.quantization or "none",
+        "tensor_parallel_size": cards,
+        "pass_config": variant.pass_config,
+        "weight_gib": round(llm.compile_report().weight_bytes / 2**30, 3),  # rank 0's share
         "step_ms": round(step_ms, 3),
         "device_ms_per_step": None if device_ms is None else round(device_ms, 3),
+        "all_reduce_ms_per_step": None if all_reduce_ms is None or cards == 1 else round(all_reduce_ms, 3),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(llm.llm_engine_config.model.dtype).removeprefix("torch."),
         "level": 0 if args.enforce_eager else args.level,
@@ -141,7 +169,7 @@ def run(args: argparse.Namespace, model_dir: Path, cudagraph_mode: str | None) -
         "bytes_per_step": {part: int(value) for part, value in step_bytes.items()},
         "bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "fraction_of_bound": round(bandwidth / H100_BYTES_PER_S, 3) if on_gpu else None,
-        "bound_tok_s": round(H100_BYTES_PER_S / step_bytes["total"], 1) if on_gpu else None,
+        "bound_tok_s": round(H100_BYTES_PER_S * cards / step_bytes["total"], 1) if on_gpu else None,
     }
     del llm
     gc.collect()
@@ -151,14 +179,16 @@ def run(args: argparse.Namespace, model_dir: Path, cudagraph_mode: str | None) -
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':<14} {'level':>5} {'graphs':<18} {'tok/s':>9} {'decode tok/s':>12} {'ms/step':>8} "
-          f"{'device ms':>9} {'GB/step':>9} {'GB/s read':>10}  bound")
+    print(f"{'shape':<12} {'graphs':<18} {'quant':<5} {'TP':>2} {'passes':<8} {'weights GiB':>11} {'tok/s':>7} "
+          f"{'decode tok/s':>12} {'ms/step':>8} {'device ms':>9} {'all-reduce ms':>13} {'GB/step':>8}  bound")
     for row in rows:
         bound = "n/a (CPU)" if row["fraction_of_bound"] is None else f"{row['fraction_of_bound']:.0%} of 3.0 TB/s"
         device = "" if row["device_ms_per_step"] is None else row["device_ms_per_step"]
-        print(f"{row['shape']:<14} {row['level']:>5} {row['cudagraph_mode']:<18} {row['tok_s']:>9} "
-              f"{row['decode_tok_s']:>12} {row['step_ms']:>8} {device:>9} {row['bytes_per_step']['total'] / 1e9:>9.4g} "
-              f"{row['bandwidth_gb_s']:>10}  {bound}")
+        all_reduce = "" if row["all_reduce_ms_per_step"] is None else row["all_reduce_ms_per_step"]
+        print(f"{row['shape']:<12} {row['cudagraph_mode']:<18} {row['quantization']:<5} "
+              f"{row['tensor_parallel_size']:>2} {row['pass_config'][:8]:<8} {row['weight_gib']:>11} {row['tok_s']:>7} "
+              f"{row['decode_tok_s']:>12} {row['step_ms']:>8} {device:>9} {all_reduce:>13} "
+              f"{row['bytes_per_step']['total'] / 1e9:>8.4g}  {bound}")
 
 
 def main() -> None:
@@ -170,16 +200,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median counts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cudagraph-modes", nargs="+", default=[None], help="one row per mode (default: the engine's)")
+    parser.add_argument("--quantization", nargs="+", choices=("none", "fp8"), default=["none"],
+                        help="one row per quantization (fp8: dynamic FP8 at load)")
+    parser.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1], help="one row per size")
+    parser.add_argument("--pass-configs", nargs="+", default=["default"],
+                        help="one row per pass config: default, off, or a JSON PassConfig")
     parser.add_argument("--profile", action="store_true", help="also measure device time per decode step (GPU)")
     parser.add_argument("--json", default="bench_latency.json", help="where to write the results")
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be >= 2 (one prefill token and at least one decode step), got {args.new_tokens}")
+    for passes in args.pass_configs:
+        if passes not in NAMED_PASS_CONFIGS:
+            try:
+                json.loads(passes)
+            except json.JSONDecodeError as error:
+                parser.error(f"--pass-configs takes {', '.join(NAMED_PASS_CONFIGS)} or JSON, got {passes!r}: {error}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_model(args.shape, Path(scratch) / args.shape)
-        rows = [run(args, model_dir, mode) for mode in args.cudagraph_modes]
+        model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
+        variants = [
+            Variant(mode, None if quantization == "none" else quantization, size, passes)
+            for mode, quantization, size, passes in itertools.product(
+                args.cudagraph_modes, args.quantization, args.tensor_parallel_sizes, args.pass_configs
+            )
+        ]
+        rows = [run(args, model_dir, variant) for variant in variants]
     print_table(rows)
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -107,9 +107,9 @@ def main() -> None:
 
     if args.shape:
         sys.path.insert(0, str(Path(__file__).parent))
-        from bench_latency import write_model  # the named shapes and the tiny CPU one
+        import random_model  # the named shapes and the tiny CPU one
 
-        args.model = str(write_model(args.shape, Path(tempfile.mkdtemp()) / args.shape))
+        args.model = str(random_model.write_random_model(args.shape, Path(tempfile.mkdtemp()) / args.shape))
     elif args.model is None:
         from fxllm import default_model
 

@@ -48,13 +48,6 @@ MAX_MODEL_LEN = 4096
 WARMUP_PROMPT = list(range(2, 18))
 WARMUP_TOKENS = 4
 HF_PAD_ID = 0  # any id: padded positions are masked out
-# A 2-layer Qwen3 (qk-norm, tied) for CPU smoke runs; its vocabulary covers the prompt ids.
-TINY_SHAPE = dict(
-    architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=10240,
-    tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=MAX_MODEL_LEN,
-    rms_norm_eps=1e-6, hidden_act="silu",
-)
 SHAPES = ("qwen3-0.6b", "tiny")
 
 
@@ -73,12 +66,6 @@ def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tup
     prompts = [[rng.randint(0, MAX_PROMPT_ID) for _ in range(rng.randint(*input_len))] for _ in range(num_requests)]
     max_tokens = [rng.randint(*output_len) for _ in range(num_requests)]
     return Workload(prompts, max_tokens)
-
-
-def write_model(shape: str, directory: Path) -> Path:
-    # random_model knows the real shapes only; the tiny one is registered for this process.
-    random_model.SHAPES.setdefault("tiny", TINY_SHAPE)
-    return random_model.write_random_model(shape, directory)
 
 
 def bench_fxllm(llm: LLM, workload: Workload) -> dict:
@@ -235,7 +222,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_model(args.shape, Path(scratch) / args.shape)
+        model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
         result = run(args, model_dir)
     print_table(result)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

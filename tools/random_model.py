@@ -37,6 +37,13 @@ SHAPES: dict[str, dict] = {
         tie_word_embeddings=False, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
         rope_theta=500000.0,
     ),
+    # A 2-layer Qwen3 (qk-norm, tied) for CPU smoke runs of every tool.
+    "tiny": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=10240,
+        tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, hidden_act="silu",
+    ),
 }
 WEIGHT_STD = 0.02
 
