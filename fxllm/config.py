@@ -378,14 +378,20 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+def cuda_device_count() -> int:
+    """Visible GPUs, counted through NVML where it can be: unlike ``torch.cuda.is_available()``,
+    this leaves the CUDA driver uninitialized, so tensor-parallel workers can still be forked."""
+    return torch.cuda.device_count()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if cuda_device_count() > 0 else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and cuda_device_count() == 0:
         raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'")
     return torch.device(device)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from transformers import AutoConfig
 
 from fxllm import LLM, SamplingParams
 from fxllm.compiler.capture import DirectCall, capture
+from fxllm.models.loader import build_model as _build_model
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.weights import safetensors_files
 from fxllm.parallel.sharding import iterate_sharded_safetensors
@@ -36,6 +39,8 @@ MAX_POSITIONS = 64
 WORLD_SIZE = 2
 # fp32 partial sums added in another order: logits agree to rounding.
 LOGIT_TOLERANCE = 1e-4
+# A rank that fails at start-up is reported within seconds, far below the collective timeout.
+STARTUP_FAILURE_SECONDS = 60
 
 
 def tp_forward(model_dir: Path, rank: int, world_size: int) -> tuple[torch.Tensor, int]:
@@ -195,6 +200,26 @@ def test_a_worker_error_during_a_step_surfaces_with_its_rank(tensor_parallel_run
     del llm
     gc.collect()
     assert not any(_alive(pid) for pid in pids)
+
+
+def _fail_to_load_on_rank_1(model_config, device, tp_layout=None):
+    if tp_layout is not None and tp_layout.rank == 1:
+        raise RuntimeError("rank 1 ran out of memory loading its shard")
+    return _build_model(model_config, device, tp_layout)
+
+
+def test_a_worker_failing_at_start_up_stops_the_engine_with_its_rank(tensor_parallel_runs, monkeypatch):
+    """Rank 0 meets the workers after each start-up phase: it raises there, not at a timeout."""
+    import fxllm.runtime.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "build_model", _fail_to_load_on_rank_1)  # forked workers inherit it
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="(?s)worker rank 1 failed.*rank 1 ran out of memory"):
+        LLM(model=str(tensor_parallel_runs["llama"]), enforce_eager=True, max_model_len=MAX_POSITIONS,
+            tensor_parallel_size=2)
+    assert time.perf_counter() - start < STARTUP_FAILURE_SECONDS
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("fxllm-tp-")]
+    assert not dist.is_initialized()  # the same process can start another engine
 
 
 def test_an_architecture_without_a_sharding_plan_is_a_clear_error(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,12 +13,12 @@ from fxllm.parallel.workers import WorkerGroup, choose_start_method
 WORLD_SIZE = 2
 
 
-def _sum_ranks(rank: int, world_size: int, payload: int) -> None:
+def _sum_ranks(rank: int, world_size: int, host_group: dist.ProcessGroup, payload: int) -> None:
     total = torch.tensor([float(rank + payload)])
     dist.all_reduce(total)
 
 
-def _fail_on_rank_1(rank: int, world_size: int, payload: None) -> None:
+def _fail_on_rank_1(rank: int, world_size: int, host_group: dist.ProcessGroup, payload: None) -> None:
     if rank == 1:
         raise ValueError("rank 1 could not load its shard")
     dist.barrier()
@@ -46,8 +48,34 @@ def test_a_worker_exception_reaches_the_parent_with_its_rank():
     assert not any(process.is_alive() for process in processes)
 
 
+def _die_before_joining() -> None:
+    raise SystemExit(3)  # e.g. an import that fails in a spawned worker
+
+
+def test_a_worker_that_dies_before_joining_is_reported_instead_of_awaited(monkeypatch):
+    import fxllm.parallel.workers as workers
+
+    monkeypatch.setattr(workers, "_forget_inherited_thread_pools", _die_before_joining)  # runs in the forked child
+    with pytest.raises(RuntimeError, match="(?s)worker rank 1 failed.*SystemExit: 3"):
+        WorkerGroup(WORLD_SIZE, "cpu", _sum_ranks, 10, start_method="fork")
+    assert not dist.is_initialized()
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("fxllm-tp-")]
+
+
 def test_start_method_follows_the_override_and_rejects_unknown_ones():
     assert choose_start_method("spawn") == "spawn"
     assert choose_start_method(None) == "fork"  # CUDA is not initialized in the CPU suite
     with pytest.raises(ValueError, match="FXLLM_WORKER_MULTIPROC_METHOD must be one of fork, spawn"):
         choose_start_method("forkserver")
+
+
+def test_choosing_the_device_leaves_cuda_uninitialized_so_workers_can_fork(monkeypatch):
+    """torch.cuda.is_available() initializes the CUDA driver, after which a forked worker
+    cannot use CUDA: device resolution counts GPUs through NVML instead."""
+    from fxllm.config import resolve_device
+
+    def poisons_fork() -> bool:
+        raise AssertionError("torch.cuda.is_available() was called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", poisons_fork)
+    assert resolve_device("auto").type in ("cpu", "cuda")

@@ -35,10 +35,10 @@ class SaveRequest:
 
 
 class StepSync:
-    def __init__(self, inputs: StepInputs):
+    def __init__(self, inputs: StepInputs, group: dist.ProcessGroup):
         self.inputs = inputs
-        # The step goes over gloo even on GPUs: host arrays, no device sync to read them.
-        self.group = dist.new_group(backend="gloo")
+        # The workers' gloo host group, whatever the device: host arrays need no device sync.
+        self.group = group
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         dist.broadcast(tensor, src=0, group=self.group)

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fxllm.config import CompilationLevel, EngineConfig
 from fxllm.parallel.step_sync import SaveRequest, StepSync
@@ -47,13 +48,13 @@ def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: b
         )
 
 
-def run_tensor_parallel_worker(rank: int, world_size: int, config: EngineConfig) -> None:
+def run_tensor_parallel_worker(rank: int, world_size: int, host_group: dist.ProcessGroup, config: EngineConfig) -> None:
     from fxllm.runtime.runner import ModelRunner
 
     if config.device.type == "cuda":
         torch.cuda.set_device(rank)
         config = replace(config, device=torch.device("cuda", rank))
-    runner = ModelRunner(config, rank=rank)
+    runner = ModelRunner(config, rank=rank, host_group=host_group)
     runner.allocate_kv_cache(runner.agree_num_blocks(runner.determine_num_blocks()))
     runner.capture_cudagraphs()
     with torch.inference_mode():  # the step buffers are inference tensors

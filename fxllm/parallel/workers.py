@@ -3,9 +3,11 @@
 Like vLLM: fork when the parent has not initialized CUDA (cheap, and no
 ``__main__`` guard needed), otherwise spawn, with a warning, since a forked child
 cannot use CUDA after its parent did. Every rank joins one default process group
-(NCCL on GPU, gloo on CPU). A worker's exception reaches the parent with its rank
-and traceback; the group shuts down on ``shutdown()``, when its owner is collected,
-and at interpreter exit, and never leaves processes behind.
+(NCCL on GPU, gloo on CPU) plus a gloo "host group" for host arrays and start-up
+barriers. A worker's exception reaches the parent with its rank and traceback: rank 0
+polls the rendezvous while it waits for workers to join, and after that a dead peer
+fails the next host-group collective at once. The group shuts down on ``shutdown()``,
+when its owner is collected, and at interpreter exit, and never leaves processes behind.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ START_METHODS = ("fork", "spawn")
 # How long a collective may wait for a peer: a dead peer closes its connection sooner.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_SECONDS = 10.0  # a worker asked to stop gets this long before it is terminated
-WorkerMain = Callable[[int, int, Any], None]  # (rank, world_size, payload)
+# Rank 0 checks for dead workers this often while it waits for them to join.
+JOIN_POLL = datetime.timedelta(seconds=1)
+WorkerMain = Callable[[int, int, dist.ProcessGroup, Any], None]  # (rank, world_size, host group, payload)
 
 
 def choose_start_method(requested: str | None) -> str:
@@ -49,11 +53,16 @@ def choose_start_method(requested: str | None) -> str:
     return "fork"
 
 
-def init_process_group(rank: int, world_size: int, rendezvous: str, device_type: str) -> None:
+def _joined_key(rank: int) -> str:
+    return f"fxllm/joined/{rank}"
+
+
+def init_process_group(store: dist.Store, rank: int, world_size: int, device_type: str) -> dist.ProcessGroup:
+    """Join the default group (NCCL on GPU, gloo on CPU); returns the gloo host group."""
     backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
-    )
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    # Every rank creates it right after joining, before any work that could fail.
+    return dist.new_group(backend="gloo")
 
 
 def _forget_inherited_thread_pools() -> None:
@@ -70,14 +79,19 @@ def _forget_inherited_thread_pools() -> None:
 def _worker_entry(
     rank: int, world_size: int, rendezvous: str, device_type: str, main: WorkerMain, payload: Any, errors
 ) -> None:
-    _forget_inherited_thread_pools()
-    if device_type == "cpu":
-        torch.set_num_threads(1)  # one thread per rank: ranks share the host's cores
     try:
-        init_process_group(rank, world_size, rendezvous, device_type)
-        main(rank, world_size, payload)
+        _forget_inherited_thread_pools()
+        if device_type == "cpu":
+            torch.set_num_threads(1)  # one thread per rank: ranks share the host's cores
+        store = dist.FileStore(rendezvous, world_size)
+        store.set(_joined_key(rank), "1")
+        host_group = init_process_group(store, rank, world_size, device_type)
+        main(rank, world_size, host_group, payload)
     except BaseException:  # reported to the parent, whatever it was
-        errors.put((rank, traceback.format_exc()))
+        trace = traceback.format_exc()
+        # Logged here too: the parent reads the queue only once its own rank stops.
+        logger.error("tensor-parallel worker rank %d failed:\n%s", rank, trace)
+        errors.put((rank, trace))
         raise SystemExit(1)
     finally:
         if dist.is_initialized():
@@ -119,7 +133,28 @@ class WorkerGroup:
         self._finalizer = weakref.finalize(self, _stop, self._processes)
         if device_type == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-        init_process_group(0, world_size, rendezvous, device_type)
+        try:
+            store = dist.FileStore(rendezvous, world_size)
+            self._wait_for_workers(store, world_size)
+            self.host_group = init_process_group(store, 0, world_size, device_type)
+        except BaseException:
+            self._finalizer()
+            self._scratch.cleanup()
+            raise
+
+    def _wait_for_workers(self, store: dist.Store, world_size: int) -> None:
+        """Until every worker is about to join; a worker that died first raises its error here
+        instead of leaving rank 0 in the rendezvous until COLLECTIVE_TIMEOUT."""
+        keys = [_joined_key(rank) for rank in range(1, world_size)]
+        deadline = datetime.datetime.now() + COLLECTIVE_TIMEOUT
+        while True:
+            try:
+                store.wait(keys, JOIN_POLL)
+                return
+            except RuntimeError as timeout:  # DistStoreError: not every key yet
+                self.raise_worker_error()
+                if datetime.datetime.now() > deadline:
+                    raise RuntimeError(f"tensor-parallel workers did not start within {COLLECTIVE_TIMEOUT}") from timeout
 
     def raise_worker_error(self, cause: BaseException | None = None) -> None:
         """Raise the first worker's error (with its rank), if a worker failed."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch.distributed as dist
+
 from fxllm.config import EngineConfig
 from fxllm.outputs import Logprob
 from fxllm.runtime.kv_cache import KVCacheManager, cdiv
@@ -16,10 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Any):
+    def __init__(self, config: EngineConfig, tokenizer: Any, host_group: dist.ProcessGroup | None = None):
         self.config = config
         self.tokenizer = tokenizer  # decodes the tokens of logprob entries
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, host_group=host_group)
         num_blocks = self.runner.agree_num_blocks(self.runner.determine_num_blocks())
         block_size = config.cache.block_size
         max_model_len = config.model.max_model_len

@@ -60,7 +60,8 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0):
+    def __init__(self, config: EngineConfig, rank: int = 0, host_group: dist.ProcessGroup | None = None):
+        """``host_group``: under tensor parallelism, the gloo group of every rank (parallel/workers.py)."""
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
@@ -68,9 +69,13 @@ class ModelRunner:
         world_size = config.parallel.tensor_parallel_size
         # This rank's part of a tensor-parallel model; None on one device.
         self.tp_layout = tp_layout(model_config.hf_config, rank, world_size) if world_size > 1 else None
+        # Start-up meets on it after each phase: a rank that failed stops the others there
+        # (gloo sees the closed connection) instead of at an NCCL timeout.
+        self._host_group = host_group
         load_start = time.perf_counter()
         self.model: nn.Module = build_model(model_config, self.device, self.tp_layout)
         load_seconds = time.perf_counter() - load_start
+        self._startup_barrier()
         self.vocab_size = model_config.vocab_size
         self.layers: dict[str, AttentionSpec] = {
             module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
@@ -85,24 +90,29 @@ class ModelRunner:
         takes_embeds = getattr(self.model, "takes_inputs_embeds", False)
         self.embedder = MultiModalEmbedder(self.model) if takes_embeds else None
         self.compiled = compile_model(self.model, config, self._profile_context, self.tp_layout)
+        self._startup_barrier()
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
         self.compile_report.cudagraph_mode = self.graph_plan.mode.value
         self.compile_report.load_seconds = round(load_seconds, 2)
+        self.compile_report.weight_bytes = weight_bytes(self.model)
         self.graphs = CUDAGraphs(self.graph_plan, self._logits)
         scheduler = config.scheduler
         with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
             self.inputs = StepInputs(
                 max_num_tokens=scheduler.max_num_batched_tokens,
                 # Graphs are captured on idle steps of one request per token.
-        self.compile_report.weight_bytes = weight_bytes(self.model)
                 max_num_requests=max((scheduler.max_num_seqs, *self.graph_plan.piecewise_sizes)),
                 max_blocks_per_seq=cdiv(model_config.max_model_len, self.block_size),
                 block_size=self.block_size,
                 device=self.device,
                 mrope=getattr(self.model, "uses_mrope", False),
             )
-        self.step_sync = StepSync(self.inputs) if self.tp_layout is not None else None
+        self.step_sync = StepSync(self.inputs, self._host_group) if self._host_group is not None else None
+
+    def _startup_barrier(self) -> None:
+        if self._host_group is not None:
+            dist.barrier(group=self._host_group)
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
