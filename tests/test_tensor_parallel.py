@@ -99,11 +99,23 @@ def _gqa_one_kv_head():
     return config
 
 
+def _gpt2():
+    from transformers import GPT2Config
+
+    # Conv1D weights stored [in, out], q/k/v fused in c_attn, biases on every projection
+    # (c_proj's is row-parallel: added once), LayerNorm, learned positions, tied lm_head.
+    return GPT2Config(
+        vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
 MODELS = {
     "llama": lambda: CONFIGS["llama"](),
     "qwen2": lambda: CONFIGS["qwen2"](),  # q/k/v biases: column-parallel
     "qwen3": lambda: CONFIGS["qwen3"](),  # per-head q/k norms: replicated
     "gqa_replicated_kv": _gqa_one_kv_head,
+    "gpt2": _gpt2,
 }
 
 
@@ -223,11 +235,14 @@ def test_a_worker_failing_at_start_up_stops_the_engine_with_its_rank(tensor_para
 
 
 def test_an_architecture_without_a_sharding_plan_is_a_clear_error(tmp_path):
-    from transformers import GPT2Config
+    from transformers import OPTConfig
 
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=1, n_head=4, architectures=["GPT2LMHeadModel"])
-    model_dir = save_config_checkpoint(config, tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="tensor parallelism supports .* not GPT2LMHeadModel"):
+    config = OPTConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=1,
+        num_attention_heads=4, architectures=["OPTForCausalLM"],
+    )
+    model_dir = save_config_checkpoint(config, tmp_path / "opt")
+    with pytest.raises(ValueError, match="tensor parallelism supports .*GPT2LMHeadModel.* not OPTForCausalLM"):
         LLM(model=str(model_dir), enforce_eager=True, tensor_parallel_size=2)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import activation
+from fxllm.models.layers import activation, head_dim_of
 from fxllm.models.weights import load_named_weights
 from fxllm.runtime.attention import Attention
 
@@ -28,16 +28,17 @@ class GPT2Attention(nn.Module):
         super().__init__()
         hidden_size = config.n_embd
         self.num_heads = config.n_head
-        self.head_dim = hidden_size // self.num_heads
-        self.c_attn = nn.Linear(hidden_size, 3 * hidden_size)
-        self.c_proj = nn.Linear(hidden_size, hidden_size)
+        self.head_dim = head_dim_of(config)
+        width = self.num_heads * self.head_dim  # hidden_size, unless the heads are a tensor-parallel share
+        self.c_attn = nn.Linear(hidden_size, 3 * width)
+        self.c_proj = nn.Linear(width, hidden_size)
         scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:  # as HF: 1 / (layer index + 1), a constant per layer
             scale /= float(index + 1)
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale, f"transformer.h.{index}.attn.attn")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        query, key, value = self.c_attn(hidden).chunk(3, dim=-1)  # each [T, hidden]
+        query, key, value = self.c_attn(hidden).chunk(3, dim=-1)  # each [T, width]
         out = self.attn(query.contiguous(), key.contiguous(), value.contiguous())
         return self.c_proj(out)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from fxllm.models.layers import head_dim_of
+from fxllm.parallel.plans import ShardingPlan, plan_for
 from fxllm.runtime.kv_cache import cdiv
 
 
@@ -22,6 +23,7 @@ class TPLayout:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    plan: ShardingPlan
 
     @property
     def local_heads(self) -> int:
@@ -58,7 +60,7 @@ def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
     """The split of ``config`` over ``world_size`` ranks; a clear error where it cannot split."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    intermediate = config.intermediate_size
+    intermediate = _intermediate_size(config)
     problems = []
     if heads % world_size:
         problems.append(f"num_attention_heads={heads} is not divisible by it")
@@ -73,7 +75,15 @@ def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
             f"tensor_parallel_size={world_size} cannot split this model: {'; '.join(problems)}. "
             f"Choose a tensor_parallel_size that divides the attention heads and the MLP width"
         )
-    return TPLayout(rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size)
+    plan = plan_for(config.architectures[0])
+    return TPLayout(rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size, plan)
+
+
+def _intermediate_size(config: PretrainedConfig) -> int:
+    """The MLP width; GPT-2 names it n_inner, where None means 4 x hidden."""
+    if hasattr(config, "n_inner"):
+        return config.n_inner or 4 * config.hidden_size
+    return config.intermediate_size
 
 
 def tp_local_config(config: PretrainedConfig, layout: TPLayout) -> PretrainedConfig:
@@ -82,6 +92,9 @@ def tp_local_config(config: PretrainedConfig, layout: TPLayout) -> PretrainedCon
     local.num_attention_heads = layout.local_heads
     local.num_key_value_heads = layout.local_kv_heads
     local.head_dim = layout.head_dim  # no longer hidden_size // heads once heads are split
-    local.intermediate_size = layout.local_intermediate
+    if hasattr(config, "n_inner"):
+        local.n_inner = layout.local_intermediate
+    else:
+        local.intermediate_size = layout.local_intermediate
     local.vocab_size = layout.local_vocab
     return local

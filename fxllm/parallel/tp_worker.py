@@ -14,23 +14,13 @@ import torch
 import torch.distributed as dist
 
 from fxllm.config import CompilationLevel, EngineConfig
+from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest, StepSync
 from fxllm.parallel.workers import WorkerGroup
 
-# Architectures whose checkpoints follow the Llama sharding plan (parallel/sharding.py).
-TENSOR_PARALLEL_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
-})
-
-
 def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: bool) -> None:
     size = config.parallel.tensor_parallel_size
-    architecture = config.model.architecture
-    if architecture not in TENSOR_PARALLEL_ARCHITECTURES:
-        raise ValueError(
-            f"tensor_parallel_size={size}: tensor parallelism supports {', '.join(sorted(TENSOR_PARALLEL_ARCHITECTURES))} "
-            f"so far, not {architecture}; use tensor_parallel_size=1"
-        )
+    plan_for(config.model.architecture)  # a clear error for an architecture without a plan
     if pooling_or_multimodal or config.model.quantization is not None:
         raise ValueError(
             f"tensor_parallel_size={size} is not supported yet for pooling, vision-language or quantized models; "

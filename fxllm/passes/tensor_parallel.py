@@ -3,7 +3,8 @@
 The model traced local shapes (``parallel.tp_config``) and holds only its weight
 slices (``parallel.sharding``); what makes the ranks compute the single-device
 result is here, in the graph (DESIGN.md contract 8):
-- after each row-parallel linear (o_proj, down_proj): an all-reduce of the partial sums;
+- after each row-parallel linear (Llama's o_proj and down_proj, GPT-2's c_proj): an
+  all-reduce of the partial sums;
 - the vocab-parallel embedding: ids outside this rank's shard are looked up as row 0
   and their rows zeroed, then an all-reduce assembles every token's embedding.
 The logits shards are gathered where the logits are computed (``gather_logits``).
@@ -17,7 +18,8 @@ import operator
 import torch
 from torch import fx
 
-from fxllm.parallel import collectives, sharding
+from fxllm.parallel import collectives, plans, sharding
+from fxllm.parallel.plans import Split
 from fxllm.parallel.tp_config import TPLayout
 from fxllm.passes.graph_pass import source_uuid
 
@@ -38,14 +40,14 @@ class TensorParallelPass:
 
     def uuid(self) -> str:
         # The graph differs per rank (the vocab shard's start is a constant in it).
-        modules = source_uuid(inspect.getmodule(TensorParallelPass), sharding, collectives)
+        modules = source_uuid(inspect.getmodule(TensorParallelPass), sharding, plans, collectives)
         return f"{modules}-tp{self.layout.world_size}-rank{self.layout.rank}"
 
     def applies(self, num_tokens: int | None) -> bool:
         return self.layout.world_size > 1
 
-    def _split_of(self, weight: fx.Node) -> sharding.Split:
-        return sharding.split_of(self.parameter_names.get(weight.name, ""))
+    def _split_of(self, weight: fx.Node) -> Split:
+        return self.layout.plan.split_of(self.parameter_names.get(weight.name, ""))
 
     def __call__(self, graph: fx.Graph) -> int:
         matches = self._insert_collectives(graph)
@@ -55,10 +57,10 @@ class TensorParallelPass:
     def _insert_collectives(self, graph: fx.Graph) -> int:
         matches = 0
         for node in list(graph.nodes):
-            if _is_call(node, torch._C._nn.linear) and self._split_of(node.args[1]) is sharding.Split.ROW:
+            if _is_call(node, torch._C._nn.linear) and self._split_of(node.args[1]) is Split.ROW:
                 self._reduce_after(graph, node)
                 matches += 1
-            elif _is_call(node, torch.nn.functional.embedding) and self._split_of(node.args[1]) is sharding.Split.VOCAB:
+            elif _is_call(node, torch.nn.functional.embedding) and self._split_of(node.args[1]) is Split.VOCAB:
                 self._vocab_parallel(graph, node)
                 matches += 1
         return matches
