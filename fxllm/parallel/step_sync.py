@@ -44,16 +44,16 @@ class StepSync:
         dist.broadcast(tensor, src=0, group=self.group)
 
     def send(self, prepared: PreparedStep, dispatch: GraphDispatch, logit_rows: torch.Tensor) -> None:
-        """Rank 0, after ``inputs.prepare``: the arrays of the step it just prepared."""
+        """Rank 0, after ``inputs.prepare``: the arrays of the step it just prepared, packed into
+        one byte buffer after the header (two broadcasts a step: each costs a round trip)."""
         header = torch.tensor([
             STEP, _MODES.index(dispatch.mode), dispatch.num_tokens, dispatch.num_requests, prepared.num_tokens,
             prepared.num_requests, prepared.sample_rows.numel(), prepared.max_blocks, logit_rows.numel(),
         ])
         self._broadcast(header)
-        for tensor in self._payload(dispatch.num_tokens, dispatch.num_requests):
-            self._broadcast(tensor)
-        self._broadcast(self.inputs.host_block_tables[: prepared.num_requests, : prepared.max_blocks].contiguous())
-        self._broadcast(logit_rows.cpu())
+        tables = self.inputs.host_block_tables[: prepared.num_requests, : prepared.max_blocks]
+        parts = _packing_order([*self._payload(dispatch.num_tokens, dispatch.num_requests), tables, logit_rows.cpu()])
+        self._broadcast(torch.cat([part.contiguous().view(torch.uint8).reshape(-1) for part in parts]))
 
     def send_stop(self) -> None:
         self._send_command(STOP)
@@ -85,13 +85,16 @@ class StepSync:
             dist.broadcast_object_list(path, src=0, group=self.group)
             return SaveRequest(path[0])
         self.inputs.wait_for_copies()  # the host buffers are about to be overwritten
-        for tensor in self._payload(padded_tokens, padded_requests):
-            self._broadcast(tensor)  # straight into this rank's host buffers
-        tables = torch.empty(num_requests, max_blocks, dtype=self.inputs.host_block_tables.dtype)
-        self._broadcast(tables)
-        self.inputs.host_block_tables[:num_requests, :max_blocks] = tables
+        tables = self.inputs.host_block_tables[:num_requests, :max_blocks]
         logit_rows = torch.empty(rows, dtype=torch.int64)
-        self._broadcast(logit_rows)
+        parts = _packing_order([*self._payload(padded_tokens, padded_requests), tables, logit_rows])
+        packed = torch.empty(sum(part.numel() * part.element_size() for part in parts), dtype=torch.uint8)
+        self._broadcast(packed)
+        offset = 0
+        for part in parts:  # into this rank's host buffers
+            size = part.numel() * part.element_size()
+            part.copy_(packed[offset : offset + size].view(part.dtype).view(part.shape))
+            offset += size
         prepared = self.inputs.adopt_host_step(
             padded_tokens, padded_requests, num_requests, max_blocks, num_samples, num_tokens
         )
@@ -99,10 +102,15 @@ class StepSync:
         return ReceivedStep(prepared, dispatch, logit_rows.to(self.inputs.device))
 
     def _payload(self, padded_tokens: int, padded_requests: int) -> list[torch.Tensor]:
-        """The host-buffer rows a step fills (contiguous, so they broadcast in place)."""
+        """The host-buffer rows a step fills."""
         inputs = self.inputs
         views = [row[:padded_tokens] for row in inputs.host_tokens]
         views += [row[: padded_requests + 1] for row in inputs.host_requests]
         if inputs.host_mrope.numel():
             views.append(inputs.host_mrope[:padded_tokens])
         return views
+
+
+def _packing_order(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Widest elements first, so every part starts aligned for its dtype in the packed bytes."""
+    return sorted(parts, key=lambda part: -part.element_size())
