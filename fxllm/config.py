@@ -144,10 +144,12 @@ class MultiModalConfig:
     video_limit: int = DEFAULT_MM_LIMIT_PER_PROMPT
     processor_kwargs: tuple[tuple[str, Any], ...] = field(default=(), hash=False)
     input_cache_bytes: int = int(DEFAULT_MM_INPUT_CACHE_GIB * (1 << 30))
+    modalities: frozenset[str] = frozenset(MODALITIES)  # what the architecture takes
 
     @classmethod
     def from_user(
-        cls, limit_mm_per_prompt: dict | None, mm_processor_kwargs: dict | None, input_cache_bytes: int
+        cls, limit_mm_per_prompt: dict | None, mm_processor_kwargs: dict | None, input_cache_bytes: int,
+        modalities: frozenset[str] = frozenset(MODALITIES),
     ) -> "MultiModalConfig":
         limits = {} if limit_mm_per_prompt is None else limit_mm_per_prompt
         if not isinstance(limits, dict):
@@ -166,10 +168,18 @@ class MultiModalConfig:
             video_limit=limits.get("video", DEFAULT_MM_LIMIT_PER_PROMPT),
             processor_kwargs=tuple(sorted(kwargs.items())),
             input_cache_bytes=input_cache_bytes,
+            modalities=modalities,
         )
 
     def limit(self, modality: str) -> int:
+        """Items of ``modality`` one prompt may hold: 0 for a modality the architecture does not take."""
+        if modality not in self.modalities:
+            return 0
         return self.image_limit if modality == "image" else self.video_limit
+
+    def takes_any(self) -> bool:
+        """Whether a prompt may hold any image or video, so the vision tower is needed."""
+        return any(self.limit(modality) > 0 for modality in MODALITIES)
 
 
 RUNNER_TYPES = ("auto", "generate", "pooling")

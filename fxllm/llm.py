@@ -227,7 +227,7 @@ class LLM:
         )
         # Images are processed on the host before requests are queued; nothing for a zero image limit.
         self.mm_processor: MultiModalProcessor | None = None
-        if multimodal is not None and multimodal.image_limit > 0 and "image" in MULTIMODAL_ARCHITECTURES[architecture]:
+        if multimodal is not None and multimodal.takes_any():
             self.mm_processor = MultiModalProcessor(model_dir, hf_config, multimodal)
         # A pooling model runs whole prompts without KV cache or scheduler: its own runner.
         self.llm_engine: LLMEngine | None = None
@@ -665,7 +665,9 @@ def _multimodal_config(
         raise ValueError(
             f"{architecture} is a vision-language model, which fxllm runs generatively only: drop runner/task"
         )
-    return MultiModalConfig.from_user(limit_mm_per_prompt, mm_processor_kwargs, mm_input_cache_bytes())
+    return MultiModalConfig.from_user(
+        limit_mm_per_prompt, mm_processor_kwargs, mm_input_cache_bytes(), MULTIMODAL_ARCHITECTURES[architecture]
+    )
 
 
 def _check_int(name: str, value: Any, minimum: int | None) -> None:

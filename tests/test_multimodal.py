@@ -1,5 +1,5 @@
-"""Vision-language models: Qwen2-VL and Qwen2.5-VL against HF, image limits, processor arguments,
-the processed-input cache, and prefix caching that tells images apart."""
+"""Vision-language models: Qwen2-VL and Qwen2.5-VL against HF with images and videos, limits,
+processor arguments, the processed-input cache, and prefix caching that tells images apart."""
 
 from __future__ import annotations
 
@@ -10,21 +10,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from fxllm import LLM, SamplingParams
 from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.config import CompilationLevel, CUDAGraphMode
 from fxllm.models.mrope import mrope_positions
-from fxllm.runtime.multimodal.cache import ProcessedImage, ProcessedInputCache
+from fxllm.runtime.multimodal.cache import ProcessedInput, ProcessedInputCache
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.runtime.step_inputs import PADDING_SLOT, StepInputs
 from tests.tiny_vl_models import (
     IMAGE,
     IMAGE_PAD,
     MIN_PIXELS,
+    VIDEO,
+    VIDEO_PAD,
     hf_text_greedy,
     hf_vl_greedy,
     make_image,
+    make_video,
     save_tiny_gemma3_vl_model,
     save_tiny_vl_model,
 )
@@ -84,7 +88,7 @@ def test_image_prompts_match_hf_one_prompt_at_a_time(vl_dirs, arch, budget):
     llm = _vl_engine(vl_dirs[arch], max_num_batched_tokens=budget)
     _assert_batch_matches_hf(llm, vl_dirs[arch])
     # Chunks that end inside an image still encode each image once (and slice its embeddings).
-    assert llm.llm_engine.runner.embedder.images_encoded == 3
+    assert llm.llm_engine.runner.embedder.items_encoded == 3
 
 
 def test_piecewise_compiled_matches_hf_without_cuda_graphs(vl_dirs, tmp_path):
@@ -105,8 +109,8 @@ def test_prompts_over_the_image_limit_are_rejected_before_anything_runs(vl_dirs)
     with pytest.raises(ValueError, match=r"2 image input\(s\) but limit_mm_per_prompt allows 1"):
         llm.generate([_prompt(*BATCH[0]), two_images], GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished()
-    with pytest.raises(ValueError, match="only images are"):
-        llm.generate({"prompt": ONE_IMAGE, "multi_modal_data": {"video": [IMAGES["small"]]}}, GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="video 0 must be a numpy array .* got str"):
+        llm.generate({"prompt": ONE_IMAGE, "multi_modal_data": {"video": "clip.mp4"}}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match=r"2 image placeholder\(s\) '<\|image_pad\|>' but 1 image"):
         llm.generate({"prompt": ONE_IMAGE + IMAGE, "multi_modal_data": {"image": IMAGES["small"]}}, GREEDY, use_tqdm=False)
     # The engine still serves.
@@ -114,8 +118,8 @@ def test_prompts_over_the_image_limit_are_rejected_before_anything_runs(vl_dirs)
     assert output.outputs[0].token_ids == _hf(vl_dirs["qwen2_vl"], *BATCH[0])[1]
 
 
-def test_zero_image_limit_builds_no_vision_tower_and_runs_text_only(vl_dirs):
-    llm = _vl_engine(vl_dirs["qwen2_vl"], limit_mm_per_prompt={"image": 0})
+def test_zero_limits_build_no_vision_tower_and_run_text_only(vl_dirs):
+    llm = _vl_engine(vl_dirs["qwen2_vl"], limit_mm_per_prompt={"image": 0, "video": 0})
     assert llm.llm_engine.runner.model.visual is None and llm.mm_processor is None
     text = BATCH[2][0]
     output = llm.generate(text, GREEDY, use_tqdm=False)[0]
@@ -162,8 +166,8 @@ def test_processed_images_are_cached_by_content(vl_dirs, monkeypatch):
 
 
 def test_input_cache_evicts_the_least_recently_used_by_bytes():
-    def entry() -> ProcessedImage:
-        return ProcessedImage(torch.zeros(4, 8), (1, 2, 2))  # 128 bytes
+    def entry() -> ProcessedInput:
+        return ProcessedInput(torch.zeros(4, 8), (1, 2, 2))  # 128 bytes
 
     cache = ProcessedInputCache(capacity_bytes=256)
     cache.put("a", entry())
@@ -209,7 +213,7 @@ def test_image_inputs_need_a_vision_language_model(llama_dir):
 
 def test_mrope_step_positions_are_a_3_by_t_view_with_delta_and_zero_padding():
     # Prompt: 2 text tokens, a 1 x 4 x 4 patch grid (2 x 2 merged: 4 tokens), 1 text token; then 2 decoded.
-    positions, delta = mrope_positions(7, [(2, (1, 4, 4))], spatial_merge_size=2)
+    positions, delta = mrope_positions(7, [(2, (1, 4, 4), 1.0)], spatial_merge_size=2)
     assert positions.tolist() == [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]] and delta == -2
     prompt = MultiModalPrompt(list(range(7)), (), positions, delta)
     with_image = SimpleNamespace(num_computed_tokens=5, all_token_ids=list(range(9)), block_ids=[0, 1, 2], multimodal=prompt)
@@ -223,3 +227,72 @@ def test_mrope_step_positions_are_a_3_by_t_view_with_delta_and_zero_padding():
     ]
     assert prepared.positions.stride() == (1, 3)  # as captured, whatever T
     assert prepared.metadata.slot_mapping.tolist()[5:] == [PADDING_SLOT] * 3
+
+
+# 4 frames (2 temporal patches) of 84 x 56 -> a 2 x 4 x 6 grid -> 12 video tokens; 3 frames pad to 4.
+VIDEOS = {"four_frames": make_video(4, 84, 56, seed=3), "three_frames": make_video(3, 112, 56, seed=4)}
+VIDEO_BATCH = [
+    ("Look " + VIDEO + " at this", (), ("four_frames",)),
+    ("An image " + IMAGE + " then a video " + VIDEO + " end", ("small",), ("three_frames",)),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_video(model_dir: Path, prompt: str, image_names: tuple[str, ...], video_names: tuple[str, ...]):
+    images, videos = [IMAGES[n] for n in image_names], [VIDEOS[n] for n in video_names]
+    return hf_vl_greedy(model_dir, prompt, images, NEW_TOKENS, videos=videos)
+
+
+@pytest.mark.parametrize("arch", VL_ARCHITECTURES)
+def test_video_prompts_match_hf_one_prompt_at_a_time(vl_dirs, arch):
+    """Videos through the video processor and the vision tower; Qwen2.5-VL's temporal positions
+    spaced by time (seconds per temporal patch from the processor, as HF's get_rope_index)."""
+    llm = _vl_engine(vl_dirs[arch], max_num_batched_tokens=CHUNKED_BUDGET)
+    prompts = [
+        {"prompt": text, "multi_modal_data": {"image": [IMAGES[n] for n in images], "video": [VIDEOS[n] for n in videos]}}
+        for text, images, videos in VIDEO_BATCH
+    ]
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for (text, images, videos), output in zip(VIDEO_BATCH, outputs):
+        prompt_ids, generated = _hf_video(vl_dirs[arch], text, images, videos)
+        assert output.prompt_token_ids == prompt_ids
+        assert output.prompt_token_ids.count(VIDEO_PAD) == {"four_frames": 12, "three_frames": 16}[videos[0]]
+        assert output.outputs[0].token_ids == generated
+    assert llm.llm_engine.runner.embedder.items_encoded == 3
+
+
+def test_a_video_given_as_pil_frames_equals_the_array(vl_dirs):
+    llm = _vl_engine(vl_dirs["qwen2_vl"])
+    frames = [Image.fromarray(frame) for frame in VIDEOS["four_frames"]]
+    text = VIDEO_BATCH[0][0]
+    as_frames = llm.generate({"prompt": text, "multi_modal_data": {"video": frames}}, GREEDY, use_tqdm=False)[0]
+    assert as_frames.outputs[0].token_ids == _hf_video(vl_dirs["qwen2_vl"], text, (), ("four_frames",))[1]
+
+
+def test_video_limits_and_bad_videos_are_clear_errors(vl_dirs):
+    llm = _vl_engine(vl_dirs["qwen2_vl"], limit_mm_per_prompt={"image": 1, "video": 0})
+    text = VIDEO_BATCH[0][0]
+    with pytest.raises(ValueError, match=r"1 video input\(s\) but limit_mm_per_prompt allows 0"):
+        llm.generate({"prompt": text, "multi_modal_data": {"video": VIDEOS["four_frames"]}}, GREEDY, use_tqdm=False)
+    llm = _vl_engine(vl_dirs["qwen2_vl"])
+    with pytest.raises(ValueError, match=r"video 0 must be an array \[frames, height, width, 3\]"):
+        llm.generate({"prompt": text, "multi_modal_data": {"video": VIDEOS["four_frames"][0]}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"1 video placeholder\(s\) '<\|video_pad\|>' but 2 video\(s\)"):
+        video = VIDEOS["four_frames"]
+        llm.generate({"prompt": text, "multi_modal_data": {"video": [video, video]}}, GREEDY, use_tqdm=False)
+    output = llm.generate({"prompt": text, "multi_modal_data": {"video": VIDEOS["four_frames"]}}, GREEDY, use_tqdm=False)
+    assert output[0].outputs[0].token_ids == _hf_video(vl_dirs["qwen2_vl"], text, (), ("four_frames",))[1]
+
+
+def test_a_video_only_model_config_builds_the_vision_tower(vl_dirs):
+    llm = _vl_engine(vl_dirs["qwen2_vl"], limit_mm_per_prompt={"image": 0, "video": 1})
+    assert llm.llm_engine.runner.model.visual is not None and llm.mm_processor is not None
+    with pytest.raises(ValueError, match=r"1 image input\(s\) but limit_mm_per_prompt allows 0"):
+        llm.generate(_prompt(*BATCH[0]), GREEDY, use_tqdm=False)
+
+
+def test_temporal_positions_follow_the_time_interval():
+    # A 4-frame grid of 1 x 2 x 2 merged patches at 0.5 positions per frame: t = 0, 0, 1, 1.
+    positions, delta = mrope_positions(4 * 1 + 1, [(0, (4, 2, 2), 0.5)], spatial_merge_size=2)
+    assert positions[0].tolist() == [0, 0, 1, 1, 1] and positions[1].tolist() == [0, 0, 0, 0, 1]
+    assert delta == 2 - 5

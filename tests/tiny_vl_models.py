@@ -15,6 +15,7 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -33,6 +34,7 @@ MERGE = 2
 MIN_PIXELS = (PATCH * MERGE) ** 2 * 4
 MAX_PIXELS = (PATCH * MERGE) ** 2 * 16
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 _TEXT = dict(
     vocab_size=VL_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -60,6 +62,8 @@ VL_CONFIGS = {
     ),
 }
 _VL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+# Each architecture's own processor: Qwen2.5-VL's also reports the seconds per temporal patch.
+_PROCESSOR_CLASSES = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}
 
 
 def build_vl_tokenizer():
@@ -76,8 +80,9 @@ def save_tiny_vl_model(arch: str, directory: Path, seed: int = 0) -> Path:
     randomize_(model, seed)
     model.save_pretrained(directory)
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    processor = Qwen2VLProcessor(
-        image_processor=image_processor, tokenizer=build_vl_tokenizer(), video_processor=Qwen2VLVideoProcessor()
+    video_processor = Qwen2VLVideoProcessor(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+    processor = _PROCESSOR_CLASSES[arch](
+        image_processor=image_processor, tokenizer=build_vl_tokenizer(), video_processor=video_processor
     )
     processor.save_pretrained(directory)
     return directory
@@ -104,14 +109,25 @@ def make_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def hf_vl_greedy(model_dir: Path, prompt: str, images: list[Image.Image], max_new_tokens: int) -> tuple[list[int], list[int]]:
+def make_video(frames: int, width: int, height: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+_HF_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def hf_vl_greedy(
+    model_dir: Path, prompt: str, images: list[Image.Image], max_new_tokens: int, videos: list[np.ndarray] = ()
+) -> tuple[list[int], list[int]]:
     """The oracle: HF's processor and model, fp32, one prompt, each step a full forward without
     a KV cache (so M-RoPE positions come from HF's own get_rope_index every step).
     Returns (prompt ids, generated ids)."""
-    inputs = AutoProcessor.from_pretrained(model_dir)(text=[prompt], images=images or None, return_tensors="pt")
+    inputs = AutoProcessor.from_pretrained(model_dir)(
+        text=[prompt], images=images or None, videos=list(videos) or None, return_tensors="pt"
+    )
     prompt_ids = inputs["input_ids"][0].tolist()
     type_ids = inputs["mm_token_type_ids"]
-    extra = {key: inputs[key] for key in ("pixel_values", "image_grid_thw") if key in inputs}
+    extra = {key: inputs[key] for key in _HF_VISION_INPUTS if key in inputs}
     return prompt_ids, _greedy(model_dir, prompt_ids, max_new_tokens, mm_token_type_ids=type_ids, **extra)
 
 

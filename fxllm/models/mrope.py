@@ -1,7 +1,8 @@
 """Multimodal RoPE (M-RoPE) of Qwen2-VL: three position rows (temporal, height, width).
 
 Text tokens carry the same position in all three rows, which is plain RoPE. An
-image's tokens count up along its merged patch grid instead, and the text after it
+image's or video's tokens count up along its merged patch grid instead (a video's
+frames along the temporal row), and the text after it
 resumes at the image's start plus its larger side, so a prompt's last position is
 usually below its length: decode tokens continue from there (position index +
 delta, HF's ``rope_deltas``).
@@ -54,24 +55,27 @@ class MRotaryEmbedding(nn.Module):
 
 
 def mrope_positions(
-    num_tokens: int, images: Sequence[tuple[int, tuple[int, int, int]]], spatial_merge_size: int
+    num_tokens: int, items: Sequence[tuple[int, tuple[int, int, int], float]], spatial_merge_size: int
 ) -> tuple[np.ndarray, int]:
     """Positions [3, num_tokens] of a prompt and its decode delta.
 
-    ``images``: (offset of the first placeholder token, (t, h, w) patch grid) of each
-    image, in prompt order; an image holds t * (h / merge) * (w / merge) tokens.
+    ``items``: (offset of the first placeholder token, (t, h, w) patch grid, time interval)
+    of each image or video, in prompt order; one holds t * (h / merge) * (w / merge)
+    tokens, and frame f has temporal position floor(f * time interval).
     """
     positions = np.empty((NUM_MROPE_ROWS, num_tokens), dtype=np.int64)
     cursor, next_position = 0, 0  # token index, and the position the next text token gets
-    for offset, (frames, height, width) in images:
+    for offset, (frames, height, width), time_interval in items:
         positions[:, cursor:offset] = next_position + np.arange(offset - cursor)
         next_position += offset - cursor
+        temporal = (np.arange(frames) * time_interval).astype(np.int64)
         grid = np.meshgrid(
-            np.arange(frames), np.arange(height // spatial_merge_size), np.arange(width // spatial_merge_size), indexing="ij"
+            temporal, np.arange(height // spatial_merge_size), np.arange(width // spatial_merge_size), indexing="ij"
         )
-        image_positions = np.stack(grid).reshape(NUM_MROPE_ROWS, -1)
-        cursor = offset + image_positions.shape[1]
-        positions[:, offset:cursor] = next_position + image_positions
+        item_positions = np.stack(grid).reshape(NUM_MROPE_ROWS, -1)
+        cursor = offset + item_positions.shape[1]
+        positions[:, offset:cursor] = next_position + item_positions
+        # As transformers: the text after resumes past the larger spatial side, whatever the frames.
         next_position += max(height, width) // spatial_merge_size
     positions[:, cursor:] = next_position + np.arange(num_tokens - cursor)
     delta = int(positions.max()) + 1 - num_tokens if num_tokens else 0

@@ -71,7 +71,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         tie = bool(getattr(config, "tie_word_embeddings", False))
         self.language_model = Qwen2VLLanguageModel(config.get_text_config(), max_positions, tie)
         # A zero image limit builds no vision tower and loads none of its weights.
-        self.visual = self.vision_tower(config.vision_config) if multimodal.image_limit > 0 else None
+        self.visual = self.vision_tower(config.vision_config) if multimodal.takes_any() else None
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.language_model(inputs_embeds, positions)

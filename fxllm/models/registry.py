@@ -30,8 +30,8 @@ POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
 # Vision-language checkpoints -> the modalities fxllm feeds them (their classes take a
 # MultiModalConfig). Gemma 3's runs text-only, with limit_mm_per_prompt={"image": 0}.
 MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
-    "Qwen2VLForConditionalGeneration": frozenset({"image"}),
-    "Qwen2_5_VLForConditionalGeneration": frozenset({"image"}),
+    "Qwen2VLForConditionalGeneration": frozenset({"image", "video"}),
+    "Qwen2_5_VLForConditionalGeneration": frozenset({"image", "video"}),
     "Gemma3ForConditionalGeneration": frozenset(),
 }
 

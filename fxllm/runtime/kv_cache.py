@@ -1,7 +1,7 @@
 """The KV-cache block pool: allocation, prefix caching and freeing, all in one place.
 
 Blocks hold ``block_size`` tokens. A FULL block's hash chains its parent's hash
-and its token ids (and the content hashes of the images whose placeholder tokens it
+and its token ids (and the content hashes of the images and videos whose placeholder tokens it
 overlaps: equal placeholders of different images never share), so equal hashes mean
 equal prefixes. Freed blocks keep their
 hash and wait in an LRU queue; a later request with the same prefix takes them
@@ -115,8 +115,8 @@ class KVCacheManager:
             start, end = len(hashes) * size, (len(hashes) + 1) * size
             parent = hashes[-1] if hashes else _ROOT_HASH
             tokens = tuple(request.all_token_ids[start:end])
-            images = request.multimodal.image_hashes(start, end) if request.multimodal is not None else ()
-            hashes.append(hash((parent, tokens, images) if images else (parent, tokens)))
+            contents = request.multimodal.content_hashes(start, end) if request.multimodal is not None else ()
+            hashes.append(hash((parent, tokens, contents) if contents else (parent, tokens)))
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -1,4 +1,4 @@
-"""A processed multimodal prompt: its expanded token ids, its images and its M-RoPE positions."""
+"""A processed multimodal prompt: its expanded token ids, its images and videos, its M-RoPE positions."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ Grid = tuple[int, int, int]  # (frames, patch rows, patch columns)
 
 
 @dataclass(frozen=True)
-class ImageInput:
-    """One image of a prompt, processed: it fills ``length`` placeholder tokens from ``offset``."""
+class VisionInput:
+    """One image or video of a prompt, processed: it fills ``length`` placeholder tokens from ``offset``."""
 
+    modality: str  # "image" or "video"
     offset: int
     length: int
-    content_hash: str  # of the image and the processor arguments: equal hashes, equal embeddings
+    content_hash: str  # of the pixels and the processor arguments: equal hashes, equal embeddings
     pixel_values: torch.Tensor  # [num_patches, channels * temporal_patch * patch * patch], on the host
     grid: Grid
+    # M-RoPE temporal positions of its frames are floor(frame * time_interval): 1 for images
+    # and Qwen2-VL videos; Qwen2.5-VL spaces video frames by their time.
+    time_interval: float = 1.0
 
     @property
     def end(self) -> int:
@@ -27,11 +31,11 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class MultiModalPrompt:
-    token_ids: list[int]  # each image's placeholder expanded to one token per embedding
-    images: tuple[ImageInput, ...]
+    token_ids: list[int]  # each placeholder expanded to one token per embedding
+    items: tuple[VisionInput, ...]  # images and videos, in prompt order
     mrope_positions: np.ndarray  # [3, len(token_ids)] int64
     mrope_delta: int  # a token at index i >= len(token_ids) has position i + mrope_delta in every row
 
-    def image_hashes(self, start: int, end: int) -> tuple[str, ...]:
-        """Content hashes of the images whose placeholders overlap tokens [start, end)."""
-        return tuple(image.content_hash for image in self.images if image.offset < end and start < image.end)
+    def content_hashes(self, start: int, end: int) -> tuple[str, ...]:
+        """Content hashes of the images and videos whose placeholders overlap tokens [start, end)."""
+        return tuple(item.content_hash for item in self.items if item.offset < end and start < item.end)
