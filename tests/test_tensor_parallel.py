@@ -39,6 +39,8 @@ MAX_POSITIONS = 64
 WORLD_SIZE = 2
 # fp32 partial sums added in another order: logits agree to rounding.
 LOGIT_TOLERANCE = 1e-4
+# FP8's distance to full precision (tests/test_fp8.py: FULL_PRECISION_TOLERANCE).
+FP8_TOLERANCE = 0.3
 # A rank that fails at start-up is reported within seconds, far below the collective timeout.
 STARTUP_FAILURE_SECONDS = 60
 
@@ -277,3 +279,36 @@ def test_sharded_state_round_trip_reads_one_file_per_rank(tensor_parallel_runs, 
 def test_an_unknown_load_format_is_a_clear_error():
     with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, sharded_state, got 'pt'"):
         LLM(model="unused", load_format="pt")
+
+
+def _prompt_logprobs(llm: LLM) -> torch.Tensor:
+    output = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=1, prompt_logprobs=VOCAB_SIZE),
+                          use_tqdm=False)[0]
+    return torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)] for entry in output.prompt_logprobs[1:]])
+
+
+def _centered_distance(logprobs: torch.Tensor, reference: torch.Tensor) -> float:
+    ours, theirs = logprobs - logprobs.mean(-1, keepdim=True), reference - reference.mean(-1, keepdim=True)
+    return ((ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)).max().item()
+
+
+def test_dynamic_fp8_under_tensor_parallelism_reduces_its_row_parallel_outputs(tensor_parallel_runs):
+    """Each rank quantizes its own shard at load; the pass reduces fxllm::fp8_linear outputs too.
+    Per-row scales over a rank's half of the inputs differ from one device's, so the check is
+    the FP8 tolerance of test_fp8.py against full precision, not equality with one device."""
+    model_dir = tensor_parallel_runs["llama"]
+    reference = _prompt_logprobs(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS))
+    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, quantization="fp8",
+              tensor_parallel_size=2)
+    assert llm.compile_report().passes["tensor_parallel"] == 2 * CONFIGS["llama"]().num_hidden_layers + 1
+    assert _centered_distance(_prompt_logprobs(llm), reference) < FP8_TOLERANCE
+
+
+def test_pre_quantized_checkpoints_under_tensor_parallelism_are_a_clear_error(tensor_parallel_runs, tmp_path):
+    config = json.loads((tensor_parallel_runs["llama"] / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    model_dir = tmp_path / "fp8"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not supported yet for pre-quantized FP8 checkpoints"):
+        LLM(model=str(model_dir), tokenizer=str(tensor_parallel_runs["llama"]), enforce_eager=True, tensor_parallel_size=2)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from fxllm.config import CompilationLevel, EngineConfig
+from fxllm.models.quantization import model_quantization
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest, StepSync
 from fxllm.parallel.workers import WorkerGroup
@@ -21,10 +22,16 @@ from fxllm.parallel.workers import WorkerGroup
 def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: bool) -> None:
     size = config.parallel.tensor_parallel_size
     plan_for(config.model.architecture)  # a clear error for an architecture without a plan
-    if pooling_or_multimodal or config.model.quantization is not None:
+    if pooling_or_multimodal:
         raise ValueError(
-            f"tensor_parallel_size={size} is not supported yet for pooling, vision-language or quantized models; "
+            f"tensor_parallel_size={size} is not supported yet for pooling or vision-language models; "
             f"use tensor_parallel_size=1"
+        )
+    scheme = model_quantization(config.model.quantization, config.model.hf_config)
+    if scheme is not None and scheme.prequantized:
+        raise ValueError(
+            f"tensor_parallel_size={size} is not supported yet for pre-quantized FP8 checkpoints (their scales "
+            f"are not sharded); use tensor_parallel_size=1, or quantization='fp8' on a full-precision checkpoint"
         )
     if config.compilation.level == CompilationLevel.DYNAMO_AS_IS:
         raise ValueError(

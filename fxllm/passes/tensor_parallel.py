@@ -18,12 +18,16 @@ import operator
 import torch
 from torch import fx
 
+from fxllm.models.quantization import fp8_gemm  # noqa: F401  (registers fxllm::fp8_linear)
 from fxllm.parallel import collectives, plans, sharding
 from fxllm.parallel.plans import Split
 from fxllm.parallel.tp_config import TPLayout
 from fxllm.passes.graph_pass import source_uuid
 
 ALL_REDUCE = torch.ops.fxllm.all_reduce.default
+# Linear layers whose weight is args[1]: plain, and FP8 (quantization="fp8" quantizes each
+# rank's shard at load, so a row-parallel FP8 output is a partial sum like any other).
+_LINEARS = (torch._C._nn.linear, torch.ops.fxllm.fp8_linear.default, torch.ops.fxllm.fp8_linear)
 
 
 def _is_call(node: fx.Node, *targets) -> bool:
@@ -57,7 +61,7 @@ class TensorParallelPass:
     def _insert_collectives(self, graph: fx.Graph) -> int:
         matches = 0
         for node in list(graph.nodes):
-            if _is_call(node, torch._C._nn.linear) and self._split_of(node.args[1]) is Split.ROW:
+            if _is_call(node, *_LINEARS) and self._split_of(node.args[1]) is Split.ROW:
                 self._reduce_after(graph, node)
                 matches += 1
             elif _is_call(node, torch.nn.functional.embedding) and self._split_of(node.args[1]) is Split.VOCAB:
