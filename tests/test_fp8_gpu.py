@@ -19,6 +19,7 @@ from fxllm import LLM, SamplingParams
 from fxllm.models.quantization.fp8_gemm import MIN_FP8_CAPABILITY, dequantize_gemm, w8a8_gemm
 from fxllm.models.quantization.fp8_quant import quantize_per_block, quantize_per_channel, quantize_per_token
 from fxllm.models.quantization.fp8_triton import fp8_weight_only_gemm
+from tests.near_ties import TOP_K, assert_diverge_only_between_near_ties
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,7 +34,6 @@ _spec = importlib.util.spec_from_file_location("write_fp8_checkpoint", _TOOL)
 write_fp8 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(write_fp8)
 
-TOP_K = 5
 NEW_TOKENS = 12
 BF16_RELATIVE_ERROR = 1e-2
 # Prompts long enough that prefill steps exceed WEIGHT_ONLY_MAX_TOKENS and take W8A8.
@@ -96,20 +96,6 @@ def _greedy(model: Path, **kwargs) -> list:
     return outputs
 
 
-def _top(completion, position: int) -> list[int]:
-    ranked = sorted(completion.logprobs[position].items(), key=lambda item: item[1].rank)
-    return [token for token, _ in ranked[:TOP_K]]
-
-
-def _assert_diverge_only_between_near_ties(outputs, reference) -> None:
-    for mine, theirs in zip(outputs, reference):
-        if mine.token_ids == theirs.token_ids:
-            continue
-        first = next(i for i, (a, b) in enumerate(zip(mine.token_ids, theirs.token_ids)) if a != b)
-        assert mine.token_ids[first] in _top(theirs, first)
-        assert theirs.token_ids[first] in _top(mine, first)
-
-
 @pytest.fixture(scope="module")
 def bf16_outputs(tiny_model_dirs):
     return {arch: _greedy(tiny_model_dirs[arch]) for arch in ("llama", "qwen3")}
@@ -117,11 +103,11 @@ def bf16_outputs(tiny_model_dirs):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_dynamic_fp8_diverges_from_bf16_only_between_near_ties(arch, tiny_model_dirs, bf16_outputs):
-    _assert_diverge_only_between_near_ties(_greedy(tiny_model_dirs[arch], quantization="fp8"), bf16_outputs[arch])
+    assert_diverge_only_between_near_ties(_greedy(tiny_model_dirs[arch], quantization="fp8"), bf16_outputs[arch])
 
 
 @pytest.mark.parametrize("fmt", [dict(fmt="fp8"), dict(fmt="compressed-tensors", strategy="channel")],
                          ids=["block128", "ct-channel"])
 def test_fp8_checkpoints_diverge_from_bf16_only_between_near_ties(fmt, llama_dir, tmp_path, bf16_outputs):
     checkpoint = write_fp8.write_fp8_checkpoint(llama_dir, tmp_path / "fp8", **fmt)
-    _assert_diverge_only_between_near_ties(_greedy(checkpoint), bf16_outputs["llama"])
+    assert_diverge_only_between_near_ties(_greedy(checkpoint), bf16_outputs["llama"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fxllm import LLM, SamplingParams
+from tests.near_ties import TOP_K, assert_diverge_only_between_near_ties
 
 WORLD_SIZE = 2
 pytestmark = [
@@ -21,7 +22,6 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < WORLD_SIZE, reason=f"needs {WORLD_SIZE} GPUs"),
 ]
 
-TOP_K = 5
 NEW_TOKENS = 12
 PROMPTS = [
     "Once upon a time there was a tiny model that learned to count: one two three",
@@ -55,11 +55,6 @@ def _generate(model_dir, dtype: str, tensor_parallel_size: int) -> list:
     return outputs
 
 
-def _top(completion, position: int) -> list[int]:
-    ranked = sorted(completion.logprobs[position].items(), key=lambda item: item[1].rank)
-    return [token for token, _ in ranked[:TOP_K]]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_two_gpus_give_the_single_gpu_tokens_in_fp32(arch, tiny_model_dirs):
     single = _generate(tiny_model_dirs[arch], "float32", 1)
@@ -71,9 +66,4 @@ def test_two_gpus_give_the_single_gpu_tokens_in_fp32(arch, tiny_model_dirs):
 def test_two_gpus_in_bf16_diverge_from_one_only_between_near_ties(arch, tiny_model_dirs):
     single = _generate(tiny_model_dirs[arch], "bfloat16", 1)
     split = _generate(tiny_model_dirs[arch], "bfloat16", WORLD_SIZE)
-    for mine, theirs in zip(split, single):
-        if mine.token_ids == theirs.token_ids:
-            continue
-        first = next(i for i, (a, b) in enumerate(zip(mine.token_ids, theirs.token_ids)) if a != b)
-        assert mine.token_ids[first] in _top(theirs, first)
-        assert theirs.token_ids[first] in _top(mine, first)
+    assert_diverge_only_between_near_ties(split, single)
