@@ -126,8 +126,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(args: argparse.Namespace, model_dir: Path) -> dict:
+PASSES_OFF = {"enable_noop": False, "enable_fusion": False}
+
+
+def _engine(args: argparse.Namespace, model_dir: Path, pass_config: dict | None) -> LLM:
+    """An engine as the arguments ask, warmed up (the first step allocates and tunes)."""
     from fxllm import LLM, SamplingParams
+
+    compilation = {"level": args.level}
+    if pass_config is not None:
+        compilation["pass_config"] = pass_config
+    llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
+              enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False)
+    llm.generate({"prompt_token_ids": WARMUP_PROMPT}, SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True),
+                 use_tqdm=False)
+    return llm
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> dict:
     from fxllm.config import resolve_device
 
     workload = make_workload(args.num_requests, tuple(args.input_len), tuple(args.output_len))
@@ -136,34 +152,23 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     # HF first: on a GPU the engine takes most of the memory for its KV cache.
     if args.hf_compare:
         result["hf"] = bench_hf(model_dir, workload.head(args.hf_compare), resolve_device(args.device))
-    compilation = {"level": args.level}
-    if args.pass_config is not None:
-        compilation["pass_config"] = args.pass_config
     start = time.perf_counter()
-    llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
-              enforce_eager=args.enforce_eager, compilation_config=compilation,
-              enable_prefix_caching=False)
-    result["startup_s"] = round(time.perf_counter() - start, 2)
+    llm = _engine(args, model_dir, args.pass_config)
+    result["startup_s"] = round(time.perf_counter() - start, 2)  # warm-up included
     result["device"] = torch.cuda.get_device_name() if llm.llm_engine_config.device.type == "cuda" else "cpu"
     result["level"] = 0 if args.enforce_eager else args.level
-    llm.generate({"prompt_token_ids": WARMUP_PROMPT}, SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True),
-                 use_tqdm=False)
     result["fxllm"] = bench_fxllm(llm, workload)
     if args.hf_compare:
         result["fxllm_same_as_hf"] = bench_fxllm(llm, workload.head(args.hf_compare))
         result["speedup_vs_hf"] = round(result["fxllm_same_as_hf"]["output_tok_s"] / result["hf"]["useful_tok_s"], 2)
     result["passes"] = llm.compile_report().passes
     if args.compare_passes_off:
+        on_gpu = llm.llm_engine_config.device.type == "cuda"
         del llm
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        compilation = {"level": args.level, "pass_config": {"enable_noop": False, "enable_fusion": False}}
-        llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
-                  compilation_config=compilation, enable_prefix_caching=False)
-        llm.generate({"prompt_token_ids": WARMUP_PROMPT}, SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True),
-                     use_tqdm=False)
-        result["fxllm_passes_off"] = bench_fxllm(llm, workload)
+        if on_gpu:
+            torch.cuda.empty_cache()  # the next engine sizes its KV cache from free memory
+        result["fxllm_passes_off"] = bench_fxllm(_engine(args, model_dir, PASSES_OFF), workload)
     return result
 
 
