@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from fxllm import LLM, SamplingParams
@@ -164,7 +163,7 @@ def test_checkpoint_loads_without_options_and_generates(variant, engines):
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     assert len(layers) == 8  # q/k/v, o, gate/up, down in each of two layers
     assert all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers.values())
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert not isinstance(model.lm_head, Fp8Linear) and model.lm_head.weight.dtype == torch.float32
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     output = llm.generate([PROMPT, "Hello"], params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in output] == [6, 6]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from fxllm.models.layers import LMHead
 from fxllm.models.weights import FusedShard, load_named_weights
 
 
@@ -30,10 +31,7 @@ class FusedDecoderForCausalLM(nn.Module):
 
     def _init_lm_head(self, config: PretrainedConfig, tied_by_default: bool) -> None:
         self.config = config
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", tied_by_default))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = LMHead(config, self.model.embed_tokens, tied_by_default)
         attn = self.model.layers[0].self_attn
         self.qkv_sizes = [attn.q_size, attn.kv_size, attn.kv_size]
 
@@ -46,5 +44,4 @@ class FusedDecoderForCausalLM(nn.Module):
         return [self.config.intermediate_size] * 2
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        load_named_weights(self, weights, skip=skip)
+        load_named_weights(self, weights, skip=self.lm_head.checkpoint_skip)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import activation, head_dim_of
+from fxllm.models.layers import LMHead, activation, head_dim_of
 from fxllm.models.weights import load_named_weights
 from fxllm.runtime.attention import Attention
 
@@ -95,10 +95,7 @@ class GPT2LMHeadModel(nn.Module):
             )
         self.config = config
         self.transformer = GPT2Model(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head = LMHead(config, self.transformer.wte, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
@@ -107,8 +104,7 @@ class GPT2LMHeadModel(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        load_named_weights(self, _hf_to_linear(weights), skip=skip)
+        load_named_weights(self, _hf_to_linear(weights), skip=self.lm_head.checkpoint_skip)
 
 
 def _hf_to_linear(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -109,3 +109,20 @@ class SiluAndMul(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
+
+
+class LMHead(nn.Linear):
+    """The output projection [vocab, hidden]; tied to the input embedding where the config says
+    so (``tie_word_embeddings``, else ``tied_by_default``), whose checkpoint then has no
+    ``lm_head.weight`` to load."""
+
+    def __init__(self, config: PretrainedConfig, embedding: nn.Embedding, tied_by_default: bool):
+        super().__init__(embedding.embedding_dim, config.vocab_size, bias=False)
+        self.tied = bool(getattr(config, "tie_word_embeddings", tied_by_default))
+        if self.tied:
+            self.weight = embedding.weight
+
+    @property
+    def checkpoint_skip(self) -> set[str]:
+        """Checkpoint names the model's ``load_weights`` leaves out."""
+        return {"lm_head.weight"} if self.tied else set()

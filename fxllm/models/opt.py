@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import activation
+from fxllm.models.layers import LMHead, activation
 from fxllm.models.weights import FusedShard, load_named_weights
 from fxllm.runtime.attention import Attention
 
@@ -114,10 +114,7 @@ class OPTForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+        self.lm_head = LMHead(config, self.model.decoder.embed_tokens, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, word_embed_proj_dim] (after project_out where the model has one)."""
@@ -130,8 +127,7 @@ class OPTForCausalLM(nn.Module):
         return [self.config.hidden_size] * 3
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
-        load_named_weights(self, _with_model_prefix(weights), skip=skip)
+        load_named_weights(self, _with_model_prefix(weights), skip=self.lm_head.checkpoint_skip)
 
 
 def _with_model_prefix(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
