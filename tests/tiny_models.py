@@ -6,6 +6,7 @@ that drops or misplaces any weight changes the output.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -140,11 +141,7 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
     return ids[0, len(prompt_ids) :].tolist()
 
 
-_HF_MODELS: dict[str, torch.nn.Module] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _hf_model(model_dir: Path) -> torch.nn.Module:
-    key = str(model_dir)
-    if key not in _HF_MODELS:
-        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return _HF_MODELS[key]
+    """The HF oracle model, loaded once per checkpoint."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -3,6 +3,7 @@ generated test images, and the HF oracle for them."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -148,11 +149,7 @@ def _greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, **input
     return ids[0, len(prompt_ids) :].tolist()
 
 
-_HF_MODELS: dict[str, torch.nn.Module] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _hf_model(model_dir: Path) -> torch.nn.Module:
-    key = str(model_dir)
-    if key not in _HF_MODELS:
-        _HF_MODELS[key] = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return _HF_MODELS[key]
+    """The HF oracle model, loaded once per checkpoint."""
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
