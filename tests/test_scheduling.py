@@ -78,3 +78,31 @@ def test_outputs_come_back_in_input_order(llama_dir, reference):
     outputs = llm.generate(reordered, PARAMS, use_tqdm=False)
     assert [o.prompt for o in outputs] == reordered
     assert [o.outputs[0].token_ids for o in outputs] == list(reversed(reference))
+
+
+def test_step_block_tables_follow_appends_and_replaced_block_lists():
+    """StepInputs mirrors each request's block ids incrementally; a preempted request gets a
+    new list (new blocks), which the mirror must not mistake for the old one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fxllm.compiler.cudagraph import GraphDispatch
+    from fxllm.config import CUDAGraphMode
+    from fxllm.runtime.step_inputs import StepInputs
+
+    inputs = StepInputs(8, max_num_requests=2, max_blocks_per_seq=4, block_size=2, device=torch.device("cpu"))
+    request = SimpleNamespace(num_computed_tokens=2, all_token_ids=[5, 6, 7], block_ids=[4, 9], block_mirror=None)
+    step = [SimpleNamespace(request=request, num_new_tokens=1, samples=True)]
+    dispatch = GraphDispatch(CUDAGraphMode.NONE, 1, 1)
+
+    def table() -> list[int]:
+        prepared = inputs.prepare(step, dispatch)
+        return prepared.metadata.block_tables[0, : prepared.max_blocks].tolist()
+
+    assert table() == [4, 9]
+    request.block_ids.append(3)  # the KV manager appends as the context grows
+    request.num_computed_tokens, request.all_token_ids = 4, [5, 6, 7, 8, 1]
+    assert table() == [4, 9, 3]
+    request.block_ids = [7, 2, 8]  # preempted and re-allocated: same length, other blocks
+    assert table() == [7, 2, 8]

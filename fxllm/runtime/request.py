@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,7 +40,10 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # Replaced (preemption, prefix hits) or appended to, never edited in place: StepInputs
+    # mirrors it in numpy incrementally and relies on that.
     block_ids: list[int] = field(default_factory=list)
+    block_mirror: Any = None  # StepInputs' numpy copy of block_ids
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks of all_token_ids
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None

@@ -19,6 +19,7 @@ every row, text-only requests their index; padded tokens position 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ class StepInputs:
             request = entry.request
             start = int(computed[row])
             ids[query_start_loc[row] : query_start_loc[row + 1]] = request.all_token_ids[start : start + entry.num_new_tokens]
-            blocks = request.block_ids
+            blocks = _block_row(request, self._tables_np.shape[1])
             self._tables_np[row, : len(blocks)] = blocks
             max_blocks = max(max_blocks, len(blocks))
             if entry.samples:
@@ -205,3 +206,24 @@ class StepInputs:
             self.host_block_tables[:num_real_requests, :max_blocks], non_blocking=True
         )
         self._copied.record()
+
+
+@dataclass
+class _BlockMirror:
+    """A request's block ids as a numpy row, extended as the list grows: converting the
+    whole Python list every step costs O(context) per request per step."""
+
+    source: list[int]  # the block_ids list it mirrors (a new list means new blocks)
+    array: np.ndarray
+    length: int = 0
+
+
+def _block_row(request: Any, max_blocks: int) -> np.ndarray:
+    blocks = request.block_ids
+    mirror: _BlockMirror | None = request.block_mirror
+    if mirror is None or mirror.source is not blocks or len(blocks) < mirror.length:
+        mirror = request.block_mirror = _BlockMirror(blocks, np.empty(max_blocks, dtype=np.int32))
+    if len(blocks) > mirror.length:
+        mirror.array[mirror.length : len(blocks)] = blocks[mirror.length :]
+        mirror.length = len(blocks)
+    return mirror.array[: mirror.length]
