@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from fxllm.config import MultiModalConfig
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
-from fxllm.models.layers import RMSNorm
+from fxllm.models.layers import RMSNorm, head_dim_of
 from fxllm.models.llama import LlamaDecoderLayer
 from fxllm.models.mrope import MRotaryEmbedding
 from fxllm.models.qwen2_vl_vision import Grid, Qwen2VisionTransformer, Qwen25VisionTransformer
@@ -35,7 +35,7 @@ class Qwen2VLTextModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.rotary = MRotaryEmbedding(config, config.hidden_size // config.num_attention_heads, max_positions)
+        self.rotary = MRotaryEmbedding(config, head_dim_of(config), max_positions)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
