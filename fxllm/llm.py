@@ -243,8 +243,7 @@ class LLM:
         if pooling:
             self.pooling_runner = PoolingRunner(self.llm_engine_config)
         else:
-            host_group = self._workers.host_group if self._workers is not None else None
-            self.llm_engine = self._start_engine(host_group)
+            self.llm_engine = self._start_engine(self._workers.links if self._workers is not None else None)
         if self._workers is not None:
             weakref.finalize(self, stop_tensor_parallel, self.llm_engine.runner.step_sync, self._workers)
         self._request_counter = itertools.count()
@@ -258,10 +257,10 @@ class LLM:
                 self._workers.raise_worker_error(error)
             raise
 
-    def _start_engine(self, host_group: Any) -> LLMEngine:
+    def _start_engine(self, links: Any) -> LLMEngine:
         """The engine; if it cannot start, the workers are shut down before the error propagates."""
         try:
-            return self._with_worker_errors(LLMEngine, self.llm_engine_config, self.tokenizer, host_group)
+            return self._with_worker_errors(LLMEngine, self.llm_engine_config, self.tokenizer, links)
         except BaseException:
             if self._workers is not None:
                 self._workers.shutdown()

@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fxllm.parallel.workers import WorkerGroup, choose_start_method
+from fxllm.parallel.workers import WorkerGroup, WorkerLinks, choose_start_method
 
 WORLD_SIZE = 2
 
 
-def _sum_ranks(rank: int, world_size: int, host_group: dist.ProcessGroup, payload: int) -> None:
+def _sum_ranks(rank: int, world_size: int, links: WorkerLinks, payload: int) -> None:
     total = torch.tensor([float(rank + payload)])
     dist.all_reduce(total)
 
 
-def _fail_on_rank_1(rank: int, world_size: int, host_group: dist.ProcessGroup, payload: None) -> None:
+def _fail_on_rank_1(rank: int, world_size: int, links: WorkerLinks, payload: None) -> None:
     if rank == 1:
         raise ValueError("rank 1 could not load its shard")
     dist.barrier()

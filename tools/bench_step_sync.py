@@ -1,9 +1,9 @@
-"""The per-step cost of tensor parallelism's step broadcast, with the workers waiting for it.
+"""The per-step cost of tensor parallelism's step message, with the workers waiting for it.
 
 Under tensor parallelism rank 0 schedules, fills the step's host buffers and
-broadcasts them over the gloo host group (parallel/step_sync.py: a header, the token
-and request rows, the block tables, the rows whose logits it needs); the other ranks
-receive them into their own buffers and copy them to their device. This is host work
+sends them to every worker as one message down a pipe (parallel/step_sync.py: a header,
+the token and request rows, the block tables, the rows whose logits it needs); the
+other ranks receive them into their own buffers and copy them to their device. This is host work
 that rank 0 adds to every step, on CPU and GPU machines alike. On GPUs the workers are
 back in ``receive`` long before rank 0 sends (their forward is queued, not waited for),
 so the tool measures that case: two processes on this host, the worker looping on
@@ -36,10 +36,10 @@ def _step_inputs(max_requests: int, blocks: int):
     return StepInputs(max_requests, max_requests, blocks, BLOCK_SIZE, torch.device("cpu"))
 
 
-def _receive_until_stopped(rank: int, world_size: int, host_group, payload: tuple[int, int]) -> None:
+def _receive_until_stopped(rank: int, world_size: int, links, payload: tuple[int, int]) -> None:
     from fxllm.parallel.step_sync import StepSync
 
-    sync = StepSync(_step_inputs(*payload), host_group)
+    sync = StepSync(_step_inputs(*payload), links)
     with torch.inference_mode():
         while sync.receive() is not None:
             pass
@@ -82,12 +82,12 @@ def main() -> None:
     payload = (max(args.batch_sizes), args.blocks)
     workers = WorkerGroup(2, "cpu", _receive_until_stopped, payload)
     try:
-        sync = StepSync(_step_inputs(*payload), workers.host_group)
+        sync = StepSync(_step_inputs(*payload), workers.links)
         rows = [measure(sync, batch, args.blocks, args.steps) for batch in args.batch_sizes]
         sync.send_stop()
     finally:
         workers.shutdown()
-    print(f"step broadcast, rank 0 to 1 worker over gloo on this host ({torch.get_num_threads()} threads)")
+    print(f"step message, rank 0 to 1 worker on this host ({torch.get_num_threads()} threads)")
     print(f"{'batch':>6} {'blocks':>7} {'mean µs':>9} {'median µs':>10} {f'p{PERCENTILE} µs':>9}")
     for row in rows:
         print(f"{row['batch_size']:>6} {row['blocks_per_request']:>7} {row['send_us_mean']:>9} "

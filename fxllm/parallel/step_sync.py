@@ -1,25 +1,29 @@
-"""Rank 0 tells the other ranks what each step runs: the step's host buffers, broadcast.
+"""Rank 0 tells the other ranks what each step runs: the step's host buffers, sent down pipes.
 
 Rank 0 schedules and builds the step's inputs (``StepInputs``); the other ranks
-receive the same host arrays over a gloo group (CPU tensors, whatever the device),
-copy them into their own persistent buffers and run the same forward. A header
-says what follows; a stop header ends a worker's loop.
+receive the same host arrays as one message (a header, then the arrays packed as
+bytes) on the pipe rank 0 holds to each of them, copy them into their own
+persistent buffers and run the same forward. The header says what follows; a stop
+header ends a worker's loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.config import CUDAGraphMode
+from fxllm.parallel.workers import WorkerLinks
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 
 _MODES = (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL)
 STEP, STOP, SAVE = 0, 1, 2
 HEADER_FIELDS = 9  # command, mode, padded tokens/requests, tokens, requests, samples, blocks, logit rows
+HEADER_BYTES = HEADER_FIELDS * np.dtype(np.int64).itemsize
 
 
 @dataclass
@@ -35,66 +39,52 @@ class SaveRequest:
 
 
 class StepSync:
-    def __init__(self, inputs: StepInputs, group: dist.ProcessGroup):
+    def __init__(self, inputs: StepInputs, links: WorkerLinks):
         self.inputs = inputs
-        # The workers' gloo host group, whatever the device: host arrays need no device sync.
-        self.group = group
-
-    def _broadcast(self, tensor: torch.Tensor) -> None:
-        dist.broadcast(tensor, src=0, group=self.group)
+        self.links = links
 
     def send(self, prepared: PreparedStep, dispatch: GraphDispatch, logit_rows: torch.Tensor) -> None:
-        """Rank 0, after ``inputs.prepare``: the arrays of the step it just prepared, packed into
-        one byte buffer after the header (two broadcasts a step: each costs a round trip)."""
-        header = torch.tensor([
+        """Rank 0, after ``inputs.prepare``: the arrays of the step it just prepared."""
+        header = [
             STEP, _MODES.index(dispatch.mode), dispatch.num_tokens, dispatch.num_requests, prepared.num_tokens,
             prepared.num_requests, prepared.sample_rows.numel(), prepared.max_blocks, logit_rows.numel(),
-        ])
-        self._broadcast(header)
+        ]
         tables = self.inputs.host_block_tables[: prepared.num_requests, : prepared.max_blocks]
         parts = _packing_order([*self._payload(dispatch.num_tokens, dispatch.num_requests), tables, logit_rows.cpu()])
-        self._broadcast(torch.cat([part.contiguous().view(torch.uint8).reshape(-1) for part in parts]))
+        self.links.send(b"".join([_header(*header), *(part.contiguous().numpy().tobytes() for part in parts)]))
 
     def send_stop(self) -> None:
-        self._send_command(STOP)
+        self.links.send(_header(STOP))
 
     def send_save(self, path: str) -> None:
         """Every rank writes its weights under ``path`` (save_sharded_state)."""
-        self._send_command(SAVE)
-        dist.broadcast_object_list([path], src=0, group=self.group)
+        self.links.send(_header(SAVE) + path.encode())
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
-    def _send_command(self, command: int) -> None:
-        header = torch.zeros(HEADER_FIELDS, dtype=torch.int64)
-        header[0] = command
-        self._broadcast(header)
+        dist.barrier(group=self.links.host_group)
 
     def receive(self) -> ReceivedStep | SaveRequest | None:
         """Other ranks: the next step, in this rank's buffers, or a save request; None when rank 0 stops."""
-        header = torch.zeros(HEADER_FIELDS, dtype=torch.int64)
-        self._broadcast(header)
+        message = self.links.receive()
+        if message is None:  # rank 0's process is gone
+            return None
+        header = np.frombuffer(message, dtype=np.int64, count=HEADER_FIELDS)
         command, mode, padded_tokens, padded_requests, num_tokens, num_requests, num_samples, max_blocks, rows = (
             header.tolist()
         )
         if command == STOP:
             return None
         if command == SAVE:
-            path = [None]
-            dist.broadcast_object_list(path, src=0, group=self.group)
-            return SaveRequest(path[0])
+            return SaveRequest(message[HEADER_BYTES:].decode())
         self.inputs.wait_for_copies()  # the host buffers are about to be overwritten
         tables = self.inputs.host_block_tables[:num_requests, :max_blocks]
         logit_rows = torch.empty(rows, dtype=torch.int64)
         parts = _packing_order([*self._payload(padded_tokens, padded_requests), tables, logit_rows])
-        packed = torch.empty(sum(part.numel() * part.element_size() for part in parts), dtype=torch.uint8)
-        self._broadcast(packed)
-        offset = 0
+        offset = HEADER_BYTES
         for part in parts:  # into this rank's host buffers
-            size = part.numel() * part.element_size()
-            part.copy_(packed[offset : offset + size].view(part.dtype).view(part.shape))
-            offset += size
+            array = part.numpy()
+            array[...] = np.frombuffer(message, dtype=array.dtype, count=array.size, offset=offset).reshape(array.shape)
+            offset += array.nbytes
         prepared = self.inputs.adopt_host_step(
             padded_tokens, padded_requests, num_requests, max_blocks, num_samples, num_tokens
         )
@@ -114,3 +104,10 @@ class StepSync:
 def _packing_order(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Widest elements first, so every part starts aligned for its dtype in the packed bytes."""
     return sorted(parts, key=lambda part: -part.element_size())
+
+
+def _header(command: int, *fields: int) -> bytes:
+    header = np.zeros(HEADER_FIELDS, dtype=np.int64)
+    header[0] = command
+    header[1 : 1 + len(fields)] = fields
+    return header.tobytes()

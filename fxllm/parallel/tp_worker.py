@@ -11,13 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from fxllm.config import CompilationLevel, EngineConfig
 from fxllm.models.quantization import model_quantization
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest, StepSync
-from fxllm.parallel.workers import WorkerGroup
+from fxllm.parallel.workers import WorkerGroup, WorkerLinks
 
 def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: bool) -> None:
     size = config.parallel.tensor_parallel_size
@@ -45,13 +44,13 @@ def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: b
         )
 
 
-def run_tensor_parallel_worker(rank: int, world_size: int, host_group: dist.ProcessGroup, config: EngineConfig) -> None:
+def run_tensor_parallel_worker(rank: int, world_size: int, links: WorkerLinks, config: EngineConfig) -> None:
     from fxllm.runtime.runner import ModelRunner
 
     if config.device.type == "cuda":
         torch.cuda.set_device(rank)
         config = replace(config, device=torch.device("cuda", rank))
-    runner = ModelRunner(config, rank=rank, host_group=host_group)
+    runner = ModelRunner(config, rank=rank, links=links)
     runner.allocate_kv_cache(runner.agree_num_blocks(runner.determine_num_blocks()))
     runner.capture_cudagraphs()
     with torch.inference_mode():  # the step buffers are inference tensors

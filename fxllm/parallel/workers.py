@@ -3,8 +3,8 @@
 Like vLLM: fork when the parent has not initialized CUDA (cheap, and no
 ``__main__`` guard needed), otherwise spawn, with a warning, since a forked child
 cannot use CUDA after its parent did. Every rank joins one default process group
-(NCCL on GPU, gloo on CPU) plus a gloo "host group" for host arrays and start-up
-barriers. A worker's exception reaches the parent with its rank and traceback: rank 0
+(NCCL on GPU, gloo on CPU) plus a gloo "host group" for start-up barriers, and rank 0
+has a pipe to each worker for its per-step messages. A worker's exception reaches the parent with its rank and traceback: rank 0
 polls the rendezvous while it waits for workers to join, and after that a dead peer
 fails the next host-group collective at once. The group shuts down on ``shutdown()``,
 when its owner is collected, and at interpreter exit, and never leaves processes behind.
@@ -20,6 +20,8 @@ import queue
 import tempfile
 import traceback
 import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +36,39 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_SECONDS = 10.0  # a worker asked to stop gets this long before it is terminated
 # Rank 0 checks for dead workers this often while it waits for them to join.
 JOIN_POLL = datetime.timedelta(seconds=1)
-WorkerMain = Callable[[int, int, dist.ProcessGroup, Any], None]  # (rank, world_size, host group, payload)
+# How often a worker waiting for rank 0's next message checks that its parent still lives.
+PARENT_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class WorkerLinks:
+    """What connects a rank to the others besides the default process group."""
+
+    host_group: dist.ProcessGroup  # gloo, every rank: start-up barriers, host collectives
+    # Rank 0 -> each worker, one message a step: rank 0 holds a writer per worker, a worker
+    # its reader. A pipe wakes a waiting reader in microseconds, where a gloo broadcast
+    # costs a TCP round trip per call.
+    pipes: list[Connection]
+
+    def send(self, message: bytes) -> None:
+        """Rank 0: ``message`` to every worker."""
+        for pipe in self.pipes:
+            pipe.send_bytes(message)
+
+    def receive(self) -> bytes | None:
+        """A worker: rank 0's next message; None once rank 0's process is gone."""
+        (pipe,) = self.pipes
+        parent = os.getppid()
+        while not pipe.poll(PARENT_CHECK_SECONDS):
+            if os.getppid() != parent:
+                return None
+        try:
+            return pipe.recv_bytes()
+        except EOFError:
+            return None
+
+
+WorkerMain = Callable[[int, int, WorkerLinks, Any], None]  # (rank, world_size, links, payload)
 
 
 def choose_start_method(requested: str | None) -> str:
@@ -77,7 +111,8 @@ def _forget_inherited_thread_pools() -> None:
 
 
 def _worker_entry(
-    rank: int, world_size: int, rendezvous: str, device_type: str, main: WorkerMain, payload: Any, errors
+    rank: int, world_size: int, rendezvous: str, device_type: str, main: WorkerMain, payload: Any, errors,
+    steps: Connection,
 ) -> None:
     try:
         _forget_inherited_thread_pools()
@@ -86,7 +121,7 @@ def _worker_entry(
         store = dist.FileStore(rendezvous, world_size)
         store.set(_joined_key(rank), "1")
         host_group = init_process_group(store, rank, world_size, device_type)
-        main(rank, world_size, host_group, payload)
+        main(rank, world_size, WorkerLinks(host_group, [steps]), payload)
     except BaseException:  # reported to the parent, whatever it was
         trace = traceback.format_exc()
         # Logged here too: the parent reads the queue only once its own rank stops.
@@ -99,8 +134,8 @@ def _worker_entry(
 
 
 class WorkerGroup:
-    """Starts ranks 1..world_size-1 running ``main(rank, world_size, payload)`` and joins the
-    caller to the process group as rank 0."""
+    """Starts ranks 1..world_size-1 running ``main(rank, world_size, links, payload)`` and joins
+    the caller to the process group as rank 0 (its links: ``self.links``)."""
 
     def __init__(
         self, world_size: int, device_type: str, main: WorkerMain, payload: Any, start_method: str | None = None
@@ -111,16 +146,22 @@ class WorkerGroup:
         rendezvous = str(Path(self._scratch.name) / "rendezvous")
         self._errors = context.Queue()
         self._processes = []
+        self._step_writers: list[Connection] = []
         try:
             for rank in range(1, world_size):
+                reader, writer = context.Pipe(duplex=False)
                 process = context.Process(
                     target=_worker_entry,
-                    args=(rank, world_size, rendezvous, device_type, main, payload, self._errors),
+                    args=(rank, world_size, rendezvous, device_type, main, payload, self._errors, reader),
                     name=f"fxllm-tp-rank{rank}",
                     daemon=True,  # never outlive the parent
                 )
                 process.start()
+                # Only the worker reads it: once the worker is gone, a send fails at once (and
+                # workers forked later do not inherit it).
+                reader.close()
                 self._processes.append(process)
+                self._step_writers.append(writer)
         except RuntimeError as error:
             _stop(self._processes)
             if method == "spawn" and "bootstrapping phase" in str(error):
@@ -136,7 +177,7 @@ class WorkerGroup:
         try:
             store = dist.FileStore(rendezvous, world_size)
             self._wait_for_workers(store, world_size)
-            self.host_group = init_process_group(store, 0, world_size, device_type)
+            self.links = WorkerLinks(init_process_group(store, 0, world_size, device_type), self._step_writers)
         except BaseException:
             self._finalizer()
             self._scratch.cleanup()
@@ -173,6 +214,8 @@ class WorkerGroup:
         if dist.is_initialized():
             dist.destroy_process_group()
         self._finalizer()
+        for writer in self._step_writers:
+            writer.close()
         self._scratch.cleanup()
 
     @property

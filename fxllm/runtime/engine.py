@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch.distributed as dist
-
 from fxllm.config import EngineConfig
 from fxllm.outputs import Logprob
+from fxllm.parallel.workers import WorkerLinks
 from fxllm.runtime.kv_cache import KVCacheManager, cdiv
 from fxllm.runtime.request import Request
 from fxllm.runtime.runner import ModelRunner, TokenLogprobs
@@ -18,10 +17,10 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Any, host_group: dist.ProcessGroup | None = None):
+    def __init__(self, config: EngineConfig, tokenizer: Any, links: WorkerLinks | None = None):
         self.config = config
         self.tokenizer = tokenizer  # decodes the tokens of logprob entries
-        self.runner = ModelRunner(config, host_group=host_group)
+        self.runner = ModelRunner(config, links=links)
         num_blocks = self.runner.agree_num_blocks(self.runner.determine_num_blocks())
         block_size = config.cache.block_size
         max_model_len = config.model.max_model_len

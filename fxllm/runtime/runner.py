@@ -33,6 +33,7 @@ from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.parallel.step_sync import ReceivedStep, StepSync
 from fxllm.parallel.tp_config import tp_layout
+from fxllm.parallel.workers import WorkerLinks
 from fxllm.passes.tensor_parallel import gather_logits
 from fxllm.runtime.cudagraphs import CUDAGraphs
 from fxllm.runtime.forward_context import ForwardContext, set_forward_context
@@ -60,8 +61,8 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0, host_group: dist.ProcessGroup | None = None):
-        """``host_group``: under tensor parallelism, the gloo group of every rank (parallel/workers.py)."""
+    def __init__(self, config: EngineConfig, rank: int = 0, links: WorkerLinks | None = None):
+        """``links``: under tensor parallelism, how this rank reaches the others (parallel/workers.py)."""
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
@@ -71,7 +72,7 @@ class ModelRunner:
         self.tp_layout = tp_layout(model_config.hf_config, rank, world_size) if world_size > 1 else None
         # Start-up meets on it after each phase: a rank that failed stops the others there
         # (gloo sees the closed connection) instead of at an NCCL timeout.
-        self._host_group = host_group
+        self._links = links
         load_start = time.perf_counter()
         self.model: nn.Module = build_model(model_config, self.device, self.tp_layout)
         load_seconds = time.perf_counter() - load_start
@@ -108,11 +109,11 @@ class ModelRunner:
                 device=self.device,
                 mrope=getattr(self.model, "uses_mrope", False),
             )
-        self.step_sync = StepSync(self.inputs, self._host_group) if self._host_group is not None else None
+        self.step_sync = StepSync(self.inputs, self._links) if self._links is not None else None
 
     def _startup_barrier(self) -> None:
-        if self._host_group is not None:
-            dist.barrier(group=self._host_group)
+        if self._links is not None:
+            dist.barrier(group=self._links.host_group)
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
@@ -264,7 +265,7 @@ class ModelRunner:
         if self.step_sync is None:
             return num_blocks
         fewest = torch.tensor([num_blocks])
-        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self.step_sync.group)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self._links.host_group)
         return int(fewest.item())
 
     def _forward(
