@@ -11,6 +11,10 @@ cache (scattered blocks). Timed, each the median of triton.testing.do_bench:
   floor a paged kernel cannot beat by layout alone.
 Bandwidth counts the bytes of K/V read plus q and out, against the H100's
 3.0 TB/s measured copy bandwidth. Prints a table and writes JSON.
+
+``--prefill-tokens P`` adds long prefills: one request of P tokens attending causally
+over its own cached K/V, the unified kernel against SDPA's causal kernel on dense
+K/V, in TFLOP/s (4 * heads * head_dim * P^2 / 2 flops: causal halves the square).
 """
 
 from __future__ import annotations
@@ -124,6 +128,39 @@ def run_case(batch: int, context: int, args: argparse.Namespace) -> dict:
     return row
 
 
+def run_prefill(tokens: int, args: argparse.Namespace) -> dict:
+    from fxllm.runtime.attention import triton_kernels
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    heads, kv_heads, head_dim, block_size = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
+    num_blocks = -(-tokens // block_size)
+    scale = head_dim**-0.5
+    block_tables = torch.randperm(num_blocks, device=device).view(1, num_blocks).to(torch.int32)
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=device, dtype=dtype)
+    query = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
+    out = torch.empty_like(query)
+    seq_lens = torch.tensor([tokens], dtype=torch.int32, device=device)
+    starts = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    unified_ms = bench_ms(
+        lambda: triton_kernels.unified_attention(
+            query, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, starts, scale, None
+        )
+    )
+    dense = [kv_cache[i][block_tables[0].long()].flatten(0, 1)[:tokens].transpose(0, 1)[None].contiguous() for i in range(2)]
+    sdpa_query = query.transpose(0, 1)[None]  # [1, heads, P, head_dim]
+    sdpa_ms = bench_ms(
+        lambda: F.scaled_dot_product_attention(sdpa_query, *dense, is_causal=True, scale=scale, enable_gqa=True)
+    )
+    flops = 4 * heads * head_dim * tokens * tokens / 2
+    return {
+        "prefill_tokens": tokens,
+        "unified_ms": unified_ms,
+        "unified_tflops": None if unified_ms is None else round(flops / (unified_ms / 1e3) / 1e12, 1),
+        "sdpa_ms": sdpa_ms,
+        "sdpa_tflops": None if sdpa_ms is None else round(flops / (sdpa_ms / 1e3) / 1e12, 1),
+    }
+
+
 def print_table(rows: list[dict]) -> None:
     names = ["split", "split_graph", "unified", "torch", "sdpa"]
 
@@ -149,6 +186,7 @@ def main() -> None:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prefill-tokens", type=int, nargs="*", default=[], help="also time causal prefills of these lengths")
     parser.add_argument("--json", default="bench_attention.json", help="where to write the results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -157,6 +195,10 @@ def main() -> None:
     warm_up()
     rows = [run_case(batch, context, args) for batch in args.batch_sizes for context in args.contexts]
     print_table(rows)
+    prefills = [run_prefill(tokens, args) for tokens in args.prefill_tokens]
+    for prefill in prefills:
+        print(f"prefill {prefill['prefill_tokens']} tokens: unified {prefill['unified_tflops']} TFLOP/s, "
+              f"SDPA causal {prefill['sdpa_tflops']} TFLOP/s")
     with open(args.json, "w") as handle:
         json.dump(
             {
@@ -168,6 +210,7 @@ def main() -> None:
                 "block_size": args.block_size,
                 "peak_bandwidth_bytes_per_s": PEAK_BANDWIDTH,
                 "rows": rows,
+                "prefills": prefills,
             },
             handle,
             indent=2,
