@@ -146,8 +146,12 @@ class TorchAttentionBackend:
     @staticmethod
     def _decode(spec, query, out, kv_cache, plan: _DecodePlan) -> None:
         num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-        keys = kv_cache[0].view(-1, num_kv_heads, head_dim)[plan.slot_index]  # [D, L, kv_heads, head_dim]
-        values = kv_cache[1].view(-1, num_kv_heads, head_dim)[plan.slot_index]
+        # index_select on the flat slot list: several times faster on CPU than indexing with
+        # the 2-D index tensor, which takes the general advanced-indexing path.
+        shape = (*plan.slot_index.shape, num_kv_heads, head_dim)  # [D, L, kv_heads, head_dim]
+        slots = plan.slot_index.flatten()
+        keys = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
+        values = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
         q = query[plan.token_index].unsqueeze(2)  # [D, heads, 1, head_dim]
         result = F.scaled_dot_product_attention(
             q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.window_mask(spec.sliding_window),
