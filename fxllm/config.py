@@ -19,7 +19,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "(default: $XDG_CACHE_HOME/fxllm or ~/.cache/fxllm)",
     "FXLLM_CPU_KVCACHE_SPACE": "GiB of memory for the KV cache on CPU (default 4; fractions allowed)",
     "FXLLM_DISABLE_COMPILE_CACHE": "1 turns off the on-disk compile cache (every start compiles)",
-    "FXLLM_MM_INPUT_CACHE_GIB": "GiB of processed images (pixel values) kept for reuse by vision-language models "
+    "FXLLM_MM_INPUT_CACHE_GIB": "GiB of processed images and videos (pixel values) kept for reuse by vision-language models "
     "(default 4; 0 turns the cache off)",
     "FXLLM_WORKER_MULTIPROC_METHOD": "how tensor-parallel workers start: fork or spawn (default: fork unless CUDA "
     "is already initialized)",
@@ -388,20 +388,16 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-def cuda_device_count() -> int:
-    """Visible GPUs, counted through NVML where it can be: unlike ``torch.cuda.is_available()``,
-    this leaves the CUDA driver uninitialized, so tensor-parallel workers can still be forked."""
-    return torch.cuda.device_count()
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
+    # device_count() counts GPUs through NVML where it can; torch.cuda.is_available() would
+    # initialize the CUDA driver, after which tensor-parallel workers can no longer be forked.
     if device == "auto":
-        return torch.device("cuda" if cuda_device_count() > 0 else "cpu")
+        return torch.device("cuda" if torch.cuda.device_count() > 0 else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device.startswith("cuda") and cuda_device_count() == 0:
+    if device.startswith("cuda") and torch.cuda.device_count() == 0:
         raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'")
     return torch.device(device)
 

@@ -225,7 +225,7 @@ class LLM:
             seed=seed,
             parallel=ParallelConfig(tensor_parallel_size, worker_multiproc_method()),
         )
-        # Images are processed on the host before requests are queued; nothing for a zero image limit.
+        # Images and videos are processed on the host before requests are queued; none when every limit is 0.
         self.mm_processor: MultiModalProcessor | None = None
         if multimodal is not None and multimodal.takes_any():
             self.mm_processor = MultiModalProcessor(model_dir, hf_config, multimodal)

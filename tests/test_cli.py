@@ -212,7 +212,7 @@ def test_bench_kernels_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subproce
     assert all(row["kernels_per_step"] > 0 for row in rows.values())
 
 
-def test_bench_step_sync_times_the_tensor_parallel_broadcast(tmp_path, capfd):
+def test_bench_step_sync_times_the_tensor_parallel_step_message(tmp_path, capfd):
     result_path = tmp_path / "step_sync.json"
     status = cli.main(["bench", "step_sync", "--batch-sizes", "1", "4", "--steps", "5", "--json", str(result_path)])
     assert status == 0, capfd.readouterr().err[-2000:]

@@ -31,6 +31,7 @@ from fxllm.passes.tensor_parallel import TensorParallelPass, gather_logits, plac
 from fxllm.runtime.attention.layer import Attention
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
 from tests.tiny_models import CONFIGS, VOCAB_SIZE, save_config_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
@@ -39,8 +40,6 @@ MAX_POSITIONS = 64
 WORLD_SIZE = 2
 # fp32 partial sums added in another order: logits agree to rounding.
 LOGIT_TOLERANCE = 1e-4
-# FP8's distance to full precision (tests/test_fp8.py: FULL_PRECISION_TOLERANCE).
-FP8_TOLERANCE = 0.3
 # A rank that fails at start-up is reported within seconds, far below the collective timeout.
 STARTUP_FAILURE_SECONDS = 60
 
@@ -287,11 +286,6 @@ def _prompt_logprobs(llm: LLM) -> torch.Tensor:
     return torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)] for entry in output.prompt_logprobs[1:]])
 
 
-def _centered_distance(logprobs: torch.Tensor, reference: torch.Tensor) -> float:
-    ours, theirs = logprobs - logprobs.mean(-1, keepdim=True), reference - reference.mean(-1, keepdim=True)
-    return ((ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)).max().item()
-
-
 def test_dynamic_fp8_under_tensor_parallelism_reduces_its_row_parallel_outputs(tensor_parallel_runs):
     """Each rank quantizes its own shard at load; the pass reduces fxllm::fp8_linear outputs too.
     Per-row scales over a rank's half of the inputs differ from one device's, so the check is
@@ -301,7 +295,7 @@ def test_dynamic_fp8_under_tensor_parallelism_reduces_its_row_parallel_outputs(t
     llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, quantization="fp8",
               tensor_parallel_size=2)
     assert llm.compile_report().passes["tensor_parallel"] == 2 * CONFIGS["llama"]().num_hidden_layers + 1
-    assert _centered_distance(_prompt_logprobs(llm), reference) < FP8_TOLERANCE
+    assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE
 
 
 def test_pre_quantized_checkpoints_under_tensor_parallelism_are_a_clear_error(tensor_parallel_runs, tmp_path):

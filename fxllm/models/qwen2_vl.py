@@ -70,7 +70,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         super().__init__()
         tie = bool(getattr(config, "tie_word_embeddings", False))
         self.language_model = Qwen2VLLanguageModel(config.get_text_config(), max_positions, tie)
-        # A zero image limit builds no vision tower and loads none of its weights.
+        # Zero limits for every modality build no vision tower and load none of its weights.
         self.visual = self.vision_tower(config.vision_config) if multimodal.takes_any() else None
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.language_model.model.embed_tokens(input_ids)
 
     def encode_images(self, pixel_values: torch.Tensor, grids: list[Grid]) -> list[torch.Tensor]:
-        """One [tokens, hidden] embedding per image, for the concatenated patches of ``grids``."""
-        assert self.visual is not None, "images reach the model only when the image limit is above 0"
+        """One [tokens, hidden] embedding per image or video, for the concatenated patches of ``grids``."""
+        assert self.visual is not None, "images and videos reach the model only when a limit is above 0"
         embeddings = self.visual(pixel_values, grids)
         merge = self.visual.merge
         return list(embeddings.split([frames * height * width // merge**2 for frames, height, width in grids]))

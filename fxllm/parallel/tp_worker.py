@@ -2,7 +2,7 @@
 
 Rank 0 (the LLM's process) schedules and samples; every other rank builds the same
 runner on its shard, agrees on the KV-cache size, captures the same CUDA graphs,
-then runs each step rank 0 broadcasts until told to stop.
+then runs each step rank 0 sends until told to stop.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fxllm.models.quantization import model_quantization
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest, StepSync
 from fxllm.parallel.workers import WorkerGroup, WorkerLinks
+
 
 def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: bool) -> None:
     size = config.parallel.tensor_parallel_size

@@ -27,7 +27,7 @@ from fxllm.passes.graph_pass import source_uuid
 ALL_REDUCE = torch.ops.fxllm.all_reduce.default
 # Linear layers whose weight is args[1]: plain, and FP8 (quantization="fp8" quantizes each
 # rank's shard at load, so a row-parallel FP8 output is a partial sum like any other).
-_LINEARS = (torch._C._nn.linear, torch.ops.fxllm.fp8_linear.default, torch.ops.fxllm.fp8_linear)
+_LINEARS = (torch._C._nn.linear, torch.ops.fxllm.fp8_linear.default)
 
 
 def _is_call(node: fx.Node, *targets) -> bool:

@@ -53,8 +53,8 @@ class Request:
     cumulative_logprob: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
-    multimodal: MultiModalPrompt | None = None  # images (and M-RoPE positions) of a vision-language prompt
-    # Image index -> its embeddings [tokens, H], from the first step that computes one of its
+    multimodal: MultiModalPrompt | None = None  # images, videos and M-RoPE positions of a vision-language prompt
+    # Image or video index -> its embeddings [tokens, H], from the first step that computes one of its
     # tokens to the step that computes its last (see runtime/multimodal/embedder.py).
     encoder_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
 

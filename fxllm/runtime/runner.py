@@ -70,8 +70,6 @@ class ModelRunner:
         world_size = config.parallel.tensor_parallel_size
         # This rank's part of a tensor-parallel model; None on one device.
         self.tp_layout = tp_layout(model_config.hf_config, rank, world_size) if world_size > 1 else None
-        # Start-up meets on it after each phase: a rank that failed stops the others there
-        # (gloo sees the closed connection) instead of at an NCCL timeout.
         self._links = links
         load_start = time.perf_counter()
         self.model: nn.Module = build_model(model_config, self.device, self.tp_layout)
@@ -112,6 +110,8 @@ class ModelRunner:
         self.step_sync = StepSync(self.inputs, self._links) if self._links is not None else None
 
     def _startup_barrier(self) -> None:
+        """Under tensor parallelism every rank meets here after each start-up phase: a rank that
+        failed stops the others at once (gloo sees the closed connection), not at an NCCL timeout."""
         if self._links is not None:
             dist.barrier(group=self._links.host_group)
 
@@ -239,7 +239,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_received(self, step: ReceivedStep) -> None:
-        """A tensor-parallel worker's step: the forward rank 0 broadcast, and its part of the
+        """A tensor-parallel worker's step: the forward rank 0 sent, and its part of the
         logits gather; sampling stays with rank 0."""
         dispatch = step.dispatch
         if dispatch.mode is CUDAGraphMode.FULL:
@@ -262,7 +262,7 @@ class ModelRunner:
 
     def agree_num_blocks(self, num_blocks: int) -> int:
         """Under tensor parallelism, the fewest blocks any rank can hold (every rank holds every block)."""
-        if self.step_sync is None:
+        if self._links is None:
             return num_blocks
         fewest = torch.tensor([num_blocks])
         dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self._links.host_group)

@@ -20,6 +20,7 @@ implementation; tests/test_fp8_gpu.py runs both on an FP8 GPU.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Optional
 
 import torch
@@ -64,6 +65,7 @@ def select_fp8_gemm(
     return Fp8Gemm.W8A8
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call of the op; a device's answer never changes
 def has_fp8_gpu(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_FP8_CAPABILITY
 
