@@ -79,3 +79,31 @@ def test_choosing_the_device_leaves_cuda_uninitialized_so_workers_can_fork(monke
 
     monkeypatch.setattr(torch.cuda, "is_available", poisons_fork)
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+# Large enough that torch splits the conversion across its OpenMP threads.
+PARALLEL_OP_ELEMENTS = 4_000_000
+HANG_SECONDS = 60
+
+
+def _convert_in_child(results) -> None:
+    import fxllm.parallel.workers as workers
+
+    workers._forget_inherited_thread_pools()
+    results.put(float(torch.ones(PARALLEL_OP_ELEMENTS).to(torch.bfloat16).float().sum()))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs an intra-op thread pool")
+def test_a_forked_rank_runs_parallel_cpu_ops_after_the_parent_did():
+    """A forked child whose parent used torch's OpenMP pool hangs in its first parallel op
+    (as GPU ranks did converting checkpoint tensors at load) unless the pool is reset."""
+    torch.ones(PARALLEL_OP_ELEMENTS).to(torch.bfloat16).sum()  # the parent's pool runs
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_convert_in_child, args=(results,))
+    child.start()
+    child.join(HANG_SECONDS)
+    hung = child.is_alive()
+    child.kill()
+    assert not hung, "the forked child hung in a parallel CPU op"
+    assert results.get(timeout=1) == PARALLEL_OP_ELEMENTS

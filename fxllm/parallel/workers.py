@@ -100,9 +100,16 @@ def init_process_group(store: dist.Store, rank: int, world_size: int, device_typ
 
 
 def _forget_inherited_thread_pools() -> None:
-    """A forked child inherits the parent's thread-pool objects but not their threads:
-    Inductor's compile pool would take work no thread ever runs (its own fork hook resets
-    only its process pool)."""
+    """A forked child inherits the parent's thread-pool objects but not their threads.
+
+    - OpenMP (torch's intra-op pool): the first parallel CPU op hangs once the parent has
+      run one, e.g. the dtype conversion of a checkpoint tensor at load. One thread never
+      enters the pool; like DataLoader workers, a rank uses one (GPU ranks do little CPU
+      work, CPU ranks share the host's cores).
+    - Inductor's compile thread pool would take work no thread ever runs (Inductor's own
+      fork hook resets only its process pool).
+    """
+    torch.set_num_threads(1)
     from torch._inductor.async_compile import AsyncCompile
 
     pool = getattr(AsyncCompile, "pool", None)
@@ -116,8 +123,6 @@ def _worker_entry(
 ) -> None:
     try:
         _forget_inherited_thread_pools()
-        if device_type == "cpu":
-            torch.set_num_threads(1)  # one thread per rank: ranks share the host's cores
         store = dist.FileStore(rendezvous, world_size)
         store.set(_joined_key(rank), "1")
         host_group = init_process_group(store, rank, world_size, device_type)
