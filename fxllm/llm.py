@@ -245,7 +245,7 @@ class LLM:
         else:
             self.llm_engine = self._start_engine(self._workers.links if self._workers is not None else None)
         if self._workers is not None:
-            weakref.finalize(self, stop_tensor_parallel, self.llm_engine.runner.step_sync, self._workers)
+            weakref.finalize(self, stop_tensor_parallel, self.llm_engine.runner, self._workers)
         self._request_counter = itertools.count()
 
     def _with_worker_errors(self, function: Callable[..., Any], *args: Any) -> Any:

@@ -306,3 +306,29 @@ def test_pre_quantized_checkpoints_under_tensor_parallelism_are_a_clear_error(te
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not supported yet for pre-quantized FP8 checkpoints"):
         LLM(model=str(model_dir), tokenizer=str(tensor_parallel_runs["llama"]), enforce_eager=True, tensor_parallel_size=2)
+
+
+def test_stopping_releases_rank_0_cuda_graphs_before_destroying_the_process_group():
+    """Destroying an NCCL group waits forever while a captured CUDA graph still holds its
+    collectives (as `del llm` did on two GPUs), so rank 0 releases its graphs first."""
+    from fxllm.parallel.tp_worker import stop_tensor_parallel
+
+    calls = []
+
+    class Runner:
+        class step_sync:
+            @staticmethod
+            def send_stop():
+                calls.append("workers told to stop")
+
+        @staticmethod
+        def release_cudagraphs():
+            calls.append("graphs released")
+
+    class Workers:
+        @staticmethod
+        def shutdown():
+            calls.append("process group destroyed")
+
+    stop_tensor_parallel(Runner, Workers)
+    assert calls == ["workers told to stop", "graphs released", "process group destroyed"]

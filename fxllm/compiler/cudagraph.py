@@ -206,6 +206,13 @@ class PiecewiseCUDAGraph(nn.Module):
         captured.graph.replay()
         return captured.output
 
+    def release(self) -> None:
+        """Drop the captured graphs: a graph holding a collective keeps its NCCL communicator
+        busy, so they must go before the process group is destroyed (which otherwise waits forever)."""
+        for captured in self.graphs.values():
+            captured.graph.reset()
+        self.graphs.clear()
+
     def _capture(self, step: GraphStep, args: tuple) -> Any:
         graph = torch.cuda.CUDAGraph()
         with capturing(graph, step.pool):

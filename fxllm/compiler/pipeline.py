@@ -43,6 +43,13 @@ class CompiledModel:
     report: CompileReport
     split: SplitGraph | None = None  # the captured graph as split into pieces (levels 2 and 3), for inspection
 
+    def release_cudagraphs(self) -> None:
+        """Drop the pieces' CUDA graphs (see ``PiecewiseCUDAGraph.release``)."""
+        if self.split is not None:
+            for module in self.split.graph_module.modules():
+                if isinstance(module, PiecewiseCUDAGraph):
+                    module.release()
+
 
 def compile_model(
     model: nn.Module,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from fxllm.models.quantization import model_quantization
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest, StepSync
 from fxllm.parallel.workers import WorkerGroup, WorkerLinks
+
+if TYPE_CHECKING:
+    from fxllm.runtime.runner import ModelRunner
 
 
 def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: bool) -> None:
@@ -61,12 +65,16 @@ def run_tensor_parallel_worker(rank: int, world_size: int, links: WorkerLinks, c
                 runner.step_sync.barrier()
             else:
                 runner.execute_received(message)
+    runner.release_cudagraphs()  # before the process group is destroyed
 
 
-def stop_tensor_parallel(step_sync: StepSync, workers: WorkerGroup) -> None:
-    """Tell the workers to leave their loop, then join them (``del llm`` and interpreter exit)."""
+def stop_tensor_parallel(runner: "ModelRunner", workers: WorkerGroup) -> None:
+    """Tell the workers to leave their loop, release rank 0's CUDA graphs (which hold its
+    collectives), then destroy the process group and join the workers (``del llm`` and
+    interpreter exit)."""
     try:
-        step_sync.send_stop()
+        runner.step_sync.send_stop()
     except Exception:  # a worker already gone: shut down what is left
         pass
+    runner.release_cudagraphs()
     workers.shutdown()

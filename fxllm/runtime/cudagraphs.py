@@ -67,6 +67,12 @@ class CUDAGraphs:
             report.cudagraph_capture_seconds, report.cudagraph_memory_bytes / 2**30,
         )
 
+    def release(self) -> None:
+        """Drop the full graphs (see ``PiecewiseCUDAGraph.release``)."""
+        for graph, _ in self.full.values():
+            graph.reset()
+        self.full.clear()
+
     def replay_full(self, size: int) -> torch.Tensor:
         """Replay the graph of ``size``; the logits [size, vocab] it returns hold this step's values."""
         graph, logits = self.full[size]

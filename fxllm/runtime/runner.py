@@ -281,6 +281,12 @@ class ModelRunner:
         if self.graph_plan.enabled:
             self.graphs.capture(self.inputs.prepare_idle, self._forward, self.compile_report)
 
+    def release_cudagraphs(self) -> None:
+        """Drop every captured graph, before shutdown: destroying a process group waits forever
+        on a communicator whose collectives a live graph still holds."""
+        self.graphs.release()
+        self.compiled.release_cudagraphs()
+
     @staticmethod
     def _prompt_logprob_rows(step: SchedulerOutput) -> list[tuple[Request, list[int], list[int]]]:
         """(request, rows of the step, target token ids) for requests that want prompt logprobs."""
