@@ -310,6 +310,10 @@ class CompilationConfig:
     cache_dir: str | None = None  # on-disk compile cache (default: FXLLM_CACHE_DIR/compile)
     debug_dump_path: str | None = None  # depyf dump of the captured and split graphs
     pass_config: PassConfig = field(default_factory=PassConfig)
+    # Compile a vision-language model's vision tower too (vLLM's switch), region by region
+    # around its per-image attention, once for every block; off by default, as measured
+    # (BENCHMARKS.md). Needs a level above 0 and Inductor.
+    compile_mm_encoder: bool = False
 
     def __post_init__(self) -> None:
         try:

@@ -23,8 +23,10 @@ from tests.tiny_vl_models import (
     IMAGE,
     IMAGE_PAD,
     MIN_PIXELS,
+    PATCH,
     VIDEO,
     VIDEO_PAD,
+    VL_CONFIGS,
     hf_text_greedy,
     hf_vl_greedy,
     make_image,
@@ -92,15 +94,44 @@ def test_image_prompts_match_hf_one_prompt_at_a_time(vl_dirs, arch, budget):
 
 
 def test_piecewise_compiled_matches_hf_without_cuda_graphs(vl_dirs, tmp_path):
-    # The one compiled run: inputs_embeds[T, H] and positions[3, T] through capture, split and Inductor.
+    # The one compiled run: inputs_embeds[T, H] and positions[3, T] through capture, split and
+    # Inductor, and the vision tower's compiled regions.
     llm = LLM(
         model=str(vl_dirs["qwen2_vl"]), block_size=BLOCK, max_model_len=256, max_num_batched_tokens=CHUNKED_BUDGET,
-        compilation_config={"level": 3, "cache_dir": str(tmp_path)},
+        compilation_config={"level": 3, "cache_dir": str(tmp_path), "compile_mm_encoder": True},
     )
     report = llm.compile_report()
     assert report.level == CompilationLevel.PIECEWISE and report.pieces == 5 and report.dynamo_compiles == 1
+    assert report.mm_encoder_compiled
     assert llm.llm_engine_config.compilation.cudagraph_mode is CUDAGraphMode.NONE
     _assert_batch_matches_hf(llm, vl_dirs["qwen2_vl"])
+
+
+COMPILED_TOWER_DEPTH = 4
+PIXELS_PER_PATCH = 3 * 2 * PATCH * PATCH  # channels x temporal patch x patch x patch
+
+
+def test_compiled_vision_regions_match_eager_and_compile_once_for_every_block():
+    from torch._dynamo.utils import counters
+
+    from fxllm.models.qwen2_vl_vision import Qwen25VisionTransformer, compile_regions
+
+    config = VL_CONFIGS["qwen2_5_vl"]().vision_config
+    config.depth = COMPILED_TOWER_DEPTH
+    torch.manual_seed(0)
+    tower = Qwen25VisionTransformer(config).eval()
+    images = [[(1, 4, 6)], [(1, 8, 8), (2, 4, 4)]]  # window and full blocks, two patch counts
+    inputs = [(torch.randn(sum(t * h * w for t, h, w in grids), PIXELS_PER_PATCH), grids) for grids in images]
+    with torch.inference_mode():
+        eager = [tower(pixels, grids) for pixels, grids in inputs]
+        compile_regions(tower.blocks)
+        graphs_before = counters["stats"]["unique_graphs"]
+        compiled = [tower(pixels, grids) for pixels, grids in inputs]
+    for want, got in zip(eager, compiled):
+        torch.testing.assert_close(got, want)
+    # Two regions, each traced for the first patch count and once more as dynamic: never per block.
+    traced = counters["stats"]["unique_graphs"] - graphs_before
+    assert 2 <= traced <= 2 * 2 < 2 * COMPILED_TOWER_DEPTH
 
 
 def test_prompts_over_the_image_limit_are_rejected_before_anything_runs(vl_dirs):

@@ -27,6 +27,7 @@ class CompileReport:
     unique_pieces: int = 0  # distinct compiled artifacts after de-duplicating identical layers
     cache_dir: str | None = None
     loaded_from_cache: bool = False
+    mm_encoder_compiled: bool = False  # the vision tower's regions compiled (compile_mm_encoder)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,8 @@
 The compiled graph is the language model alone: ``forward(inputs_embeds[T, H],
 positions[3, T]) -> hidden[T, H]`` (DESIGN.md contract 1). The runner builds
 ``inputs_embeds`` outside it: ``embed_input_ids`` for every token, then the image
-embeddings from ``encode_images`` (the vision tower, run eagerly) written over each
+embeddings from ``encode_images`` (the vision tower: eager, or compiled by regions with
+``compile_mm_encoder``) written over each
 image's placeholder tokens.
 """
 
@@ -20,7 +21,7 @@ from fxllm.models.causal_lm import FusedDecoderForCausalLM
 from fxllm.models.layers import RMSNorm, head_dim_of
 from fxllm.models.llama import LlamaDecoderLayer
 from fxllm.models.mrope import MRotaryEmbedding
-from fxllm.models.qwen2_vl_vision import Grid, Qwen2VisionTransformer, Qwen25VisionTransformer
+from fxllm.models.qwen2_vl_vision import Grid, Qwen2VisionTransformer, Qwen25VisionTransformer, compile_regions
 from fxllm.models.weights import load_named_weights
 
 # Checkpoint name prefixes: transformers 5's module paths, then the original checkpoints' layout.
@@ -81,6 +82,13 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(input_ids)
+
+    def compile_vision_encoder(self) -> bool:
+        """Compile the vision tower's regions; False when there is no tower (zero limits)."""
+        if self.visual is None:
+            return False
+        compile_regions(self.visual.blocks)
+        return True
 
     def encode_images(self, pixel_values: torch.Tensor, grids: list[Grid]) -> list[torch.Tensor]:
         """One [tokens, hidden] embedding per image or video, for the concatenated patches of ``grids``."""

@@ -1,9 +1,10 @@
 """The vision towers of Qwen2-VL and Qwen2.5-VL: image patches in, one embedding per merged patch out.
 
-They run eagerly, outside the compiled language-model graph: their token count
-(patches per image) and their per-image attention segments change with every
-image, which the one-dynamic-dim graph of DESIGN.md contract 1 cannot express, and
-they run once per image, not once per step. Attention is bidirectional within an
+They run outside the compiled language-model graph: their token count (patches per
+image) and their per-image attention segments change with every image, which the
+one-dynamic-dim graph of DESIGN.md contract 1 cannot express, and they run once per
+image, not once per step. They run eagerly, or with ``compile_mm_encoder`` each block's
+two regions around its attention compiled (``compile_regions``). Attention is bidirectional within an
 image (Qwen2.5-VL: within a window, except in its full-attention blocks).
 
 Patches arrive in the processor's order: grouped by ``merge x merge`` blocks, so
@@ -64,15 +65,19 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], segments: list[int]) -> torch.Tensor:
-        num_patches = hidden.shape[0]
-        query, key, value = self.qkv(hidden).view(num_patches, 3, self.num_heads, self.head_dim).unbind(1)
-        query, key = _rotate(query, *rotary), _rotate(key, *rotary)  # [N, heads, head_dim]
-        outputs = [
-            F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-            for q, k, v in zip(query.split(segments), key.split(segments), value.split(segments))
-        ]  # each [1, heads, segment, head_dim]
-        return self.proj(torch.cat(outputs, dim=2)[0].transpose(0, 1).reshape(num_patches, -1))
+    def project(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotated query and key, and value, each [N, heads, head_dim]."""
+        query, key, value = self.qkv(hidden).view(hidden.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        return _rotate(query, cos, sin), _rotate(key, cos, sin), value
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Bidirectional attention within each segment of consecutive patches: [N, heads * head_dim]."""
+    outputs = [
+        F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        for q, k, v in zip(query.split(segments), key.split(segments), value.split(segments))
+    ]  # each [1, heads, segment, head_dim]
+    return torch.cat(outputs, dim=2)[0].transpose(0, 1).reshape(query.shape[0], -1)
 
 
 class Qwen2VisionMLP(nn.Module):
@@ -104,7 +109,17 @@ class VisionBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], segments: list[int]) -> torch.Tensor:
-        hidden = hidden + self.attn(self.norm1(hidden), rotary, segments)
+        # The two regions around the attention see only tensors whose one varying dim is the
+        # patch count, so ``compile_regions`` compiles each once for every block and image;
+        # the per-image segments stay outside them.
+        attended = segment_attention(*self.attention_inputs(hidden, *rotary), segments)
+        return self.attention_output(hidden, attended)
+
+    def attention_inputs(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.attn.project(self.norm1(hidden), cos, sin)
+
+    def attention_output(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attn.proj(attended)
         return hidden + self.mlp(self.norm2(hidden))
 
 
@@ -131,6 +146,15 @@ class PatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = pixel_values.view(-1, *self.patch_shape).to(self.proj.weight.dtype)
         return self.proj(patches).flatten(1)  # [num_patches, dim]
+
+
+def compile_regions(blocks: nn.ModuleList) -> None:
+    """Compile the two regions of every block around its attention. The blocks share the
+    compiled code (their parameters are graph inputs), so each region compiles once however
+    deep the tower, and once more when a second patch count makes it dynamic."""
+    for block in blocks:
+        block.attention_inputs = torch.compile(block.attention_inputs)
+        block.attention_output = torch.compile(block.attention_output)
 
 
 class Qwen2VisionTransformer(nn.Module):

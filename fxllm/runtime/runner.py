@@ -25,7 +25,7 @@ from torch import nn
 from fxllm.compiler import compile_model
 from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphDispatch, GraphStep
 from fxllm.compiler.pipeline import dummy_inputs
-from fxllm.config import CUDAGraphMode, EngineConfig
+from fxllm.config import CompilationConfig, CompilationLevel, CUDAGraphMode, EngineConfig
 from fxllm.models.loader import build_model, weight_bytes
 from fxllm.models.sharded_state import save_sharded_state
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
@@ -95,6 +95,7 @@ class ModelRunner:
         self.compile_report.cudagraph_mode = self.graph_plan.mode.value
         self.compile_report.load_seconds = round(load_seconds, 2)
         self.compile_report.weight_bytes = weight_bytes(self.model)
+        self.compile_report.mm_encoder_compiled = self._compile_vision_encoder(config.compilation)
         self.graphs = CUDAGraphs(self.graph_plan, self._logits)
         scheduler = config.scheduler
         with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
@@ -280,6 +281,14 @@ class ModelRunner:
         """Capture the planned graphs (after the KV cache exists: attention runs while capturing)."""
         if self.graph_plan.enabled:
             self.graphs.capture(self.inputs.prepare_idle, self._forward, self.compile_report)
+
+    def _compile_vision_encoder(self, compilation: CompilationConfig) -> bool:
+        """Compile the vision tower's regions where ``compile_mm_encoder`` asks (they compile
+        on the first image, outside start-up); whether it did."""
+        wanted = compilation.compile_mm_encoder and compilation.level > CompilationLevel.NO_COMPILATION
+        if not (wanted and compilation.use_inductor and hasattr(self.model, "compile_vision_encoder")):
+            return False
+        return self.model.compile_vision_encoder()
 
     def release_cudagraphs(self) -> None:
         """Drop every captured graph, before shutdown: destroying a process group waits forever
