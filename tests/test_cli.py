@@ -219,3 +219,12 @@ def test_bench_step_sync_times_the_tensor_parallel_step_message(tmp_path, capfd)
     rows = json.loads(result_path.read_text())
     assert [row["batch_size"] for row in rows] == [1, 4]
     assert all(row["send_us_mean"] > 0 for row in rows)
+
+
+def test_bench_vision_times_the_tower_eager_and_compiled(capfd, one_thread_subprocesses):
+    status = cli.main([
+        "bench", "vision", "--device", "cpu", "--archs", "qwen2_5_vl", "--depth", "2", "--sides", "56", "--repeats", "1",
+    ])
+    assert status == 0, capfd.readouterr().err[-2000:]
+    row = [line for line in capfd.readouterr().out.splitlines() if line.startswith("qwen2_5_vl")]
+    assert len(row) == 1 and row[0].endswith("x")

@@ -1,0 +1,118 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower eager against its compiled regions (``compile_mm_encoder``).
+
+Random weights in the 7B checkpoints' tower shapes (32 blocks, 1280 wide, 16 heads;
+Qwen2.5-VL with windows of 112 pixels and full attention in blocks 7, 15, 23 and 31). Per image size: the eager tower, then the same tower with
+``compile_regions``: the first compiled call (which compiles) and the median of the
+timed calls. Image sizes alternate within each round, so the compiled regions see two
+patch counts (and turn dynamic) before timing, as an engine serving mixed images would.
+
+    python tools/bench_vision.py --device cuda --dtype bfloat16
+    python tools/bench_vision.py --device cpu --dtype float32 --sides 336 448 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fxllm.models.qwen2_vl_vision import Qwen2VisionTransformer, Qwen25VisionTransformer, compile_regions  # noqa: E402
+
+PATCH = 14
+TEMPORAL_PATCH = 2
+CHANNELS = 3
+WEIGHT_STD = 0.02
+
+
+# The 7B checkpoints' towers (the 2B/3B ones differ only in the merger's output width).
+QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584)
+QWEN2_5_VL_7B_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+
+
+def tower(arch: str, depth: int | None) -> torch.nn.Module:
+    if arch == "qwen2_vl":
+        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+
+        shape = dict(QWEN2_VL_7B_VISION)
+        if depth is not None:
+            shape["depth"] = depth
+        return Qwen2VisionTransformer(Qwen2VLVisionConfig(**shape))
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    shape = dict(QWEN2_5_VL_7B_VISION)
+    if depth is not None:
+        shape.update(depth=depth, fullatt_block_indexes=[depth - 1])
+    return Qwen25VisionTransformer(Qwen2_5_VLVisionConfig(**shape))
+
+
+def image_inputs(side: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    """One square image of ``side`` pixels as the processor gives it: [patches, C*T*P*P] and its grid."""
+    grid = side // PATCH
+    pixels = torch.randn(grid * grid, CHANNELS * TEMPORAL_PATCH * PATCH * PATCH, device=device, dtype=dtype)
+    return pixels, [(1, grid, grid)]
+
+
+def timed(model: torch.nn.Module, inputs: tuple, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(*inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model: torch.nn.Module, images: dict[int, tuple], repeats: int, device: torch.device) -> dict:
+    """Per side: the first call's seconds and the median of ``repeats`` later calls (ms)."""
+    first = {side: timed(model, inputs, device) for side, inputs in images.items()}
+    # A second round before timing: compiled regions recompile once as dynamic here.
+    for inputs in images.values():
+        timed(model, inputs, device)
+    times: dict[int, list[float]] = {side: [] for side in images}
+    for _ in range(repeats):
+        for side, inputs in images.items():
+            times[side].append(timed(model, inputs, device))
+    return {side: (first[side], statistics.median(times[side]) * 1000) for side in images}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["qwen2_vl", "qwen2_5_vl"], choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.device_count() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--sides", nargs="+", type=int, default=[448, 896], help="square image sides in pixels")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--depth", type=int, default=None, help="fewer blocks than the published 32 (quick checks)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    rows = []
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = tower(arch, args.depth).to(device=device, dtype=dtype).eval()
+        for parameter in model.parameters():
+            parameter.data.normal_(0, WEIGHT_STD)
+        images = {side: image_inputs(side, device, dtype) for side in args.sides}
+        with torch.inference_mode():
+            eager = measure(model, images, args.repeats, device)
+            compile_regions(model.blocks)
+            compiled = measure(model, images, args.repeats, device)
+        for side in args.sides:
+            rows.append((arch, side, (side // PATCH) ** 2, eager[side][1], compiled[side][0], compiled[side][1]))
+        del model
+    print(f"\nvision tower, {device.type} {str(dtype).removeprefix('torch.')}, median of {args.repeats}")
+    print(f"{'arch':<11} {'side':>5} {'patches':>8} {'eager ms':>9} {'compile s':>10} {'compiled ms':>12} {'speed-up':>9}")
+    for arch, side, patches, eager_ms, first_s, compiled_ms in rows:
+        print(f"{arch:<11} {side:>5} {patches:>8} {eager_ms:>9.1f} {first_s:>10.1f} {compiled_ms:>12.1f} {eager_ms / compiled_ms:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
