@@ -271,6 +271,47 @@ def test_triton_weight_only_gemm_equals_the_dequantize_reference(
     torch.testing.assert_close(out.float(), reference.float(), rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize(
+    "out_features, in_features, block, dtype",
+    [
+        (96, 200, None, torch.float32),  # per channel, a partial K tile
+        (130, 200, (128, 128), torch.bfloat16),  # blocks spanning whole K tiles, partial blocks
+        (80, 72, (1, 32), torch.bfloat16),  # blocks narrower than the tile: per element, rounded
+    ],
+)
+@pytest.mark.parametrize("gemv", [True, False], ids=["gemv", "tile"])
+def test_one_row_takes_the_gemv_kernel_where_enabled_and_both_equal_the_reference(
+    out_features, in_features, block, dtype, gemv, monkeypatch
+):
+    import fxllm.models.quantization.fp8_triton as fp8_triton
+
+    monkeypatch.setattr(fp8_triton, "GEMV_MAX_ROWS", 1 if gemv else 0)
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.1
+    if block is None:
+        quantized, scale = quantize_per_channel(weight)
+        block = (1, in_features)
+    else:
+        quantized, scale = quantize_per_block(weight, *block)
+    x = torch.randn(1, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    gemv_calls = []
+    monkeypatch.setattr(fp8_triton, "_fp8_gemv", _recording(fp8_triton._fp8_gemv, gemv_calls))
+    out = fp8_weight_only_gemm(x, quantized, scale, bias, *block)
+    assert len(gemv_calls) == int(gemv)
+    reference = dequantize_gemm(x, quantized, scale, bias, *block)
+    tolerance = 1e-5 if dtype == torch.float32 else BF16_RELATIVE_ERROR * reference.abs().max().item()
+    torch.testing.assert_close(out.float(), reference.float(), rtol=0, atol=tolerance)
+
+
+def _recording(function, calls: list):
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return recorded
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 def test_w8a8_scaled_mm_equals_fp8_emulation(static):
     generator = torch.Generator().manual_seed(1)

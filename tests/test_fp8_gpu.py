@@ -65,6 +65,25 @@ def test_weight_only_gemm_equals_the_dequantize_reference(num_tokens, block, dty
     torch.testing.assert_close(out.float(), reference.float(), rtol=0, atol=relative * reference.abs().max().item())
 
 
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["per-channel", "block128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_kernel_equals_the_dequantize_reference(block, dtype):
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    out_features, in_features = 4096 + 8, 1024 + 64  # partial output tiles and a partial 128-block along K
+    weight = torch.randn(out_features, in_features, device="cuda", generator=generator) * 0.02
+    if block is None:
+        quantized, scale = quantize_per_channel(weight)
+        block = (1, in_features)
+    else:
+        quantized, scale = quantize_per_block(weight, *block)
+    x = torch.randn(1, in_features, device="cuda", generator=generator).to(dtype)
+    bias = torch.randn(out_features, device="cuda", generator=generator).to(dtype)
+    out = fp8_weight_only_gemm(x, quantized, scale, bias, *block, gemv=True)
+    reference = dequantize_gemm(x, quantized, scale, bias, *block)
+    relative = 1e-4 if dtype == torch.float32 else BF16_RELATIVE_ERROR
+    torch.testing.assert_close(out.float(), reference.float(), rtol=0, atol=relative * reference.abs().max().item())
+
+
 @pytest.mark.parametrize("num_tokens", [1, 17, 256])
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 def test_w8a8_gemm_equals_fp8_emulation(num_tokens, static):

@@ -1,9 +1,10 @@
 """FP8 GEMM paths against bf16, per step size, on the linear layers of a named shape (GPU).
 
 For each layer (fused qkv, o, fused gate/up, down) and each row count M, the time of:
-bf16 ``F.linear``; WEIGHT_ONLY (the Triton kernel that dequantizes FP8 weights in
-registers); W8A8 (per-token activation quantization + ``torch._scaled_mm``). Each is
-replayed from a CUDA graph, so launch overhead does not hide the kernels. The last
+bf16 ``F.linear``; WEIGHT_ONLY (the Triton kernels that dequantize FP8 weights in
+registers, as the engine picks them; at M=1 also the GEMV kernel); W8A8 (per-token
+activation quantization + ``torch._scaled_mm``). Each is replayed from a CUDA graph, so
+launch overhead does not hide the kernels. The last
 lines give, per M, a decoder layer's four GEMMs summed, and the largest M for which
 WEIGHT_ONLY beats W8A8: the value ``WEIGHT_ONLY_MAX_TOKENS`` should take on this card.
 
@@ -85,12 +86,17 @@ def main() -> None:
                 "weight_only_us": graph_us(lambda: fp8_weight_only_gemm(x, weight_fp8, scale, None, 1, in_features)),
                 "w8a8_us": graph_us(lambda: w8a8_gemm(x, weight_fp8, scale, None, None)),
             })
+            if m == 1:  # the GEMV kernel beside the default path, to set GEMV_MAX_ROWS
+                rows[-1]["gemv_us"] = graph_us(
+                    lambda: fp8_weight_only_gemm(x, weight_fp8, scale, None, 1, in_features, gemv=True)
+                )
     print(f"{torch.cuda.get_device_name()}, shape {args.shape}, µs per GEMM (CUDA-graph replay)")
-    print(f"{'layer':<8} {'M':>5} {'bf16':>8} {'w-only':>8} {'w8a8':>8}  {'fp8 GB/s (w-only)':>17}")
+    print(f"{'layer':<8} {'M':>5} {'bf16':>8} {'w-only':>8} {'w8a8':>8}  {'fp8 GB/s (w-only)':>17}  GEMV kernel (M=1)")
     for row in rows:
         gb_s = row["out"] * row["in"] / (row["weight_only_us"] * 1e3)
+        gemv = f"{row['gemv_us']:>8.1f}" if "gemv_us" in row else ""
         print(f"{row['layer']:<8} {row['m']:>5} {row['bf16_us']:>8.1f} {row['weight_only_us']:>8.1f} "
-              f"{row['w8a8_us']:>8.1f}  {gb_s:>17.0f}")
+              f"{row['w8a8_us']:>8.1f}  {gb_s:>17.0f}  {gemv}")
     print(f"\n{'M':>5} {'layer bf16':>11} {'w-only':>8} {'w8a8':>8}  (µs, the four GEMMs of a decoder layer)")
     crossover, still_winning = 0, True
     for m in sorted(args.rows):

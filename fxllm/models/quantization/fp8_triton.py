@@ -8,6 +8,10 @@ per-channel scales once to the finished row, block scales whose K-extent is a mu
 of the tile to each tile's partial product, and any other layout per element (rounded
 to the model dtype as the dequantize reference rounds).
 
+A GEMV kernel serves one-row steps (batch-1 decode) where ``GEMV_MAX_ROWS`` says so: a
+dot tile has at least 16 rows, and narrow output tiles without one give narrow layers
+more programs, hence more weight bytes in flight.
+
 Tiles are autotuned per (row bucket, N, K): the first step of each bucket benchmarks
 the configs below, which the CUDA-graph warm-ups do before any capture.
 """
@@ -36,6 +40,18 @@ _LARGE_STEP_CONFIGS = [
 ]
 # The interpreter (CPU tests) runs one fixed tile: tuning there would only cost time.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+# Steps of at most this many rows take the GEMV kernel: no 16-row dot tile, so output
+# tiles of a few rows spread even narrow layers over every SM. 0 until the kernel is
+# measured on a GPU against the tile kernel (tools/bench_fp8_gemm.py prints both at one
+# row); 1 is the value to try.
+GEMV_MAX_ROWS = 0
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=3)
+    for block_n in (4, 8, 16)
+    for block_k in (256, 512)
+    for warps in (2, 4)
+]
+INTERPRETER_GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -120,6 +136,89 @@ def _fp8_weight_only_gemm_kernel(
     )
 
 
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr,
+    weight_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    stride_x_k,
+    stride_weight_n,
+    stride_weight_k,
+    stride_scale_n,
+    stride_scale_k,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One row: program n owns BLOCK_N outputs and reduces them over K in float32 on the
+    CUDA cores (a decode row does too little math to need tensor cores). Scales as in the
+    GEMM kernel: per channel once at the end, aligned blocks per tile, else per element."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N
+    scale_rows = scale_ptr + (cols // SCALE_BLOCK_N) * stride_scale_n  # [BLOCK_N]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_valid = ks < K
+        x = tl.load(x_ptr + ks * stride_x_k, mask=k_valid, other=0.0)
+        weight_mask = col_valid[:, None] & k_valid[None, :]
+        weight = tl.load(
+            weight_ptr + cols[:, None] * stride_weight_n + ks[None, :] * stride_weight_k, mask=weight_mask, other=0.0
+        ).to(tl.float32)
+        if SCALE_BLOCK_K >= K:
+            acc += tl.sum(weight * x.to(tl.float32)[None, :], axis=1)
+        elif SCALE_BLOCK_K % BLOCK_K == 0:
+            scale = tl.load(scale_rows + (k_start // SCALE_BLOCK_K) * stride_scale_k, mask=col_valid, other=0.0)
+            acc += tl.sum(weight * x.to(tl.float32)[None, :], axis=1) * scale
+        else:
+            scale = tl.load(scale_rows[:, None] + (ks // SCALE_BLOCK_K)[None, :] * stride_scale_k, mask=weight_mask, other=0.0)
+            # Rounded to the model dtype per element, as the dequantize reference rounds.
+            dequantized = (weight * scale).to(x.dtype).to(tl.float32)
+            acc += tl.sum(dequantized * x.to(tl.float32)[None, :], axis=1)
+    if SCALE_BLOCK_K >= K:
+        acc *= tl.load(scale_rows, mask=col_valid, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_valid)
+
+
+_tuned_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SCALE_BLOCK_N", "SCALE_BLOCK_K"])(
+    _fp8_gemv_kernel
+)
+
+
+def _fp8_gemv(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+    block_n: int, block_k: int,
+) -> None:
+    out_features, in_features = weight.shape
+    args = (
+        x,
+        weight,
+        weight_scale,
+        bias if bias is not None else weight_scale,  # never read without HAS_BIAS
+        out,
+        x.stride(1),
+        *weight.stride(),
+        *weight_scale.stride(),
+    )
+    common = dict(N=out_features, K=in_features, SCALE_BLOCK_N=block_n, SCALE_BLOCK_K=block_k, HAS_BIAS=bias is not None)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(out_features, meta["BLOCK_N"]),)
+
+    if triton.knobs.runtime.interpret:
+        _fp8_gemv_kernel[grid(INTERPRETER_GEMV_CONFIG)](*args, **common, **INTERPRETER_GEMV_CONFIG)
+    else:
+        _tuned_gemv_kernel[grid](*args, **common)
+
+
 def fp8_weight_only_gemm(
     x: torch.Tensor,  # [M, K] float32 / float16 / bfloat16
     weight: torch.Tensor,  # [N, K] float8_e4m3fn
@@ -127,11 +226,18 @@ def fp8_weight_only_gemm(
     bias: torch.Tensor | None,  # [N]
     block_n: int,
     block_k: int,
+    gemv: bool | None = None,  # None: the GEMV kernel for up to GEMV_MAX_ROWS rows (tools compare both)
 ) -> torch.Tensor:
     num_tokens, in_features = x.shape
     out_features = weight.shape[0]
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
+        return out
+    use_gemv = num_tokens <= GEMV_MAX_ROWS if gemv is None else gemv
+    if use_gemv:
+        if num_tokens != 1:
+            raise ValueError(f"the FP8 GEMV kernel takes one row, got {num_tokens}")
+        _fp8_gemv(x, weight, weight_scale, bias, out, block_n, block_k)
         return out
     common = dict(
         N=out_features,
