@@ -243,6 +243,13 @@ def test_piecewise_compile_traces_fp8_linear_and_equals_eager(llama_dir, engines
 # ---- the GEMMs -----------------------------------------------------------------------
 
 
+def quantize_weight(weight: torch.Tensor, block: tuple[int, int] | None):
+    """(FP8 weight, scales, (block_n, block_k)): per output channel where ``block`` is None."""
+    if block is None:
+        return (*quantize_per_channel(weight), (1, weight.shape[1]))
+    return (*quantize_per_block(weight, *block), block)
+
+
 @pytest.mark.parametrize(
     "num_tokens, out_features, in_features, block, dtype, with_bias",
     [
@@ -256,11 +263,7 @@ def test_triton_weight_only_gemm_equals_the_dequantize_reference(
 ):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.1
-    if block is None:
-        quantized, scale = quantize_per_channel(weight)
-        block = (1, in_features)
-    else:
-        quantized, scale = quantize_per_block(weight, *block)
+    quantized, scale, block = quantize_weight(weight, block)
     x = torch.randn(num_tokens, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
     out = fp8_weight_only_gemm(x, quantized, scale, bias, *block)
@@ -288,11 +291,7 @@ def test_one_row_takes_the_gemv_kernel_where_enabled_and_both_equal_the_referenc
     monkeypatch.setattr(fp8_triton, "GEMV_MAX_ROWS", 1 if gemv else 0)
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.1
-    if block is None:
-        quantized, scale = quantize_per_channel(weight)
-        block = (1, in_features)
-    else:
-        quantized, scale = quantize_per_block(weight, *block)
+    quantized, scale, block = quantize_weight(weight, block)
     x = torch.randn(1, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype)
     gemv_calls = []

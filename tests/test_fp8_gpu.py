@@ -17,9 +17,10 @@ import torch
 
 from fxllm import LLM, SamplingParams
 from fxllm.models.quantization.fp8_gemm import MIN_FP8_CAPABILITY, dequantize_gemm, w8a8_gemm
-from fxllm.models.quantization.fp8_quant import quantize_per_block, quantize_per_channel, quantize_per_token
+from fxllm.models.quantization.fp8_quant import quantize_per_channel, quantize_per_token
 from fxllm.models.quantization.fp8_triton import fp8_weight_only_gemm
 from tests.near_ties import TOP_K, assert_diverge_only_between_near_ties
+from tests.test_fp8 import quantize_weight
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,11 +52,7 @@ def test_weight_only_gemm_equals_the_dequantize_reference(num_tokens, block, dty
     generator = torch.Generator(device="cuda").manual_seed(0)
     out_features, in_features = 1536, 1024 + 64  # a partial 128-block along K
     weight = torch.randn(out_features, in_features, device="cuda", generator=generator) * 0.02
-    if block is None:
-        quantized, scale = quantize_per_channel(weight)
-        block = (1, in_features)
-    else:
-        quantized, scale = quantize_per_block(weight, *block)
+    quantized, scale, block = quantize_weight(weight, block)
     x = torch.randn(num_tokens, in_features, device="cuda", generator=generator).to(dtype)
     bias = torch.randn(out_features, device="cuda", generator=generator).to(dtype)
     out = fp8_weight_only_gemm(x, quantized, scale, bias, *block)
@@ -71,11 +68,7 @@ def test_gemv_kernel_equals_the_dequantize_reference(block, dtype):
     generator = torch.Generator(device="cuda").manual_seed(1)
     out_features, in_features = 4096 + 8, 1024 + 64  # partial output tiles and a partial 128-block along K
     weight = torch.randn(out_features, in_features, device="cuda", generator=generator) * 0.02
-    if block is None:
-        quantized, scale = quantize_per_channel(weight)
-        block = (1, in_features)
-    else:
-        quantized, scale = quantize_per_block(weight, *block)
+    quantized, scale, block = quantize_weight(weight, block)
     x = torch.randn(1, in_features, device="cuda", generator=generator).to(dtype)
     bias = torch.randn(out_features, device="cuda", generator=generator).to(dtype)
     out = fp8_weight_only_gemm(x, quantized, scale, bias, *block, gemv=True)
