@@ -72,6 +72,13 @@ def test_piecewise_splits_a_two_layer_model_into_five_pieces(piecewise):
     assert report.to_dict()["pieces"] == TWO_LAYER_PIECES
 
 
+def test_q_k_v_reach_attention_without_a_copy(piecewise):
+    """The value slice of the fused projection goes to the attention op as a strided view: a
+    copy would cost a kernel per layer on the GPU."""
+    copies = ("Tensor.contiguous", "clone", "Tensor.clone", "aten.clone")
+    assert not [ops for ops in piecewise.compile_report().piece_ops if any(op in ops for op in copies)]
+
+
 def test_piecewise_equals_eager_with_one_capture_for_every_step_size(piecewise, eager_tokens):
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert _sweep_tokens(piecewise) == eager_tokens

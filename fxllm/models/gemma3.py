@@ -61,7 +61,7 @@ class Gemma3Attention(nn.Module):
         query = self.q_norm(query.view(-1, self.num_heads, self.head_dim))  # [T, heads, head_dim]
         key = self.k_norm(key.view(-1, self.num_kv_heads, self.head_dim))  # [T, kv_heads, head_dim]
         query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
-        return self.o_proj(self.attn(query.flatten(1), key.flatten(1), value.contiguous()))
+        return self.o_proj(self.attn(query.flatten(1), key.flatten(1), value))
 
 
 class Gemma3MLP(nn.Module):

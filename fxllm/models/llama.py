@@ -62,7 +62,7 @@ class LlamaAttentionBlock(nn.Module):
         if self.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
-        out = self.attn(query.flatten(1), key.flatten(1), value.contiguous())
+        out = self.attn(query.flatten(1), key.flatten(1), value)  # a strided slice: the attention op reads any row stride
         return self.o_proj(out)
 
 
