@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from transformers import Gemma3TextConfig
 
 from fxllm import LLM, SamplingParams
 from fxllm.runtime.attention.layer import Attention
-from tests.tiny_models import VOCAB_SIZE, hf_greedy, save_config_checkpoint
+from tests.tiny_models import GEMMA3_WINDOW as WINDOW
+from tests.tiny_models import VOCAB_SIZE, gemma3_text_config, hf_greedy, save_config_checkpoint
 
-WINDOW = 6
 PROMPTS = ["Once upon a time there was a tiny model that learned to count: one two three", "Hello world", "The quick brown fox"]
 NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
-    config = Gemma3TextConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=256,
-        final_logit_softcapping=5.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
-        architectures=["Gemma3ForCausalLM"],
-    )
-    return save_config_checkpoint(config, tmp_path_factory.mktemp("gemma3"))
+    return save_config_checkpoint(gemma3_text_config(), tmp_path_factory.mktemp("gemma3"))
 
 
 @pytest.mark.parametrize("budget", [2048, 5], ids=["whole_prompts", "chunked"])

@@ -32,7 +32,7 @@ from fxllm.runtime.attention.layer import Attention
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
-from tests.tiny_models import CONFIGS, VOCAB_SIZE, save_config_checkpoint
+from tests.tiny_models import CONFIGS, VOCAB_SIZE, gemma3_text_config, save_config_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
 BLOCK_SIZE = 16
@@ -117,6 +117,8 @@ MODELS = {
     "qwen3": lambda: CONFIGS["qwen3"](),  # per-head q/k norms: replicated
     "gqa_replicated_kv": _gqa_one_kv_head,
     "gpt2": _gpt2,
+    # Scaled embeddings after the vocab-parallel lookup, soft-capped logit shards, sliding layers.
+    "gemma3": gemma3_text_config,
 }
 
 

@@ -83,6 +83,24 @@ CONFIGS = {
     ),
 }
 
+GEMMA3_WINDOW = 6
+
+
+def gemma3_text_config():
+    """Gemma 3 text: sliding and full layers with their own RoPE, per-head q/k norms,
+    scaled embeddings, soft-capped logits, tied lm_head."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=GEMMA3_WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=256,
+        final_logit_softcapping=5.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+        architectures=["Gemma3ForCausalLM"],
+    )
+
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())

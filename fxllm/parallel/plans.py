@@ -69,6 +69,7 @@ PLANS: dict[str, ShardingPlan] = {
     "Qwen2ForCausalLM": LLAMA_PLAN,
     "Qwen3ForCausalLM": LLAMA_PLAN,
     "GraniteForCausalLM": LLAMA_PLAN,
+    "Gemma3ForCausalLM": LLAMA_PLAN,
     "GPT2LMHeadModel": GPT2_PLAN,
 }
 
