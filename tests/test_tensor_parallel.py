@@ -32,7 +32,7 @@ from fxllm.runtime.attention.layer import Attention
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
-from tests.tiny_models import CONFIGS, VOCAB_SIZE, gemma3_text_config, save_config_checkpoint
+from tests.tiny_models import CONFIGS, VOCAB_SIZE, gemma3_text_config, save_config_checkpoint, save_random_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
 BLOCK_SIZE = 16
@@ -111,6 +111,18 @@ def _gpt2():
     )
 
 
+def _opt():
+    from transformers import OPTConfig
+
+    # Separate q/k/v fused at load, biases on every projection (out_proj's and fc2's
+    # row-parallel), ReLU MLP named fc1/fc2, learned positions, a word-embedding
+    # projection (replicated), tied lm_head.
+    return OPTConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, word_embed_proj_dim=32, ffn_dim=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_POSITIONS, architectures=["OPTForCausalLM"],
+    )
+
+
 MODELS = {
     "llama": lambda: CONFIGS["llama"](),
     "qwen2": lambda: CONFIGS["qwen2"](),  # q/k/v biases: column-parallel
@@ -119,6 +131,7 @@ MODELS = {
     "gpt2": _gpt2,
     # Scaled embeddings after the vocab-parallel lookup, soft-capped logit shards, sliding layers.
     "gemma3": gemma3_text_config,
+    "opt": _opt,
 }
 
 
@@ -238,14 +251,14 @@ def test_a_worker_failing_at_start_up_stops_the_engine_with_its_rank(tensor_para
 
 
 def test_an_architecture_without_a_sharding_plan_is_a_clear_error(tmp_path):
-    from transformers import OPTConfig
+    from transformers import BertConfig, BertModel
 
-    config = OPTConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=1,
-        num_attention_heads=4, architectures=["OPTForCausalLM"],
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS, architectures=["BertModel"],
     )
-    model_dir = save_config_checkpoint(config, tmp_path / "opt")
-    with pytest.raises(ValueError, match="tensor parallelism supports .*GPT2LMHeadModel.* not OPTForCausalLM"):
+    model_dir = save_random_checkpoint(BertModel(config), tmp_path / "bert")
+    with pytest.raises(ValueError, match="tensor parallelism supports .*OPTForCausalLM.* not BertModel"):
         LLM(model=str(model_dir), enforce_eager=True, tensor_parallel_size=2)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import LMHead, activation
+from fxllm.models.layers import LMHead, activation, head_dim_of
 from fxllm.models.weights import FusedShard, load_named_weights
 from fxllm.runtime.attention import Attention
 
@@ -32,13 +32,15 @@ class OPTAttention(nn.Module):
         super().__init__()
         hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.head_dim = hidden_size // self.num_heads
-        if self.head_dim * self.num_heads != hidden_size:
+        if hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({self.num_heads})"
             )
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=config.enable_bias)
-        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=config.enable_bias)
+        # heads x head_dim, not hidden_size: under tensor parallelism a rank holds some heads.
+        self.head_dim = head_dim_of(config)
+        width = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * width, bias=config.enable_bias)
+        self.out_proj = nn.Linear(width, hidden_size, bias=config.enable_bias)
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5, layer_name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ class OPTForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def fused_shard_sizes(self, fused_name: str) -> list[int]:
-        return [self.config.hidden_size] * 3
+        return [self.config.num_attention_heads * head_dim_of(self.config)] * 3
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_weights(self, _with_model_prefix(weights), skip=self.lm_head.checkpoint_skip)

@@ -63,6 +63,16 @@ GPT2_PLAN = ShardingPlan(
     },
     transposed=frozenset({"c_attn", "c_fc", "c_proj"}),
 )
+OPT_PLAN = ShardingPlan({
+    "q_proj": Split.QUERY,
+    "k_proj": Split.KEY_VALUE,
+    "v_proj": Split.KEY_VALUE,
+    "fc1": Split.COLUMN,
+    "out_proj": Split.ROW,
+    "fc2": Split.ROW,
+    "embed_tokens": Split.VOCAB,  # also the tied lm_head; project_in/out and positions replicated
+    "lm_head": Split.VOCAB,
+})
 PLANS: dict[str, ShardingPlan] = {
     "LlamaForCausalLM": LLAMA_PLAN,
     "MistralForCausalLM": LLAMA_PLAN,
@@ -71,6 +81,7 @@ PLANS: dict[str, ShardingPlan] = {
     "GraniteForCausalLM": LLAMA_PLAN,
     "Gemma3ForCausalLM": LLAMA_PLAN,
     "GPT2LMHeadModel": GPT2_PLAN,
+    "OPTForCausalLM": OPT_PLAN,
 }
 
 

@@ -80,9 +80,11 @@ def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
 
 
 def _intermediate_size(config: PretrainedConfig) -> int:
-    """The MLP width; GPT-2 names it n_inner, where None means 4 x hidden."""
+    """The MLP width; GPT-2 names it n_inner, where None means 4 x hidden, OPT ffn_dim."""
     if hasattr(config, "n_inner"):
         return config.n_inner or 4 * config.hidden_size
+    if hasattr(config, "ffn_dim"):
+        return config.ffn_dim
     return config.intermediate_size
 
 
@@ -94,6 +96,8 @@ def tp_local_config(config: PretrainedConfig, layout: TPLayout) -> PretrainedCon
     local.head_dim = layout.head_dim  # no longer hidden_size // heads once heads are split
     if hasattr(config, "n_inner"):
         local.n_inner = layout.local_intermediate
+    elif hasattr(config, "ffn_dim"):
+        local.ffn_dim = layout.local_intermediate
     else:
         local.intermediate_size = layout.local_intermediate
     local.vocab_size = layout.local_vocab
