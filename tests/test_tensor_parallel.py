@@ -31,7 +31,7 @@ from fxllm.passes.tensor_parallel import TensorParallelPass, gather_logits, plac
 from fxllm.runtime.attention.layer import Attention
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
-from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
+from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance, write_fp8
 from tests.tiny_models import CONFIGS, VOCAB_SIZE, gemma3_text_config, save_config_checkpoint, save_random_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
@@ -313,14 +313,29 @@ def test_dynamic_fp8_under_tensor_parallelism_reduces_its_row_parallel_outputs(t
     assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE
 
 
-def test_pre_quantized_checkpoints_under_tensor_parallelism_are_a_clear_error(tensor_parallel_runs, tmp_path):
-    config = json.loads((tensor_parallel_runs["llama"] / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
-    model_dir = tmp_path / "fp8"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="not supported yet for pre-quantized FP8 checkpoints"):
-        LLM(model=str(model_dir), tokenizer=str(tensor_parallel_runs["llama"]), enforce_eager=True, tensor_parallel_size=2)
+# Scales of every layout: a block grid, one per output channel, one per tensor (with static inputs).
+PRE_QUANTIZED = {
+    "blocks_16x16": dict(fmt="fp8", block=(16, 16)),
+    "per_channel": dict(fmt="compressed-tensors", strategy="channel"),
+    "per_tensor_static": dict(fmt="compressed-tensors", strategy="tensor", activations="static"),
+}
+
+
+@pytest.mark.parametrize("variant", PRE_QUANTIZED)
+def test_pre_quantized_fp8_checkpoints_split_their_scales_with_their_weights(variant, tensor_parallel_runs, tmp_path):
+    """Both sides dequantize the same FP8 weights with the same scales: only the order of the
+    partial sums differs, so the logits agree to rounding."""
+    model_dir = write_fp8.write_fp8_checkpoint(tensor_parallel_runs["llama"], tmp_path / variant, **PRE_QUANTIZED[variant])
+    single = _prompt_logprobs(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS))
+    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
+    torch.testing.assert_close(_prompt_logprobs(llm), single, rtol=0, atol=LOGIT_TOLERANCE)
+
+
+def test_scale_blocks_a_rank_would_cut_are_a_clear_error(tensor_parallel_runs, tmp_path):
+    # Each rank's KV head is 16 rows of k_proj: half of a 32-row scale block.
+    model_dir = write_fp8.write_fp8_checkpoint(tensor_parallel_runs["llama"], tmp_path / "fp8", "fp8", block=(32, 32))
+    with pytest.raises((ValueError, RuntimeError), match="16 output features .* not whole 32-wide FP8 scale blocks"):
+        LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
 
 
 def test_stopping_releases_rank_0_cuda_graphs_before_destroying_the_process_group():

@@ -55,7 +55,7 @@ def _die_before_joining() -> None:
 def test_a_worker_that_dies_before_joining_is_reported_instead_of_awaited(monkeypatch):
     import fxllm.parallel.workers as workers
 
-    monkeypatch.setattr(workers, "_forget_inherited_thread_pools", _die_before_joining)  # runs in the forked child
+    monkeypatch.setattr(workers, "_forget_inherited_state", _die_before_joining)  # runs in the forked child
     with pytest.raises(RuntimeError, match="(?s)worker rank 1 failed.*SystemExit: 3"):
         WorkerGroup(WORLD_SIZE, "cpu", _sum_ranks, 10, start_method="fork")
     assert not dist.is_initialized()
@@ -89,7 +89,7 @@ HANG_SECONDS = 60
 def _convert_in_child(results) -> None:
     import fxllm.parallel.workers as workers
 
-    workers._forget_inherited_thread_pools()
+    workers._forget_inherited_state()
     results.put(float(torch.ones(PARALLEL_OP_ELEMENTS).to(torch.bfloat16).float().sum()))
 
 
@@ -107,3 +107,37 @@ def test_a_forked_rank_runs_parallel_cpu_ops_after_the_parent_did():
     child.kill()
     assert not hung, "the forked child hung in a parallel CPU op"
     assert results.get(timeout=1) == PARALLEL_OP_ELEMENTS
+
+
+def _collect_in_child(results) -> None:
+    import gc
+
+    import fxllm.parallel.workers as workers
+
+    workers._forget_inherited_state()
+    gc.collect()
+    results.put("collected")
+
+
+def test_a_forked_rank_never_destroys_what_its_parent_left_behind(tmp_path):
+    """A stopped engine's process groups left in a reference cycle: collecting them in a
+    forked child waits forever on threads that stayed in the parent."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    host_group = dist.new_group(backend="gloo")
+    dist.all_reduce(torch.ones(1), group=host_group)
+    cycle = [host_group, dist.group.WORLD]
+    cycle.append(cycle)
+    dist.destroy_process_group()
+    del host_group, cycle
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_collect_in_child, args=(results,))
+    child.start()
+    child.join(HANG_SECONDS)
+    hung = child.is_alive()
+    child.kill()
+    child.join()
+    assert not hung, "the forked child hung collecting its parent's process groups"
+    assert child.exitcode == 0, f"the forked child died collecting its parent's process groups ({child.exitcode})"
+    assert results.get(timeout=1) == "collected"

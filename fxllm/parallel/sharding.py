@@ -7,6 +7,7 @@ exactly once.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +43,8 @@ def shard_tensor(name: str, source, shape: list[int], layout: TPLayout) -> torch
     split = plan.split_of(name)
     if split is Split.REPLICATED or layout.world_size == 1:
         return source[:]
+    if name.endswith(_FP8_SCALE_SUFFIXES):
+        return _shard_fp8_scale(name, source, shape, split, layout)
     is_bias = len(shape) == 1
     out_dim = 1 if plan.is_transposed(name) and not is_bias else 0
     if split is Split.ROW:
@@ -68,6 +71,49 @@ def shard_tensor(name: str, source, shape: list[int], layout: TPLayout) -> torch
         return torch.cat(parts, dim=out_dim)
     start, end = _output_range(split, layout, shape[out_dim])
     return _take(source, out_dim, start, end)
+
+
+# Scales of pre-quantized FP8 layers (compressed-tensors, transformers' block format).
+_FP8_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale")
+
+
+def _shard_fp8_scale(name: str, source, shape: list[int], split: Split, layout: TPLayout) -> torch.Tensor:
+    """An FP8 scale follows its weight: per-tensor and input scales are replicated, per-channel
+    ones split with the output rows (whole on row-parallel layers), and a block grid by whole
+    blocks of the weight's slice, which therefore has to start and end on block edges."""
+    if name.endswith(".input_scale") or math.prod(shape) == 1:
+        return source[:]
+    if split is Split.FUSED_QKV or split is Split.VOCAB:
+        raise ValueError(f"FP8 scale {name!r}: {split.value} layers are not quantized under tensor parallelism")
+    if layout.scale_block is None:  # per channel: one scale per output row
+        if split is Split.ROW:
+            return source[:]
+        start, end = _output_range(split, layout, shape[0])
+        return source[start:end]
+    block_n, block_k = layout.scale_block
+    if split is Split.ROW:
+        # A row-parallel layer's input is the attention heads or the MLP width.
+        widths = {layout.num_heads * layout.head_dim, layout.intermediate_size}
+        in_features = [width for width in widths if -(-width // block_k) == shape[1]]
+        if len(in_features) != 1:
+            raise ValueError(f"FP8 scale {name!r} of shape {tuple(shape)} matches no input width of this model")
+        columns = in_features[0] // layout.world_size
+        _check_block_edges(name, columns, block_k, "input", layout)
+        first = layout.rank * columns // block_k
+        return source[:, first : first + columns // block_k]
+    start, end = _output_range(split, layout, layout.intermediate_size)  # COLUMN: the MLP width
+    _check_block_edges(name, end - start, block_n, "output", layout)
+    return source[start // block_n : end // block_n]
+
+
+def _check_block_edges(name: str, size: int, block: int, dim: str, layout: TPLayout) -> None:
+    """Each rank's ``size`` features (all ranks alike) must be whole scale blocks."""
+    if size % block:
+        raise ValueError(
+            f"tensor_parallel_size={layout.world_size} gives each rank {size} {dim} features of the layer of {name!r}, "
+            f"which are not whole {block}-wide FP8 scale blocks; choose a tensor_parallel_size that splits this "
+            f"model's heads and MLP width into multiples of the checkpoint's weight_block_size"
+        )
 
 
 def iterate_sharded_safetensors(files: list[Path], layout: TPLayout) -> Iterator[tuple[str, torch.Tensor]]:

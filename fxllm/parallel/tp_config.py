@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from fxllm.models.layers import head_dim_of
+from fxllm.models.quantization.scheme import WeightScales, resolve_quantization
 from fxllm.parallel.plans import ShardingPlan, plan_for
 from fxllm.runtime.kv_cache import cdiv
 
@@ -24,6 +25,8 @@ class TPLayout:
     intermediate_size: int
     vocab_size: int
     plan: ShardingPlan
+    # (block_n, block_k) one stored weight scale covers, for a block-scaled FP8 checkpoint.
+    scale_block: tuple[int, int] | None = None
 
     @property
     def local_heads(self) -> int:
@@ -76,7 +79,11 @@ def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
             f"Choose a tensor_parallel_size that divides the attention heads and the MLP width"
         )
     plan = plan_for(config.architectures[0])
-    return TPLayout(rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size, plan)
+    scheme = resolve_quantization(None, config)  # the checkpoint's own FP8 layout, if it has one
+    scale_block = scheme.weight_block if scheme is not None and scheme.weight_scales is WeightScales.BLOCK else None
+    return TPLayout(
+        rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size, plan, scale_block
+    )
 
 
 def _intermediate_size(config: PretrainedConfig) -> int:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from fxllm.config import CompilationLevel, EngineConfig
-from fxllm.models.quantization import model_quantization
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest, StepSync
 from fxllm.parallel.workers import WorkerGroup, WorkerLinks
@@ -30,12 +29,6 @@ def check_tensor_parallel_support(config: EngineConfig, pooling_or_multimodal: b
         raise ValueError(
             f"tensor_parallel_size={size} is not supported yet for pooling or vision-language models; "
             f"use tensor_parallel_size=1"
-        )
-    scheme = model_quantization(config.model.quantization, config.model.hf_config)
-    if scheme is not None and scheme.prequantized:
-        raise ValueError(
-            f"tensor_parallel_size={size} is not supported yet for pre-quantized FP8 checkpoints (their scales "
-            f"are not sharded); use tensor_parallel_size=1, or quantization='fp8' on a full-precision checkpoint"
         )
     if config.compilation.level == CompilationLevel.DYNAMO_AS_IS:
         raise ValueError(

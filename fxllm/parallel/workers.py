@@ -13,6 +13,7 @@ when its owner is collected, and at interpreter exit, and never leaves processes
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import multiprocessing
 import os
@@ -99,9 +100,12 @@ def init_process_group(store: dist.Store, rank: int, world_size: int, device_typ
     return dist.new_group(backend="gloo")
 
 
-def _forget_inherited_thread_pools() -> None:
-    """A forked child inherits the parent's thread-pool objects but not their threads.
+def _forget_inherited_state() -> None:
+    """A forked child inherits the parent's objects but not their threads.
 
+    - Garbage: destroying an object whose threads stayed behind can wait forever, as a
+      stopped engine's process group left in a reference cycle did in the child's first
+      garbage collection. Inherited objects are frozen: the child never collects them.
     - OpenMP (torch's intra-op pool): the first parallel CPU op hangs once the parent has
       run one, e.g. the dtype conversion of a checkpoint tensor at load. One thread never
       enters the pool; like DataLoader workers, a rank uses one (GPU ranks do little CPU
@@ -109,6 +113,7 @@ def _forget_inherited_thread_pools() -> None:
     - Inductor's compile thread pool would take work no thread ever runs (Inductor's own
       fork hook resets only its process pool).
     """
+    gc.freeze()
     torch.set_num_threads(1)
     from torch._inductor.async_compile import AsyncCompile
 
@@ -122,7 +127,7 @@ def _worker_entry(
     steps: Connection,
 ) -> None:
     try:
-        _forget_inherited_thread_pools()
+        _forget_inherited_state()
         store = dist.FileStore(rendezvous, world_size)
         store.set(_joined_key(rank), "1")
         host_group = init_process_group(store, rank, world_size, device_type)
