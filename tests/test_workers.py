@@ -86,42 +86,52 @@ PARALLEL_OP_ELEMENTS = 4_000_000
 HANG_SECONDS = 60
 
 
-def _convert_in_child(results) -> None:
+def _in_forked_rank(work, results) -> None:
+    """What a worker does first (forget its inherited state), then ``work()``."""
     import fxllm.parallel.workers as workers
 
     workers._forget_inherited_state()
-    results.put(float(torch.ones(PARALLEL_OP_ELEMENTS).to(torch.bfloat16).float().sum()))
+    results.put(work())
+
+
+def _run_in_forked_rank(work) -> object:
+    """``work()``'s result in a forked child that starts as a worker does; fails the test if
+    the child hangs or dies."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_in_forked_rank, args=(work, results))
+    child.start()
+    child.join(HANG_SECONDS)
+    hung = child.is_alive()
+    child.kill()
+    child.join()
+    assert not hung, f"the forked child hung in {work.__name__}"
+    assert child.exitcode == 0, f"the forked child died in {work.__name__} (exit code {child.exitcode})"
+    return results.get(timeout=1)
+
+
+def _parallel_conversion() -> float:
+    return float(torch.ones(PARALLEL_OP_ELEMENTS).to(torch.bfloat16).float().sum())
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs an intra-op thread pool")
 def test_a_forked_rank_runs_parallel_cpu_ops_after_the_parent_did():
     """A forked child whose parent used torch's OpenMP pool hangs in its first parallel op
     (as GPU ranks did converting checkpoint tensors at load) unless the pool is reset."""
-    torch.ones(PARALLEL_OP_ELEMENTS).to(torch.bfloat16).sum()  # the parent's pool runs
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    child = context.Process(target=_convert_in_child, args=(results,))
-    child.start()
-    child.join(HANG_SECONDS)
-    hung = child.is_alive()
-    child.kill()
-    assert not hung, "the forked child hung in a parallel CPU op"
-    assert results.get(timeout=1) == PARALLEL_OP_ELEMENTS
+    _parallel_conversion()  # the parent's pool runs
+    assert _run_in_forked_rank(_parallel_conversion) == PARALLEL_OP_ELEMENTS
 
 
-def _collect_in_child(results) -> None:
+def _garbage_collection() -> str:
     import gc
 
-    import fxllm.parallel.workers as workers
-
-    workers._forget_inherited_state()
     gc.collect()
-    results.put("collected")
+    return "collected"
 
 
 def test_a_forked_rank_never_destroys_what_its_parent_left_behind(tmp_path):
     """A stopped engine's process groups left in a reference cycle: collecting them in a
-    forked child waits forever on threads that stayed in the parent."""
+    forked child crashes or waits forever on threads that stayed in the parent."""
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     host_group = dist.new_group(backend="gloo")
@@ -130,14 +140,4 @@ def test_a_forked_rank_never_destroys_what_its_parent_left_behind(tmp_path):
     cycle.append(cycle)
     dist.destroy_process_group()
     del host_group, cycle
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    child = context.Process(target=_collect_in_child, args=(results,))
-    child.start()
-    child.join(HANG_SECONDS)
-    hung = child.is_alive()
-    child.kill()
-    child.join()
-    assert not hung, "the forked child hung collecting its parent's process groups"
-    assert child.exitcode == 0, f"the forked child died collecting its parent's process groups ({child.exitcode})"
-    assert results.get(timeout=1) == "collected"
+    assert _run_in_forked_rank(_garbage_collection) == "collected"

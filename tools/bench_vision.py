@@ -1,9 +1,9 @@
 """The Qwen2-VL / Qwen2.5-VL vision tower eager against its compiled regions (``compile_mm_encoder``).
 
 Random weights in the 7B checkpoints' tower shapes (32 blocks, 1280 wide, 16 heads;
-Qwen2.5-VL with windows of 112 pixels and full attention in blocks 7, 15, 23 and 31). Per image size: the eager tower, then the same tower with
-``compile_regions``: the first compiled call (which compiles) and the median of the
-timed calls. Image sizes alternate within each round, so the compiled regions see two
+Qwen2.5-VL with windows of 112 pixels and full attention in blocks 7, 15, 23 and 31).
+Per image size: the eager tower, then the same tower with ``compile_regions``: the
+first compiled call (which compiles) and the median of the timed calls. Image sizes alternate within each round, so the compiled regions see two
 patch counts (and turn dynamic) before timing, as an engine serving mixed images would.
 
     python tools/bench_vision.py --device cuda --dtype bfloat16

@@ -96,7 +96,7 @@ def _shard_fp8_scale(name: str, source, shape: list[int], split: Split, layout: 
         widths = {layout.num_heads * layout.head_dim, layout.intermediate_size}
         in_features = [width for width in widths if -(-width // block_k) == shape[1]]
         if len(in_features) != 1:
-            raise ValueError(f"FP8 scale {name!r} of shape {tuple(shape)} matches no input width of this model")
+            raise ValueError(f"FP8 scale {name!r} of shape {tuple(shape)} matches no single input width of this model")
         columns = in_features[0] // layout.world_size
         _check_block_edges(name, columns, block_k, "input", layout)
         first = layout.rank * columns // block_k
