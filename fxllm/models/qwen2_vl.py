@@ -2,10 +2,9 @@
 
 The compiled graph is the language model alone: ``forward(inputs_embeds[T, H],
 positions[3, T]) -> hidden[T, H]`` (DESIGN.md contract 1). The runner builds
-``inputs_embeds`` outside it: ``embed_input_ids`` for every token, then the image
-embeddings from ``encode_images`` (the vision tower: eager, or compiled by regions with
-``compile_mm_encoder``) written over each
-image's placeholder tokens.
+``inputs_embeds`` outside it: ``embed_input_ids`` for every token, then the image and
+video embeddings from ``encode_images`` (the vision tower: eager, or compiled by regions
+with ``compile_mm_encoder``) written over their placeholder tokens.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The model traced local shapes (``parallel.tp_config``) and holds only its weight
 slices (``parallel.sharding``); what makes the ranks compute the single-device
 result is here, in the graph (DESIGN.md contract 8):
-- after each row-parallel linear (Llama's o_proj and down_proj, GPT-2's c_proj): an
-  all-reduce of the partial sums;
+- after each linear the architecture's plan (``parallel.plans``) makes row-parallel
+  (Llama's o_proj and down_proj, GPT-2's c_proj, OPT's out_proj and fc2): an all-reduce
+  of the partial sums;
 - the vocab-parallel embedding: ids outside this rank's shard are looked up as row 0
   and their rows zeroed, then an all-reduce assembles every token's embedding.
 The logits shards are gathered where the logits are computed (``gather_logits``).

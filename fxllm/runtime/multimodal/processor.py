@@ -117,6 +117,7 @@ class MultiModalProcessor:
         # Qwen2.5-VL spaces a video's temporal positions by time: this many per second.
         self.tokens_per_second: float | None = getattr(hf_config.vision_config, "tokens_per_second", None)
         self.kwargs = self._processor_kwargs(dict(config.processor_kwargs))
+        self.video_kwargs = self._video_kwargs() if self.video_processor is not None else {}
         self.cache = ProcessedInputCache(config.input_cache_bytes)
 
     def process(self, token_ids: list[int], multi_modal_data: Any, index: int) -> MultiModalPrompt:
@@ -181,8 +182,7 @@ class MultiModalProcessor:
         fps = output["video_metadata"][0].sampled_fps
         return ProcessedInput(output["pixel_values_videos"], grid, self.video_processor.temporal_patch_size / fps)
 
-    @property
-    def video_kwargs(self) -> dict[str, Any]:
+    def _video_kwargs(self) -> dict[str, Any]:
         """The mm_processor_kwargs the video processor takes too (resize bounds, normalization)."""
         known = set(getattr(self.video_processor.valid_kwargs, "__annotations__", {})) - _RESERVED_KWARGS
         return {key: value for key, value in self.kwargs.items() if key in known}
