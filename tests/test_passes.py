@@ -24,13 +24,17 @@ from fxllm import LLM, SamplingParams
 from fxllm.compiler.cache import engine_cache_key
 from fxllm.compiler.split import op_name
 from fxllm.config import CompilationConfig, PassConfig
-from fxllm.models.layers import RotaryEmbedding, apply_rotary
+from fxllm.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from fxllm.models.llama import LlamaAttentionBlock
 from fxllm.passes.manager import PassManager
 from fxllm.passes.noop import NoOpElimination
 from fxllm.passes.qk_norm_rope import QKNormRopeFusion
 from fxllm.passes.qk_norm_rope_op import norm_rope_reference
 from fxllm.passes.qk_norm_rope_triton import qk_norm_rope_triton
+from fxllm.passes import rms_norm_fusion
+from fxllm.passes.rms_norm_fusion import RMSNormFusion
+from fxllm.passes.rms_norm_op import rms_norm_reference
+from fxllm.passes.rms_norm_triton import rms_norm_triton
 from tests.tiny_models import CONFIGS, randomize_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,8 +44,9 @@ BF16_RELATIVE_ERROR = 1e-2
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPT_LENGTHS = [5, 17, 40]
 ALL_OFF = {"enable_fusion": False, "enable_noop": False}
-ALL_ON = {"enable_qk_norm_rope_fusion": True}  # the fusion is opt-in
+ALL_ON = {"enable_qk_norm_rope_fusion": True, "enable_rms_norm_fusion": True}
 FUSED_OP = "fxllm.qk_norm_rope"
+NORM_OP, ADD_NORM_OP = "fxllm.rms_norm", "fxllm.add_rms_norm"
 # A fixed KV cache, so that engines of one process need not share out a GPU's memory.
 NUM_KV_BLOCKS = 64
 
@@ -201,12 +206,83 @@ def test_qk_norm_rope_triton_kernel_equals_the_torch_reference(dtype, head_dim):
             assert error < BF16_RELATIVE_ERROR
 
 
+# ---- RMSNorm fusion --------------------------------------------------------------------------
+
+
+class ResidualNorms(nn.Module):
+    """A decoder layer's residual stream (models/llama.py): a norm of the input, a branch
+    added back (times Granite's residual multiplier, 1.0 here), a norm of the sum."""
+
+    def __init__(self, dtype: torch.dtype, hidden: int = 48):
+        super().__init__()
+        self.input_norm, self.post_norm = RMSNorm(hidden, 1e-6), RMSNorm(hidden, 1e-5)
+        self.branch = nn.Linear(hidden, hidden)
+        randomize_(self, seed=0)
+        self.to(dtype)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden + self.branch(self.input_norm(hidden)) * 1.0
+        return self.post_norm(hidden), hidden * 2.0  # the sum is used beyond the norm, as the residual
+
+
+@pytest.mark.parametrize("noop_first", [True, False], ids=["after_noop", "alone"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_fusion_makes_one_op_of_each_norm_and_the_add_before_it(dtype, noop_first):
+    module = ResidualNorms(dtype)
+    graph_module, inputs = _capture(module, torch.randn(NUM_TOKENS, 48, dtype=dtype))
+    expected = _run(graph_module, inputs)
+    if noop_first:
+        _apply(NoOpElimination(), graph_module)
+    assert _ops(graph_module)["rsqrt"] == 2
+
+    assert _apply(RMSNormFusion(device_types=("cpu",)), graph_module) == 2
+    after = _ops(graph_module)
+    assert after[NORM_OP] == 1 and after[ADD_NORM_OP] == 1
+    assert after["rsqrt"] == after["Tensor.pow"] == after["Tensor.mean"] == after["add"] == 0
+    for got, want in zip(_run(graph_module, inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_rms_norm_fusion_runs_only_on_the_devices_it_has_a_kernel_for():
+    graph_module, _ = _capture(ResidualNorms(torch.float32), torch.randn(NUM_TOKENS, 48))
+    assert RMSNormFusion().device_types == ("cuda",)
+    assert _apply(RMSNormFusion(), graph_module) == 0  # a CPU graph
+    assert NORM_OP not in _ops(graph_module)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "norm_only"])
+@pytest.mark.parametrize("hidden", [64, 48], ids=["pow2", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_triton_kernel_equals_the_torch_reference(dtype, hidden, residual):
+    num_tokens, eps = 5, 1e-6
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=DEVICE)
+
+    x = random(num_tokens, 2 * hidden)[:, :hidden]  # rows with a stride of their own
+    branch = random(num_tokens, hidden) if residual else None
+    weight = 1 + 0.1 * random(hidden)
+    normed, summed = rms_norm_triton(x, branch, weight, eps)
+    source = x + branch if residual else x
+    assert (summed is not None) == residual
+    if residual:  # rounded to the dtype (the interpreter's bf16 rounding may differ by one unit)
+        torch.testing.assert_close(summed, source, rtol=0 if dtype == torch.float32 else None, atol=0 if dtype == torch.float32 else None)
+    want = rms_norm_reference(source, weight, eps)
+    assert normed.is_contiguous() and normed.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(normed, want, rtol=1e-5, atol=1e-5)
+    else:
+        error = (normed.float() - want.float()).norm() / want.float().norm()
+        assert error < BF16_RELATIVE_ERROR
+
+
 # ---- pass config and cache key ----------------------------------------------------------------
 
 
 def test_pass_config_comes_from_a_dict_and_rejects_unknown_switches():
     config = CompilationConfig.from_user({"pass_config": {"enable_noop": False}})
-    assert config.pass_config == PassConfig(enable_noop=False, enable_fusion=True, enable_qk_norm_rope_fusion=False)
+    assert config.pass_config == PassConfig(enable_noop=False, enable_fusion=True, enable_qk_norm_rope_fusion=True)
     with pytest.raises(ValueError, match="unknown pass_config field"):
         CompilationConfig.from_user({"pass_config": {"enable_nop": False}})
     with pytest.raises(ValueError, match="must be True or False"):
@@ -216,8 +292,10 @@ def test_pass_config_comes_from_a_dict_and_rejects_unknown_switches():
 @pytest.mark.parametrize(
     "switches, passes",
     [
-        ({}, ["noop_elimination"]),
-        (ALL_ON, ["noop_elimination", "qk_norm_rope_fusion"]),
+        ({}, ["noop_elimination", "qk_norm_rope_fusion", "rms_norm_fusion"]),
+        (ALL_ON, ["noop_elimination", "qk_norm_rope_fusion", "rms_norm_fusion"]),
+        ({"enable_rms_norm_fusion": False}, ["noop_elimination", "qk_norm_rope_fusion"]),
+        ({"enable_qk_norm_rope_fusion": False}, ["noop_elimination", "rms_norm_fusion"]),
         ({"enable_fusion": False, **ALL_ON}, ["noop_elimination"]),
         (ALL_OFF, []),
     ],
@@ -244,10 +322,22 @@ def _greedy_tokens(llm: LLM) -> list[list[int]]:
     return [output.outputs[0].token_ids for output in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
+def _every_fusion_here(model_dir, **compilation: Any) -> LLM:
+    """An engine with every pass on, the CUDA-only RMSNorm fusion on this device too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rms_norm_fusion, "FUSED_DEVICE_TYPES", ("cpu", "cuda"))
+        return _engine(model_dir, pass_config=ALL_ON, **compilation)
+
+
+def _norms_of(arch: str) -> int:
+    """RMSNorms of [T, hidden] rows: two per layer and the final one."""
+    return 2 * CONFIGS[arch]().num_hidden_layers + 1
+
+
 @pytest.fixture(scope="module")
 def qwen3_fused(tiny_model_dirs, tmp_path_factory) -> LLM:
-    """Every pass on, pieces compiled by Inductor: the fused op inside compiled pieces."""
-    return _engine(tiny_model_dirs["qwen3"], cache_dir=str(tmp_path_factory.mktemp("compile_cache")), pass_config=ALL_ON)
+    """Every pass on, pieces compiled by Inductor: the fused ops inside compiled pieces."""
+    return _every_fusion_here(tiny_model_dirs["qwen3"], cache_dir=str(tmp_path_factory.mktemp("compile_cache")))
 
 
 @pytest.fixture(scope="module")
@@ -260,11 +350,12 @@ def test_qwen3_tokens_equal_with_and_without_passes(qwen3_fused, qwen3_unfused):
 
 
 def test_llama_tokens_equal_with_and_without_passes(tiny_model_dirs):
-    with_passes = _engine(tiny_model_dirs["llama"], use_inductor=False, pass_config=ALL_ON)
+    with_passes = _every_fusion_here(tiny_model_dirs["llama"], use_inductor=False)
     without = _engine(tiny_model_dirs["llama"], use_inductor=False, pass_config=ALL_OFF)
     assert _greedy_tokens(with_passes) == _greedy_tokens(without)
     report = with_passes.compile_report()
     assert report.passes["qk_norm_rope_fusion"] == 0 and report.passes["noop_elimination"] > 0
+    assert report.passes["rms_norm_fusion"] == _norms_of("llama")
     assert without.compile_report().passes == {}
 
 
@@ -273,14 +364,19 @@ def test_compile_report_shows_one_qk_norm_rope_fusion_per_qwen3_layer(qwen3_fuse
     report = qwen3_fused.compile_report()
     assert report.passes["qk_norm_rope_fusion"] == num_layers
     assert report.passes["noop_elimination"] > 0
+    assert report.passes["rms_norm_fusion"] == _norms_of("qwen3")
     assert sum(ops.get(FUSED_OP, 0) for ops in report.piece_ops) == num_layers
+    assert sum(ops.get(ADD_NORM_OP, 0) + ops.get(NORM_OP, 0) for ops in report.piece_ops) == _norms_of("qwen3")
     assert report.inductor_compiles > 0
     assert qwen3_unfused.compile_report().passes == {}
 
 
-def test_cache_key_changes_with_every_pass_switch(qwen3_fused):
+def test_cache_key_changes_with_every_pass_switch(qwen3_fused, monkeypatch):
     config = qwen3_fused.llm_engine_config
-    switches = [{}, {"enable_noop": False}, ALL_ON, {"enable_fusion": False, **ALL_ON}]
+    switches = [
+        {}, {"enable_noop": False}, {"enable_fusion": False}, {"enable_rms_norm_fusion": False},
+        {"enable_qk_norm_rope_fusion": False},
+    ]
     keys = set()
     for switch in switches:
         pass_config = PassConfig(**switch)
@@ -288,5 +384,6 @@ def test_cache_key_changes_with_every_pass_switch(qwen3_fused):
         keys.add(engine_cache_key(engine, PassManager(pass_config).uuid()))
     assert len(keys) == len(switches)
     assert PassManager(PassConfig()).uuid() == PassManager(PassConfig()).uuid()  # stable
+    monkeypatch.setattr(rms_norm_fusion, "FUSED_DEVICE_TYPES", ("cpu", "cuda"))  # as the engine was built
     fused_uuid = PassManager(config.compilation.pass_config).uuid()
     assert qwen3_fused.compile_report().cache_dir.endswith(engine_cache_key(config, fused_uuid))

@@ -27,6 +27,7 @@ from fxllm.models.registry import resolve_architecture
 from fxllm.models.weights import safetensors_files
 from fxllm.parallel.sharding import iterate_sharded_safetensors
 from fxllm.parallel.tp_config import tp_layout, tp_local_config
+from fxllm.passes import rms_norm_fusion
 from fxllm.passes.tensor_parallel import TensorParallelPass, gather_logits, placeholder_parameter_names
 from fxllm.runtime.attention.layer import Attention
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
@@ -201,13 +202,17 @@ def test_an_engine_of_two_ranks_generates_the_single_device_tokens(name, tensor_
     assert not any(_alive(pid) for pid in pids)
 
 
-def test_a_compiled_engine_of_two_ranks_generates_the_single_device_tokens(tensor_parallel_runs):
+def test_a_compiled_engine_of_two_ranks_generates_the_single_device_tokens(tensor_parallel_runs, monkeypatch):
     model_dir = tensor_parallel_runs["qwen3"]
+    # The CUDA-only RMSNorm fusion on here too: the all-reduces must land between the
+    # row-parallel GEMMs and the fused add + norm.
+    monkeypatch.setattr(rms_norm_fusion, "FUSED_DEVICE_TYPES", ("cpu", "cuda"))
     # Compiled in this process first: forked workers must not inherit Inductor's dead thread pool.
     expected = _tokens(LLM(model=str(model_dir), max_model_len=MAX_POSITIONS))
     parallel = LLM(model=str(model_dir), max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
     report = parallel.compile_report()
     assert report.level == 3 and report.passes["tensor_parallel"] == 2 * CONFIGS["qwen3"]().num_hidden_layers + 1
+    assert report.passes["rms_norm_fusion"] == 2 * CONFIGS["qwen3"]().num_hidden_layers + 1
     assert _tokens(parallel) == expected
 
 

@@ -27,10 +27,10 @@ import random_model  # noqa: E402  (tools/ is not a package)
 PROMPT_TOKENS = 16
 PASS_SETTINGS = {
     "inductor alone": {"enable_noop": False, "enable_fusion": False},
-    "default passes": {"enable_noop": True, "enable_fusion": True},
-    "every pass": {"enable_noop": True, "enable_fusion": True, "enable_qk_norm_rope_fusion": True},
+    "no-op elimination": {"enable_noop": True, "enable_fusion": False},
+    "every pass": {"enable_noop": True, "enable_fusion": True, "enable_qk_norm_rope_fusion": True, "enable_rms_norm_fusion": True},
 }
-TOP_KERNELS = 12
+TOP_KERNELS = 24
 
 
 def count_kernels(model_dir: Path, device: str, pass_config: dict, steps: int, use_inductor: bool = True) -> dict:

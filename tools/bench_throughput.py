@@ -207,7 +207,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare-passes-off", action="store_true",
                         help="also run the workload with the FX passes off (enable_noop/enable_fusion False)")
     parser.add_argument("--pass-config", type=json.loads, default=None, metavar="JSON",
-                        help='pass_config of the main run, e.g. \'{"enable_qk_norm_rope_fusion": true}\'')
+                        help='pass_config of the main run, e.g. \'{"enable_qk_norm_rope_fusion": false}\'')
     parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
     args = parser.parse_args()
     if args.num_requests < 1:

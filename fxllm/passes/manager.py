@@ -16,6 +16,7 @@ from fxllm.config import PassConfig
 from fxllm.passes.graph_pass import GraphPass
 from fxllm.passes.noop import NoOpElimination
 from fxllm.passes.qk_norm_rope import QKNormRopeFusion
+from fxllm.passes.rms_norm_fusion import RMSNormFusion
 
 
 def enabled_passes(config: PassConfig) -> list[GraphPass]:
@@ -24,6 +25,8 @@ def enabled_passes(config: PassConfig) -> list[GraphPass]:
         passes.append(NoOpElimination())
     if config.enable_fusion and config.enable_qk_norm_rope_fusion:
         passes.append(QKNormRopeFusion())
+    if config.enable_fusion and config.enable_rms_norm_fusion:
+        passes.append(RMSNormFusion())
     return passes
 
 

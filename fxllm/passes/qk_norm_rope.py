@@ -24,6 +24,7 @@ from torch import fx
 
 from fxllm.passes import qk_norm_rope_op
 from fxllm.passes.graph_pass import example_value, source_uuid
+from fxllm.passes.patterns import dtype_of, is_call, match_rms_norm
 
 # Dims of the tensors the op takes: [T, heads, head_dim] and tables [T, 1, head_dim].
 _HEADS_RANK = 3
@@ -72,7 +73,7 @@ def match_norm_rope(node: fx.Node) -> NormRope | None:
     if rope is None:
         return None
     normed, cos, sin, rope_nodes = rope
-    norm = _match_rms_norm(normed)
+    norm = match_rms_norm(normed)
     if norm is None:
         return None
     source, weight, eps, norm_nodes = norm
@@ -82,30 +83,21 @@ def match_norm_rope(node: fx.Node) -> NormRope | None:
     return match if _shapes_and_dtypes_fit(match) else None
 
 
-def _is(node: object, target: object) -> bool:
-    """Whether ``node`` calls ``target``: a function, or a Tensor method given by name."""
-    if not isinstance(node, fx.Node):
-        return False
-    if isinstance(target, str):
-        return node.op == "call_method" and node.target == target
-    return node.op == "call_function" and node.target is target
-
-
 def _match_rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, tuple[fx.Node, ...]] | None:
     """``x * cos + cat((-x[..., half:], x[..., :half]), dim=-1) * sin`` -> (x, cos, sin, nodes)."""
-    if not _is(node, operator.add):
+    if not is_call(node, operator.add):
         return None
     direct, rotated_term = node.args
-    if not (_is(direct, operator.mul) and _is(rotated_term, operator.mul)):
+    if not (is_call(direct, operator.mul) and is_call(rotated_term, operator.mul)):
         return None
     (x, cos), (rotated, sin) = direct.args, rotated_term.args
-    if not _is(rotated, torch.cat) or _cat_dim(rotated) != -1:
+    if not is_call(rotated, torch.cat) or _cat_dim(rotated) != -1:
         return None
     halves = rotated.args[0]
-    if not isinstance(halves, (list, tuple)) or len(halves) != 2 or not _is(halves[0], operator.neg):
+    if not isinstance(halves, (list, tuple)) or len(halves) != 2 or not is_call(halves[0], operator.neg):
         return None
     second, first = halves[0].args[0], halves[1]
-    if not (_is(second, operator.getitem) and _is(first, operator.getitem)):
+    if not (is_call(second, operator.getitem) and is_call(first, operator.getitem)):
         return None
     if second.args[0] is not x or first.args[0] is not x:
         return None
@@ -122,60 +114,6 @@ def _cat_dim(node: fx.Node) -> object:
     if "dim" in node.kwargs:
         return node.kwargs["dim"]
     return node.args[1] if len(node.args) > 1 else 0
-
-
-def _match_rms_norm(node: fx.Node) -> tuple[fx.Node, fx.Node, float, tuple[fx.Node, ...]] | None:
-    """``weight * (x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)``, x = source.float()
-    -> (source, weight, eps, nodes); the two casts may be absent."""
-    if not _is(node, operator.mul):
-        return None
-    weight, cast_back = node.args
-    scaled = _skip_casts(cast_back)
-    if not _is(scaled, operator.mul):
-        return None
-    upcast, rstd = scaled.args
-    if not _is(rstd, torch.rsqrt):
-        return None
-    shifted = rstd.args[0]
-    if not (_is(shifted, operator.add) and isinstance(shifted.args[1], float)):
-        return None
-    mean = shifted.args[0]
-    if not (_is(mean, "mean") and mean.args[1:] == (-1,) and mean.kwargs == {"keepdim": True}):
-        return None
-    square = mean.args[0]
-    if not (_is(square, "pow") and square.args[1:] == (2,) and square.args[0] is upcast):
-        return None
-    source = _skip_casts(upcast)
-    # The op computes in fp32 and rounds to the input dtype where the norm casts back.
-    if _dtype(square) != torch.float32 or _dtype(cast_back) != _dtype(source):
-        return None
-    casts = _casts_between(cast_back, scaled) + _casts_between(upcast, source)
-    return source, weight, shifted.args[1], (node, scaled, rstd, shifted, mean, square) + casts
-
-
-def _dtype(node: fx.Node) -> torch.dtype | None:
-    value = example_value(node)
-    return value.dtype if isinstance(value, torch.Tensor) else None
-
-
-def _is_cast(node: object) -> bool:
-    return _is(node, "float") or (
-        _is(node, "to") and len(node.args) == 2 and isinstance(node.args[1], torch.dtype) and not node.kwargs
-    )
-
-
-def _skip_casts(node: object) -> object:
-    while _is_cast(node):
-        node = node.args[0]
-    return node
-
-
-def _casts_between(top: object, bottom: object) -> tuple[fx.Node, ...]:
-    casts = []
-    while top is not bottom:
-        casts.append(top)
-        top = top.args[0]
-    return tuple(casts)
 
 
 def _shapes_and_dtypes_fit(match: NormRope) -> bool:
@@ -199,7 +137,7 @@ def _can_fuse(query: NormRope, key: NormRope, order: dict[fx.Node, int]) -> bool
     where the fused node goes."""
     if (query.cos, query.sin, query.eps) != (key.cos, key.sin, key.eps):
         return False
-    if _dtype(query.input) != _dtype(key.input):
+    if dtype_of(query.input) != dtype_of(key.input):
         return False
     first_output = min(order[query.output], order[key.output])
     inputs = (query.input, key.input, query.weight, key.weight, query.cos, query.sin)

@@ -41,10 +41,10 @@ _LARGE_STEP_CONFIGS = [
 # The interpreter (CPU tests) runs one fixed tile: tuning there would only cost time.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
 # Steps of at most this many rows take the GEMV kernel: no 16-row dot tile, so output
-# tiles of a few rows spread even narrow layers over every SM. 0 until the kernel is
-# measured on a GPU against the tile kernel (tools/bench_fp8_gemm.py prints both at one
-# row); 1 is the value to try.
-GEMV_MAX_ROWS = 0
+# tiles of a few rows spread even narrow layers over every SM. On an H100 it took a
+# Llama-3-8B layer's four GEMMs at one row from 104.7 to 79.8 µs (tools/bench_fp8_gemm.py,
+# BENCHMARKS.md); it was not measured at more rows.
+GEMV_MAX_ROWS = 1
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=3)
     for block_n in (4, 8, 16)
