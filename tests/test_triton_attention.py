@@ -188,22 +188,47 @@ def test_fp16_matches(query_lens):
     check_backend(make_step([0, 17, 50], query_lens, 4, 2, 32, block_size=8, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("write", ["separate", "in_kernel"])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_split_decode_merges_any_number_of_splits(num_splits):
-    """More splits than a short context has tiles leaves idle programs the reduce skips."""
+def test_split_decode_merges_any_number_of_splits(num_splits, write):
+    """More splits than a short context has tiles leaves idle programs the reduce skips;
+    whichever split holds the new token caches it when the kernel writes the K/V."""
     step = make_step([0, 31, 200], [1, 1, 1], 4, 2, 16, block_size=16, dtype=torch.float32)
     kv_cache = step.kv_cache.clone()
     key_cache, value_cache = kv_cache[0], kv_cache[1]
-    triton_kernels.write_kv_cache(step.key, step.value, key_cache, value_cache, step.metadata.slot_mapping)
+    metadata = step.metadata
+    new_kv = None
+    if write == "separate":
+        triton_kernels.write_kv_cache(step.key, step.value, key_cache, value_cache, metadata.slot_mapping)
+    else:
+        new_kv = (step.key, step.value, metadata.slot_mapping)
     acc_shape, stats_shape = triton_kernels.decode_scratch_shapes(3, 4, 16, num_splits)
     scratch = [torch.empty(shape, device=DEVICE) for shape in (acc_shape, stats_shape, stats_shape)]
     out = torch.zeros_like(step.query)
-    metadata = step.metadata
     triton_kernels.split_decode_attention(
         step.query, key_cache, value_cache, out, metadata.block_tables, metadata.seq_lens,
-        metadata.query_start_loc, step.spec.scale, None, *scratch,
+        metadata.query_start_loc, step.spec.scale, None, *scratch, new_kv=new_kv,
     )  # fmt: skip
-    assert_matches(out, reference(step)[0])
+    expected_out, expected_cache = reference(step)
+    assert_matches(out, expected_out)
+    torch.testing.assert_close(kv_cache, expected_cache, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_decode_step_caches_its_keys_inside_the_attention_kernel(monkeypatch):
+    """Decode steps launch no separate KV-write kernel, and a padding request (slot -1)
+    writes nothing."""
+
+    def no_write(*args):
+        raise AssertionError("a decode step launched the separate KV-write kernel")
+
+    monkeypatch.setattr(triton_kernels, "write_kv_cache", no_write)
+    step = make_step([0, 4, 69, 130], [1, 1, 1, 1], 4, 2, 16, block_size=4, dtype=torch.bfloat16)
+    step.metadata.slot_mapping[2] = -1  # request 2 as a padded graph row: its slot keeps its NaN
+    out, kv_cache = run_backend(step)
+    expected_out, expected_cache = reference(step)
+    torch.testing.assert_close(kv_cache.float(), expected_cache, rtol=0, atol=0, equal_nan=True)
+    others = [0, 1, 3]  # request 2 attends to its unwritten slot (NaN), here as in the reference
+    assert_matches(out[others], expected_out[others])
 
 
 @pytest.mark.parametrize("window", [1, 5, 40])

@@ -43,14 +43,15 @@ class TritonAttentionBackend:
             attention_without_cache(spec, query, key, value, out, metadata)
             return
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        triton_kernels.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         sliding_window = spec.sliding_window
         args = (query, key_cache, value_cache, out, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc)
         if query.shape[0] == metadata.seq_lens.shape[0]:
-            triton_kernels.split_decode_attention(
-                *args, spec.scale, sliding_window, *self._scratch(spec, query, metadata.block_tables, kv_cache.shape[2])
-            )
+            # The decode kernel caches the step's K/V itself: one launch fewer per layer.
+            scratch = self._scratch(spec, query, metadata.block_tables, kv_cache.shape[2])
+            new_kv = (key, value, metadata.slot_mapping)
+            triton_kernels.split_decode_attention(*args, spec.scale, sliding_window, *scratch, new_kv=new_kv)
         else:
+            triton_kernels.write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
             triton_kernels.unified_attention(*args, spec.scale, sliding_window)
 
     def _scratch(

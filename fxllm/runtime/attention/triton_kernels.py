@@ -8,7 +8,9 @@ Three jobs, one kernel each (plus the reduce of the split decode):
 - ``split_decode_attention``: one query token per request (flash-decoding). The
   context of each request is cut into ``num_splits`` ranges of KV tiles, one program
   each, which write partial (max, sum, accumulator) to scratch; a reduce kernel merges
-  them. ``num_splits`` comes from shapes (B, KV heads, max blocks per sequence).
+  them. ``num_splits`` comes from shapes (B, KV heads, max blocks per sequence). The
+  split holding the new token's position can cache the step's K/V first, which
+  saves decode steps the write kernel's launch.
 
 Everything a kernel reads per step lives in device tensors (no host sync), so the
 launches are safe to capture in CUDA graphs (DESIGN.md contract 3).
@@ -455,6 +457,39 @@ def _decode_split_range(seq_len, window, TILE_N: tl.constexpr, NUM_SPLITS: tl.co
 
 
 @triton.jit
+def _write_new_kv(
+    key_row_ptr,  # this token's row of this KV head
+    value_row_ptr,
+    stride_key_dim,
+    stride_value_dim,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot,
+    kv_head,
+    block_size,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_cache_dim,
+    HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    """Store one token's K/V row of one KV head into its cache slot (slot -1: nothing)."""
+    if slot >= 0:
+        slot = slot.to(tl.int64)
+        dims = tl.arange(0, HEAD_PAD)
+        dim_valid = dims < HEAD_DIM
+        key = tl.load(key_row_ptr + dims * stride_key_dim, mask=dim_valid)
+        value = tl.load(value_row_ptr + dims * stride_value_dim, mask=dim_valid)
+        cache_offset = (
+            (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
+            + kv_head * stride_cache_head + dims * stride_cache_dim
+        )
+        tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=dim_valid)
+        tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=dim_valid)
+
+
+@triton.jit
 def _decode_split_kernel(
     out_ptr,
     partial_acc_ptr,  # [B, num_heads, NUM_SPLITS, HEAD_PAD] fp32
@@ -466,6 +501,9 @@ def _decode_split_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    new_key_ptr,  # [B, num_kv_heads, head_dim]: this step's keys, when WRITE_NEW_KV
+    new_value_ptr,
+    slot_mapping_ptr,  # [B] int64, -1 = padding
     scale_log2,
     window,
     block_size,
@@ -481,6 +519,12 @@ def _decode_split_kernel(
     stride_cache_head,
     stride_cache_dim,
     stride_table_row,
+    stride_new_key_token,
+    stride_new_key_head,
+    stride_new_key_dim,
+    stride_new_value_token,
+    stride_new_value_head,
+    stride_new_value_dim,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,
@@ -488,6 +532,7 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    WRITE_NEW_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -501,12 +546,37 @@ def _decode_split_kernel(
     if tile_begin >= tile_end:  # a short context: this split has nothing to read
         return
 
-    rows = tl.arange(0, BLOCK_H)  # the query heads of this KV head, padded for tl.dot
-    head = kv_head * QUERIES_PER_KV + rows
-    row_valid = rows < QUERIES_PER_KV
     token = tl.load(query_start_loc_ptr + request).to(tl.int64)
     dims = tl.arange(0, HEAD_PAD)
     dim_valid = dims < HEAD_DIM
+    if WRITE_NEW_KV:
+        # The one split whose tiles hold the new token's position caches its K/V, then
+        # reads them back with the rest: no separate write kernel. The barrier makes the
+        # stores visible to every thread of the program before the tiles are loaded.
+        new_tile = (seq_len - 1) // TILE_N
+        if (new_tile >= tile_begin) & (new_tile < tile_end):
+            _write_new_kv(
+                new_key_ptr + token * stride_new_key_token + kv_head * stride_new_key_head,
+                new_value_ptr + token * stride_new_value_token + kv_head * stride_new_value_head,
+                stride_new_key_dim,
+                stride_new_value_dim,
+                key_cache_ptr,
+                value_cache_ptr,
+                tl.load(slot_mapping_ptr + token),
+                kv_head,
+                block_size,
+                stride_cache_block,
+                stride_cache_slot,
+                stride_cache_head,
+                stride_cache_dim,
+                HEAD_DIM,
+                HEAD_PAD,
+            )
+            tl.debug_barrier()
+
+    rows = tl.arange(0, BLOCK_H)  # the query heads of this KV head, padded for tl.dot
+    head = kv_head * QUERIES_PER_KV + rows
+    row_valid = rows < QUERIES_PER_KV
     io_mask = row_valid[:, None] & dim_valid[None, :]
     query = tl.load(
         query_ptr + token * stride_query_token + head[:, None] * stride_query_head + dims[None, :] * stride_query_dim,
@@ -649,8 +719,13 @@ def split_decode_attention(
     partial_acc: torch.Tensor,  # fp32, decode_scratch_shapes(...)[0]
     partial_max: torch.Tensor,  # fp32, decode_scratch_shapes(...)[1]
     partial_sum: torch.Tensor,  # fp32, decode_scratch_shapes(...)[1]
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # (key, value, slot_mapping)
 ) -> None:
-    """Flash-decoding; the number of splits is partial_max.shape[2] (see decode_num_splits)."""
+    """Flash-decoding; the number of splits is partial_max.shape[2] (see decode_num_splits).
+
+    With ``new_kv`` ([B, num_kv_heads, head_dim] keys and values, [B] slots) the kernel
+    also caches this step's K/V (``write_kv_cache`` in the same launch); without it they
+    must be cached already."""
     num_requests, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     num_splits = partial_max.shape[2]
@@ -660,6 +735,8 @@ def split_decode_attention(
     head_pad = padded_head_dim(head_dim)
     tile_keys = _tile_keys(DECODE_TILE_KEYS, head_dim, key_cache.dtype)
     window, has_window = _window_args(sliding_window)
+    # Without new K/V the kernel never reads these: any tensors of the right rank do.
+    new_key, new_value, slot_mapping = new_kv if new_kv is not None else (query, query, seq_lens)
     _decode_split_kernel[(num_requests, num_kv_heads, num_splits)](
         out,
         partial_acc,
@@ -671,6 +748,9 @@ def split_decode_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        new_key,
+        new_value,
+        slot_mapping,
         scale * LOG2E,
         window,
         key_cache.shape[1],
@@ -679,6 +759,8 @@ def split_decode_attention(
         *out.stride(),
         *key_cache.stride(),
         block_tables.stride(0),
+        *new_key.stride(),
+        *new_value.stride(),
         HEAD_DIM=head_dim,
         HEAD_PAD=head_pad,
         QUERIES_PER_KV=queries_per_kv,
@@ -686,6 +768,7 @@ def split_decode_attention(
         TILE_N=tile_keys,
         NUM_SPLITS=num_splits,
         HAS_WINDOW=has_window,
+        WRITE_NEW_KV=new_kv is not None,
         DOT_PRECISION=_dot_precision(key_cache.dtype),
         DOT_IN_FP32=_dot_in_fp32(key_cache.dtype),
         num_warps=DECODE_NUM_WARPS,
