@@ -208,7 +208,7 @@ def test_bench_kernels_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subproce
     assert status == 0, capfd.readouterr().err[-2000:]
     assert "kernels/layer" in capfd.readouterr().out
     rows = json.loads(result_path.read_text())["rows"]
-    assert set(rows) == {"inductor alone", "default passes", "every pass"}
+    assert set(rows) == {"inductor alone", "no-op elimination", "every pass"}
     assert all(row["kernels_per_step"] > 0 for row in rows.values())
 
 
