@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the engine is imported only by the subcommands that need it
 
 # Exit status for a bad model or bad generation settings: the same as argparse's usage errors.
 USAGE_ERROR = 2
-BENCHMARKS = ("throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "vision")
+BENCHMARKS = ("throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "vision", "host_step")
 DEFAULT_INSPECT_DIR = "fxllm_inspect"
 DEFAULT_MAX_TOKENS = 64
 # Errors the engine raises for user input (a missing or unreadable model, a bad setting);
@@ -127,7 +127,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help=(
             "throughput: many requests (workload T); latency: batch-1 decode (L); startup: load + compile time (S); "
             "kernels: kernels per decoder layer; step_sync: tensor parallelism's per-step broadcast; "
-            "fp8_gemm: FP8 GEMM paths per step size (GPU); vision: the VL vision tower eager vs compiled"
+            "fp8_gemm: FP8 GEMM paths per step size (GPU); vision: the VL vision tower eager vs compiled; "
+            "host_step: host time of a step, phase by phase"
         ),
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script unchanged")

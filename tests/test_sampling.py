@@ -94,6 +94,27 @@ def test_incremental_detokenization_equals_a_full_decode(llm, text):
     assert detokenizer.text == tokenizer.decode(output_ids) == text
 
 
+def test_tokens_are_decoded_when_the_text_is_read_and_reads_in_between_change_nothing(llm):
+    tokenizer = llm.get_tokenizer()
+    text = " café — naïve 東京 ✓ and more words"
+    output_ids = tokenizer.encode(text)
+    prompt_ids = tokenizer.encode("The capital of France is")
+    lazy = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=True)
+    steps = []
+    stream_step = lazy._stream.step
+    lazy._stream = type("CountingStream", (), {"step": lambda self, *args: steps.append(args) or stream_step(*args)})()
+    for token_id in output_ids:
+        lazy.add(token_id)
+    assert steps == []  # nothing decoded while tokens arrive: no step pays for it
+    eager = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=True)
+    partial = []
+    for token_id in output_ids:
+        eager.add(token_id)
+        partial.append(eager.text)  # as a request with stop strings reads it
+    assert lazy.text == eager.text == text and len(steps) == len(output_ids)
+    assert all(text.startswith(prefix) for prefix in partial)
+
+
 def test_completion_text_is_the_decoded_tokens_up_to_an_incomplete_character(llm):
     output = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     full = llm.get_tokenizer().decode(output.outputs[0].token_ids, skip_special_tokens=True)

@@ -57,12 +57,11 @@ class LLMEngine:
         finished = []
         for scheduled in step.scheduled:
             request = scheduled.request
-            samples = scheduled.samples  # read before num_computed_tokens moves
             request.num_computed_tokens += scheduled.num_new_tokens
             self.kv_cache.commit_full_blocks(request)
             for position in result.prompt_logprobs.get(request, ()):
                 request.prompt_logprobs.append(self._logprob_dict(position, request))
-            if samples:
+            if scheduled.samples:
                 token_id, logprobs = next(sampled)
                 request.append_output(token_id, self._logprob_dict(logprobs, request) if logprobs else None)
                 if request.finish_reason is not None:

@@ -101,10 +101,11 @@ class Request:
         if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs[token_id].logprob
-        new_text_from = len(self.detokenizer.text) if self.detokenizer is not None else 0
+        params = self.sampling_params
+        # Only stop strings need the text now; reading it decodes the tokens so far.
+        new_text_from = len(self.detokenizer.text) if self.detokenizer is not None and params.stop else 0
         if self.detokenizer is not None:
             self.detokenizer.add(token_id)
-        params = self.sampling_params
         if len(self.output_token_ids) >= params.min_tokens:
             if token_id in self.stop_token_ids:
                 self.finish_reason = "stop"

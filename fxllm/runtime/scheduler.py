@@ -21,11 +21,12 @@ from fxllm.runtime.request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    # Whether this step reaches the request's last token, so it samples a new one. Fixed
+    # when scheduled (read several times a step, and after num_computed_tokens moves).
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the request's last token, so it samples a new one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass

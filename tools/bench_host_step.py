@@ -1,0 +1,121 @@
+"""Host time of an engine step, phase by phase, at several batch sizes.
+
+A step is host work around device work: the scheduler picks the tokens, the step's
+inputs are built (numpy, then one copy), the sampling parameters become tensors, and
+after sampling each request takes its token (detokenizing, stop checks, freeing).
+On a GPU the host waits for the device at the sampled tokens, so these phases add to
+every step; at large batches they bound workload T. This tool times each phase with
+a wrapper and the model + sampler as one ("device work": on a CPU it is the model
+itself), over decode steps of --batch-sizes requests of a tiny random model. On a
+CPU each phase is exact; on a GPU the host's wait for the device at the sampled
+tokens lands in "rest of execute".
+
+    python tools/bench_host_step.py --batch-sizes 1 64 256 --device cpu --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_model  # noqa: E402  (tools/ is not a package)
+
+DEFAULT_BATCH_SIZES = (1, 64, 256)
+PROMPT_TOKENS = 16
+NEW_TOKENS = 32
+PHASES = ("schedule", "inputs", "sampling batch", "device work", "rest of execute", "bookkeeping")
+
+
+class PhaseTimer:
+    """Seconds spent in wrapped callables, by phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, phase: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - start
+
+        return timed
+
+
+def measure(model_dir: Path, device: str, dtype: str, batch_size: int) -> dict:
+    from fxllm import LLM, SamplingParams
+    from fxllm.runtime import runner as runner_module
+
+    llm = LLM(
+        model=str(model_dir), device=device, dtype=dtype, enforce_eager=True, max_num_seqs=batch_size,
+        max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8, enable_prefix_caching=False,
+    )
+    engine, timer = llm.llm_engine, PhaseTimer()
+    runner = engine.runner
+    prompts = [{"prompt_token_ids": [2 + (i + j) % 200 for j in range(PROMPT_TOKENS)]} for i in range(batch_size)]
+    params = SamplingParams(temperature=0.6, max_tokens=NEW_TOKENS, ignore_eos=True, seed=None)
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+
+    engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
+    runner.inputs.prepare = timer.wrap("inputs", runner.inputs.prepare)
+    batch_type = runner_module.SamplingBatch
+    original_from_requests = batch_type.__dict__["from_requests"]
+    batch_type.from_requests = classmethod(timer.wrap("sampling batch", original_from_requests.__func__))
+    runner._forward = timer.wrap("device work", runner._forward)
+    runner.graphs.replay_full = timer.wrap("device work", runner.graphs.replay_full)
+    runner._logits = timer.wrap("device work", runner._logits)
+    runner.sampler = timer.wrap("device work", runner.sampler)
+    runner.execute = timer.wrap("execute", runner.execute)
+    step = engine.step
+    steps = 0
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = timer.wrap("step", counted_step)
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        batch_type.from_requests = original_from_requests
+    seconds = timer.seconds
+    per_step = {
+        "schedule": seconds["schedule"],
+        "inputs": seconds["inputs"],
+        "sampling batch": seconds["sampling batch"],
+        "device work": seconds["device work"],
+        "rest of execute": seconds["execute"] - seconds["inputs"] - seconds["sampling batch"] - seconds["device work"],
+        "bookkeeping": seconds["step"] - seconds["execute"] - seconds["schedule"],
+    }
+    per_step = {phase: round(value / steps * 1e3, 3) for phase, value in per_step.items()}
+    per_step["host total"] = round(sum(v for k, v in per_step.items() if k != "device work"), 3)
+    return {"batch_size": batch_size, "steps": steps, "ms_per_step": per_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="the model's dtype (float32 keeps a CPU's device work short)")
+    parser.add_argument("--json", default="bench_host_step.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = random_model.write_random_model("tiny", Path(scratch) / "tiny")
+        rows = [measure(model_dir, args.device, args.dtype, batch) for batch in args.batch_sizes]
+    columns = (*PHASES, "host total")
+    print(f"{'batch':>5} " + " ".join(f"{c:>15}" for c in columns) + "   (ms per step)")
+    for row in rows:
+        print(f"{row['batch_size']:>5} " + " ".join(f"{row['ms_per_step'][c]:>15}" for c in columns))
+    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
