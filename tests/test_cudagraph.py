@@ -89,7 +89,7 @@ def test_dispatch_picks_mode_and_padding(mode, tokens, requests, expected):
 
 
 def _scheduled(computed: int, new: int, tokens: list[int], blocks: list[int], samples: bool = True):
-    request = SimpleNamespace(num_computed_tokens=computed, all_token_ids=tokens, block_ids=blocks, block_mirror=None)
+    request = SimpleNamespace(num_computed_tokens=computed, all_token_ids=tokens, block_ids=blocks)
     return SimpleNamespace(request=request, num_new_tokens=new, samples=samples)
 
 

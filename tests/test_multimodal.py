@@ -247,8 +247,8 @@ def test_mrope_step_positions_are_a_3_by_t_view_with_delta_and_zero_padding():
     positions, delta = mrope_positions(7, [(2, (1, 4, 4), 1.0)], spatial_merge_size=2)
     assert positions.tolist() == [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]] and delta == -2
     prompt = MultiModalPrompt(list(range(7)), (), positions, delta)
-    with_image = SimpleNamespace(num_computed_tokens=5, all_token_ids=list(range(9)), block_ids=[0, 1, 2], block_mirror=None, multimodal=prompt)
-    text_only = SimpleNamespace(num_computed_tokens=1, all_token_ids=[5, 6], block_ids=[3], block_mirror=None, multimodal=None)
+    with_image = SimpleNamespace(num_computed_tokens=5, all_token_ids=list(range(9)), block_ids=[0, 1, 2], multimodal=prompt)
+    text_only = SimpleNamespace(num_computed_tokens=1, all_token_ids=[5, 6], block_ids=[3], multimodal=None)
     step = [SimpleNamespace(request=r, num_new_tokens=n, samples=True) for r, n in ((with_image, 4), (text_only, 1))]
     inputs = StepInputs(16, max_num_requests=4, max_blocks_per_seq=4, block_size=BLOCK, device=torch.device("cpu"), mrope=True)
     prepared = inputs.prepare(step, GraphDispatch(CUDAGraphMode.PIECEWISE, 8, 2))

@@ -92,7 +92,7 @@ def test_step_block_tables_follow_appends_and_replaced_block_lists():
     from fxllm.runtime.step_inputs import StepInputs
 
     inputs = StepInputs(8, max_num_requests=2, max_blocks_per_seq=4, block_size=2, device=torch.device("cpu"))
-    request = SimpleNamespace(num_computed_tokens=2, all_token_ids=[5, 6, 7], block_ids=[4, 9], block_mirror=None)
+    request = SimpleNamespace(num_computed_tokens=2, all_token_ids=[5, 6, 7], block_ids=[4, 9])
     step = [SimpleNamespace(request=request, num_new_tokens=1, samples=True)]
     dispatch = GraphDispatch(CUDAGraphMode.NONE, 1, 1)
 
@@ -106,3 +106,32 @@ def test_step_block_tables_follow_appends_and_replaced_block_lists():
     assert table() == [4, 9, 3]
     request.block_ids = [7, 2, 8]  # preempted and re-allocated: same length, other blocks
     assert table() == [7, 2, 8]
+
+
+def test_step_block_tables_follow_requests_that_change_rows():
+    """A table row is rewritten when another request takes it (one ahead finished), and
+    keeps up when its request's list grows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fxllm.compiler.cudagraph import GraphDispatch
+    from fxllm.config import CUDAGraphMode
+    from fxllm.runtime.step_inputs import StepInputs
+
+    inputs = StepInputs(8, max_num_requests=2, max_blocks_per_seq=4, block_size=2, device=torch.device("cpu"))
+    first = SimpleNamespace(num_computed_tokens=2, all_token_ids=[5, 6, 7], block_ids=[4, 9])
+    second = SimpleNamespace(num_computed_tokens=1, all_token_ids=[3, 2], block_ids=[6])
+
+    def tables(*requests) -> list[list[int]]:
+        step = [SimpleNamespace(request=r, num_new_tokens=1, samples=True) for r in requests]
+        prepared = inputs.prepare(step, GraphDispatch(CUDAGraphMode.NONE, len(step), len(step)))
+        lengths = [len(r.block_ids) for r in requests]
+        return [prepared.metadata.block_tables[row, :n].tolist() for row, n in enumerate(lengths)]
+
+    assert tables(first, second) == [[4, 9], [6]]
+    assert tables(second) == [[6]]  # the first finished: the second moved to row 0
+    second.block_ids.append(1)
+    second.num_computed_tokens, second.all_token_ids = 2, [3, 2, 8]
+    assert tables(second, first) == [[6, 1], [4, 9]]
+    assert tables(first, second) == [[4, 9], [6, 1]]

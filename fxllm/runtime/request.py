@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -43,7 +42,6 @@ class Request:
     # Replaced (preemption, prefix hits) or appended to, never edited in place: StepInputs
     # mirrors it in numpy incrementally and relies on that.
     block_ids: list[int] = field(default_factory=list)
-    block_mirror: Any = None  # StepInputs' numpy copy of block_ids
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks of all_token_ids
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None

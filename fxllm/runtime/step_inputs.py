@@ -19,7 +19,6 @@ every row, text-only requests their index; padded tokens position 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +73,11 @@ class StepInputs:
         self._tokens_np = self.host_tokens.numpy()
         self._requests_np = self.host_requests.numpy()
         self._tables_np = self.host_block_tables.numpy()
+        # What each host table row holds: the block_ids list written there and how much of
+        # it. A request keeps its row while the batch keeps its order, so most steps write
+        # only the blocks a request gained, not every request's whole list.
+        self._row_blocks: list[list[int] | None] = [None] * max_num_requests
+        self._row_lengths = [0] * max_num_requests
         self.host_mrope = torch.zeros(max_num_tokens if mrope else 0, NUM_MROPE_ROWS, dtype=torch.int64, pin_memory=pin)
         self.mrope = self.host_mrope if device.type == "cpu" else torch.zeros_like(self.host_mrope, device=device)
         self._mrope_np = self.host_mrope.numpy() if mrope else None
@@ -95,10 +99,11 @@ class StepInputs:
         for row, entry in enumerate(scheduled):
             request = entry.request
             start = int(computed[row])
-            ids[query_start_loc[row] : query_start_loc[row + 1]] = request.all_token_ids[start : start + entry.num_new_tokens]
-            blocks = _block_row(request, self._tables_np.shape[1])
-            self._tables_np[row, : len(blocks)] = blocks
-            max_blocks = max(max_blocks, len(blocks))
+            if entry.num_new_tokens == 1:  # a decode: one id, no list slice to convert
+                ids[query_start_loc[row]] = request.all_token_ids[start]
+            else:
+                ids[query_start_loc[row] : query_start_loc[row + 1]] = request.all_token_ids[start : start + entry.num_new_tokens]
+            max_blocks = max(max_blocks, self._write_block_row(row, request.block_ids))
             if entry.samples:
                 sample_rows[num_samples] = query_start_loc[row + 1] - 1
                 num_samples += 1
@@ -122,6 +127,20 @@ class StepInputs:
         )
         self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
         return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
+
+    def _write_block_row(self, row: int, blocks: list[int]) -> int:
+        """Bring host table row ``row`` up to ``blocks``; returns its length. A request's
+        list only grows, or is replaced by a new list (kv_cache), so the same list at
+        least as long as last time needs only its new tail."""
+        length, written = len(blocks), self._row_lengths[row]
+        if self._row_blocks[row] is blocks and written <= length:
+            if length > written:
+                self._tables_np[row, written:length] = blocks[written:]
+        else:
+            self._tables_np[row, :length] = blocks
+            self._row_blocks[row] = blocks
+        self._row_lengths[row] = length
+        return length
 
     def host_sample_rows(self, num_samples: int) -> list[int]:
         return self._requests_np[SAMPLE_ROWS, :num_samples].tolist()
@@ -206,24 +225,3 @@ class StepInputs:
             self.host_block_tables[:num_real_requests, :max_blocks], non_blocking=True
         )
         self._copied.record()
-
-
-@dataclass
-class _BlockMirror:
-    """A request's block ids as a numpy row, extended as the list grows: converting the
-    whole Python list every step costs O(context) per request per step."""
-
-    source: list[int]  # the block_ids list it mirrors (a new list means new blocks)
-    array: np.ndarray
-    length: int = 0
-
-
-def _block_row(request: Any, max_blocks: int) -> np.ndarray:
-    blocks = request.block_ids
-    mirror: _BlockMirror | None = request.block_mirror
-    if mirror is None or mirror.source is not blocks or len(blocks) < mirror.length:
-        mirror = request.block_mirror = _BlockMirror(blocks, np.empty(max_blocks, dtype=np.int32))
-    if len(blocks) > mirror.length:
-        mirror.array[mirror.length : len(blocks)] = blocks[mirror.length :]
-        mirror.length = len(blocks)
-    return mirror.array[: mirror.length]
