@@ -48,7 +48,15 @@ class SamplingBatch:
         sampled = [not g for g in greedy]
 
         def per_row(values: list, dtype: torch.dtype, used: bool) -> torch.Tensor | None:
-            return torch.tensor(values, dtype=dtype, device=device) if used else None
+            if not used:
+                return None
+            first = values[0]
+            if all(value == first for value in values):
+                # One value for the whole batch (one SamplingParams, the usual offline call):
+                # a fill on the device, not a copy from pageable host memory, which would
+                # wait for the step's forward to finish before the host could go on.
+                return torch.full((len(values),), first, dtype=dtype, device=device)
+            return torch.tensor(values, dtype=dtype, device=device)
 
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         asked = [p.logprobs for p in params if p.logprobs is not None]
