@@ -105,6 +105,39 @@ def _window_args(sliding_window: int | None) -> tuple[int, bool]:
 
 
 @triton.jit
+def _cache_kv_row(
+    key_row_ptr,  # one token's row of one KV head
+    value_row_ptr,
+    stride_key_dim,
+    stride_value_dim,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot,
+    kv_head,
+    block_size,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_cache_dim,
+    HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    """Store one token's K/V row of one KV head into its cache slot (slot -1, padding: nothing)."""
+    if slot >= 0:
+        slot = slot.to(tl.int64)
+        dims = tl.arange(0, HEAD_PAD)
+        dim_valid = dims < HEAD_DIM
+        key = tl.load(key_row_ptr + dims * stride_key_dim, mask=dim_valid)
+        value = tl.load(value_row_ptr + dims * stride_value_dim, mask=dim_valid)
+        cache_offset = (
+            (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
+            + kv_head * stride_cache_head + dims * stride_cache_dim
+        )
+        tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=dim_valid)
+        tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=dim_valid)
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,
     value_ptr,
@@ -127,24 +160,23 @@ def _write_kv_cache_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token: owns no slot
-        return
-    block = slot // block_size
-    offset = slot % block_size
-    dims = tl.arange(0, HEAD_PAD)
-    dim_valid = dims < HEAD_DIM
-    key = tl.load(
-        key_ptr + token * stride_key_token + kv_head * stride_key_head + dims * stride_key_dim, mask=dim_valid
+    _cache_kv_row(
+        key_ptr + token * stride_key_token + kv_head * stride_key_head,
+        value_ptr + token * stride_value_token + kv_head * stride_value_head,
+        stride_key_dim,
+        stride_value_dim,
+        key_cache_ptr,
+        value_cache_ptr,
+        tl.load(slot_mapping_ptr + token),
+        kv_head,
+        block_size,
+        stride_cache_block,
+        stride_cache_slot,
+        stride_cache_head,
+        stride_cache_dim,
+        HEAD_DIM,
+        HEAD_PAD,
     )
-    value = tl.load(
-        value_ptr + token * stride_value_token + kv_head * stride_value_head + dims * stride_value_dim,
-        mask=dim_valid,
-    )
-    cache_offset = block * stride_cache_block + offset * stride_cache_slot + kv_head * stride_cache_head
-    cache_dims = dims * stride_cache_dim
-    tl.store(key_cache_ptr + cache_offset + cache_dims, key.to(key_cache_ptr.dtype.element_ty), mask=dim_valid)
-    tl.store(value_cache_ptr + cache_offset + cache_dims, value.to(value_cache_ptr.dtype.element_ty), mask=dim_valid)
 
 
 def write_kv_cache(
@@ -457,39 +489,6 @@ def _decode_split_range(seq_len, window, TILE_N: tl.constexpr, NUM_SPLITS: tl.co
 
 
 @triton.jit
-def _write_new_kv(
-    key_row_ptr,  # this token's row of this KV head
-    value_row_ptr,
-    stride_key_dim,
-    stride_value_dim,
-    key_cache_ptr,
-    value_cache_ptr,
-    slot,
-    kv_head,
-    block_size,
-    stride_cache_block,
-    stride_cache_slot,
-    stride_cache_head,
-    stride_cache_dim,
-    HEAD_DIM: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
-):
-    """Store one token's K/V row of one KV head into its cache slot (slot -1: nothing)."""
-    if slot >= 0:
-        slot = slot.to(tl.int64)
-        dims = tl.arange(0, HEAD_PAD)
-        dim_valid = dims < HEAD_DIM
-        key = tl.load(key_row_ptr + dims * stride_key_dim, mask=dim_valid)
-        value = tl.load(value_row_ptr + dims * stride_value_dim, mask=dim_valid)
-        cache_offset = (
-            (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
-            + kv_head * stride_cache_head + dims * stride_cache_dim
-        )
-        tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=dim_valid)
-        tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=dim_valid)
-
-
-@triton.jit
 def _decode_split_kernel(
     out_ptr,
     partial_acc_ptr,  # [B, num_heads, NUM_SPLITS, HEAD_PAD] fp32
@@ -555,7 +554,7 @@ def _decode_split_kernel(
         # stores visible to every thread of the program before the tiles are loaded.
         new_tile = (seq_len - 1) // TILE_N
         if (new_tile >= tile_begin) & (new_tile < tile_end):
-            _write_new_kv(
+            _cache_kv_row(
                 new_key_ptr + token * stride_new_key_token + kv_head * stride_new_key_head,
                 new_value_ptr + token * stride_new_value_token + kv_head * stride_new_value_head,
                 stride_new_key_dim,
