@@ -235,10 +235,13 @@ def test_bench_host_step_times_each_phase_of_a_step(tmp_path, capfd, one_thread_
         assert phases["host total"] == pytest.approx(host, abs=0.01)
 
 
-def test_bench_vision_times_the_tower_eager_and_compiled(capfd, one_thread_subprocesses):
+def test_bench_vision_times_the_tower_eager_and_compiled(tmp_path, capfd, one_thread_subprocesses):
+    result_path = tmp_path / "vision.json"
     status = cli.main([
         "bench", "vision", "--device", "cpu", "--archs", "qwen2_5_vl", "--depth", "2", "--sides", "56", "--repeats", "1",
+        "--json", str(result_path),
     ])
     assert status == 0, capfd.readouterr().err[-2000:]
     row = [line for line in capfd.readouterr().out.splitlines() if line.startswith("qwen2_5_vl")]
     assert len(row) == 1 and row[0].endswith("x")
+    assert [r["side"] for r in json.loads(result_path.read_text())["rows"]] == [56]

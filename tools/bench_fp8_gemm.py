@@ -4,9 +4,9 @@ For each layer (fused qkv, o, fused gate/up, down) and each row count M, the tim
 bf16 ``F.linear``; WEIGHT_ONLY (the Triton kernels that dequantize FP8 weights in
 registers, as the engine picks them; at M=1 also the GEMV kernel); W8A8 (per-token
 activation quantization + ``torch._scaled_mm``). Each is replayed from a CUDA graph, so
-launch overhead does not hide the kernels. The last
-lines give, per M, a decoder layer's four GEMMs summed, and the largest M for which
-WEIGHT_ONLY beats W8A8: the value ``WEIGHT_ONLY_MAX_TOKENS`` should take on this card.
+launch overhead does not hide the kernels. The last lines give, per M, a decoder
+layer's four GEMMs summed, and the largest M for which WEIGHT_ONLY beats W8A8: the
+value ``WEIGHT_ONLY_MAX_TOKENS`` should take on this card.
 
     python tools/bench_fp8_gemm.py --shape llama-3-8b
 """

@@ -60,7 +60,7 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int) -> dict:
     engine, timer = llm.llm_engine, PhaseTimer()
     runner = engine.runner
     prompts = [{"prompt_token_ids": [2 + (i + j) % 200 for j in range(PROMPT_TOKENS)]} for i in range(batch_size)]
-    params = SamplingParams(temperature=0.6, max_tokens=NEW_TOKENS, ignore_eos=True, seed=None)
+    params = SamplingParams(temperature=0.6, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
 
     engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)

@@ -3,8 +3,10 @@
 Random weights in the 7B checkpoints' tower shapes (32 blocks, 1280 wide, 16 heads;
 Qwen2.5-VL with windows of 112 pixels and full attention in blocks 7, 15, 23 and 31).
 Per image size: the eager tower, then the same tower with ``compile_regions``: the
-first compiled call (which compiles) and the median of the timed calls. Image sizes alternate within each round, so the compiled regions see two
-patch counts (and turn dynamic) before timing, as an engine serving mixed images would.
+first compiled call (which compiles) and the median of the timed calls. Image sizes
+alternate within each round, so the compiled regions see two patch counts (and turn
+dynamic) before timing, as an engine serving mixed images would. Prints a table and
+writes it as JSON.
 
     python tools/bench_vision.py --device cuda --dtype bfloat16
     python tools/bench_vision.py --device cpu --dtype float32 --sides 336 448 --repeats 3
@@ -13,6 +15,7 @@ patch counts (and turn dynamic) before timing, as an engine serving mixed images
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", type=int, default=[448, 896], help="square image sides in pixels")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--depth", type=int, default=None, help="fewer blocks than the published 32 (quick checks)")
+    parser.add_argument("--json", default="bench_vision.json", help="where to write the results")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -112,6 +116,9 @@ def main() -> None:
     print(f"{'arch':<11} {'side':>5} {'patches':>8} {'eager ms':>9} {'compile s':>10} {'compiled ms':>12} {'speed-up':>9}")
     for arch, side, patches, eager_ms, first_s, compiled_ms in rows:
         print(f"{arch:<11} {side:>5} {patches:>8} {eager_ms:>9.1f} {first_s:>10.1f} {compiled_ms:>12.1f} {eager_ms / compiled_ms:>8.2f}x")
+    fields = ("arch", "side", "patches", "eager_ms", "first_compiled_s", "compiled_ms")
+    results = {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "rows": [dict(zip(fields, row)) for row in rows]}
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from fxllm.parallel.plans import Split
 from fxllm.parallel.tp_config import TPLayout
+from fxllm.runtime.kv_cache import cdiv
 
 
 def _output_range(split: Split, layout: TPLayout, size: int) -> tuple[int, int]:
@@ -94,7 +95,7 @@ def _shard_fp8_scale(name: str, source, shape: list[int], split: Split, layout: 
     if split is Split.ROW:
         # A row-parallel layer's input is the attention heads or the MLP width.
         widths = {layout.num_heads * layout.head_dim, layout.intermediate_size}
-        in_features = [width for width in widths if -(-width // block_k) == shape[1]]
+        in_features = [width for width in widths if cdiv(width, block_k) == shape[1]]
         if len(in_features) != 1:
             raise ValueError(f"FP8 scale {name!r} of shape {tuple(shape)} matches no single input width of this model")
         columns = in_features[0] // layout.world_size

@@ -6,8 +6,9 @@ cannot use CUDA after its parent did. Every rank joins one default process group
 (NCCL on GPU, gloo on CPU) plus a gloo "host group" for start-up barriers, and rank 0
 has a pipe to each worker for its per-step messages. A worker's exception reaches the
 parent with its rank and traceback: rank 0 polls the rendezvous while it waits for
-workers to join, and after that a dead peer fails the next host-group collective at once. The group shuts down on ``shutdown()``,
-when its owner is collected, and at interpreter exit, and never leaves processes behind.
+workers to join, and after that a dead peer fails the next host-group collective at
+once. The group shuts down on ``shutdown()``, when its owner is collected, and at
+interpreter exit, and never leaves processes behind.
 """
 
 from __future__ import annotations

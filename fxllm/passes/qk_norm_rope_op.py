@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fxllm.passes.rms_norm_op import rms_norm_reference
+
 
 def norm_rope_reference(
     x: torch.Tensor,  # [T, heads, head_dim]
@@ -19,8 +21,7 @@ def norm_rope_reference(
     eps: float,
 ) -> torch.Tensor:
     """RMSNorm over head_dim (in fp32, cast back as HF does) and neox rotation, contiguous."""
-    upcast = x.float()
-    normed = weight * (upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = rms_norm_reference(x, weight, eps)
     half = x.shape[-1] // 2
     rotated = torch.cat((-normed[..., half:], normed[..., :half]), dim=-1)
     return (normed * cos + rotated * sin).contiguous()

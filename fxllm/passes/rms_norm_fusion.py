@@ -56,9 +56,9 @@ class RMSNormFusion:
 
     def __call__(self, graph: fx.Graph) -> int:
         fused = 0
+        # A match erases only its norm's ops and add, all before its output: no node still
+        # ahead in this list is ever erased.
         for node in list(graph.nodes):
-            if node.graph is not graph:  # erased by an earlier match
-                continue
             norm = self._match(node, graph)
             if norm is not None:
                 _fuse(graph, norm)

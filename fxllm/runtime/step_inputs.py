@@ -133,12 +133,10 @@ class StepInputs:
         list only grows, or is replaced by a new list (kv_cache), so the same list at
         least as long as last time needs only its new tail."""
         length, written = len(blocks), self._row_lengths[row]
-        if self._row_blocks[row] is blocks and written <= length:
-            if length > written:
-                self._tables_np[row, written:length] = blocks[written:]
-        else:
-            self._tables_np[row, :length] = blocks
-            self._row_blocks[row] = blocks
+        if self._row_blocks[row] is not blocks or length < written:
+            self._row_blocks[row], written = blocks, 0
+        if length > written:
+            self._tables_np[row, written:length] = blocks[written:]
         self._row_lengths[row] = length
         return length
 
