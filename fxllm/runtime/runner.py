@@ -13,6 +13,7 @@ buffer too).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
 from fxllm.parallel.step_sync import ReceivedStep, StepSync
-from fxllm.parallel.tp_config import tp_layout
+from fxllm.parallel.tp_config import TPLayout, tp_layout
 from fxllm.parallel.workers import WorkerLinks
 from fxllm.passes.tensor_parallel import gather_logits
 from fxllm.runtime.cudagraphs import CUDAGraphs
@@ -96,7 +97,9 @@ class ModelRunner:
         self.compile_report.load_seconds = round(load_seconds, 2)
         self.compile_report.weight_bytes = weight_bytes(self.model)
         self.compile_report.mm_encoder_compiled = self._compile_vision_encoder(config.compilation)
-        self.graphs = CUDAGraphs(self.graph_plan, self._logits)
+        # Not a bound method: the runner holds the graphs, and a cycle back to it would keep the
+        # engine (and its device memory) alive after ``del llm`` until the garbage collector ran.
+        self.graphs = CUDAGraphs(self.graph_plan, functools.partial(compute_logits, self.model, self.tp_layout))
         scheduler = config.scheduler
         with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
             self.inputs = StepInputs(
@@ -251,9 +254,7 @@ class ModelRunner:
             self._logits(hidden[step.logit_rows])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, vocab]; under tensor parallelism every rank's vocab shard, gathered."""
-        logits = self.model.compute_logits(hidden)
-        return logits if self.tp_layout is None else gather_logits(logits, self.tp_layout)
+        return compute_logits(self.model, self.tp_layout, hidden)
 
     def save_sharded_state(self, directory: Path) -> None:
         """This rank's weights as loaded (fused, sharded) in one file: load_format="sharded_state"."""
@@ -341,6 +342,12 @@ class ModelRunner:
             TokenLogprobs.with_chosen(top_ids[i], top_logprobs[i], targets[i], target_logprobs[i], ranks[i])
             for i in range(len(targets))
         ]
+
+
+def compute_logits(model: nn.Module, tp_layout: TPLayout | None, hidden: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab]; under tensor parallelism every rank's vocab shard, gathered."""
+    logits = model.compute_logits(hidden)
+    return logits if tp_layout is None else gather_logits(logits, tp_layout)
 
 
 def _graph_step(dispatch: GraphDispatch) -> GraphStep | None:
