@@ -241,6 +241,24 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU
+    # Launch each step before the previous step's tokens reach the host (engine.py).
+    async_scheduling: bool = False
+
+
+def resolve_async_scheduling(asked: bool | None, device: torch.device, tensor_parallel_size: int, takes_embeds: bool) -> bool:
+    """``None``: on where the host has device time to hide behind (CUDA), for the engines that
+    support it. Tensor-parallel workers and vision-language models take every input token from
+    the host, so they schedule synchronously."""
+    unsupported = (
+        "tensor_parallel_size > 1" if tensor_parallel_size > 1 else "a vision-language model" if takes_embeds else None
+    )
+    if asked is None:
+        return device.type == "cuda" and unsupported is None
+    if not isinstance(asked, bool):
+        raise ValueError(f"async_scheduling must be True, False or None, got {asked!r}")
+    if asked and unsupported is not None:
+        raise ValueError(f"async_scheduling=True is not supported with {unsupported}: drop it or pass False")
+    return asked
 
 
 class CompilationLevel(enum.IntEnum):

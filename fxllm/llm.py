@@ -33,6 +33,7 @@ from fxllm.config import (
     cpu_kvcache_space_bytes,
     derive_max_model_len,
     mm_input_cache_bytes,
+    resolve_async_scheduling,
     resolve_device,
     resolve_dtype,
     resolve_runner_type,
@@ -133,6 +134,7 @@ class LLM:
         override_pooler_config: PoolerConfig | dict | None = None,
         limit_mm_per_prompt: dict[str, int] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        async_scheduling: bool | None = None,
         **kwargs: Any,
     ):
         self._reject_unknown_arguments(kwargs)
@@ -219,6 +221,9 @@ class LLM:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
+                async_scheduling=resolve_async_scheduling(
+                    async_scheduling, resolved_device, tensor_parallel_size, getattr(model_class, "takes_inputs_embeds", False)
+                ),
             ),
             device=resolved_device,
             compilation=compilation.eager() if enforce_eager else compilation,

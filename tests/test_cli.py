@@ -223,16 +223,21 @@ def test_bench_step_sync_times_the_tensor_parallel_step_message(tmp_path, capfd)
 
 def test_bench_host_step_times_each_phase_of_a_step(tmp_path, capfd, one_thread_subprocesses):
     result_path = tmp_path / "host_step.json"
-    status = cli.main(["bench", "host_step", "--device", "cpu", "--batch-sizes", "1", "4", "--json", str(result_path)])
+    status = cli.main([
+        "bench", "host_step", "--device", "cpu", "--batch-sizes", "1", "4", "--async-scheduling", "on",
+        "--json", str(result_path),
+    ])
     assert status == 0, capfd.readouterr().err[-2000:]
     assert "host total" in capfd.readouterr().out
     rows = json.loads(result_path.read_text())
     assert [row["batch_size"] for row in rows] == [1, 4]
     for row in rows:
         phases = row["ms_per_step"]
-        assert row["steps"] > 0 and phases["device work"] > 0 and phases["schedule"] > 0 and phases["inputs"] > 0
-        host = sum(value for phase, value in phases.items() if phase not in ("device work", "host total"))
+        assert row["async_scheduling"] and row["steps"] > 0
+        assert phases["device work"] > 0 and phases["schedule"] > 0 and phases["inputs"] > 0 and phases["wait for tokens"] > 0
+        host = sum(value for phase, value in phases.items() if phase not in ("device work", "wait for tokens", "host total", "step"))
         assert phases["host total"] == pytest.approx(host, abs=0.01)
+        assert phases["step"] == pytest.approx(host + phases["device work"] + phases["wait for tokens"], abs=0.01)
 
 
 def test_bench_vision_times_the_tower_eager_and_compiled(tmp_path, capfd, one_thread_subprocesses):

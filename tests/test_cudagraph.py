@@ -88,8 +88,12 @@ def test_dispatch_picks_mode_and_padding(mode, tokens, requests, expected):
     assert plan.dispatch(tokens, requests) == expected
 
 
+class _FakeRequest(SimpleNamespace):
+    __hash__ = object.__hash__  # a dict key, as requests are
+
+
 def _scheduled(computed: int, new: int, tokens: list[int], blocks: list[int], samples: bool = True):
-    request = SimpleNamespace(num_computed_tokens=computed, all_token_ids=tokens, block_ids=blocks)
+    request = _FakeRequest(num_computed_tokens=computed, all_token_ids=tokens, block_ids=blocks)
     return SimpleNamespace(request=request, num_new_tokens=new, samples=samples)
 
 
@@ -114,6 +118,23 @@ def test_mixed_step_pads_tokens_with_slot_minus_one():
     assert prepared.metadata.query_start_loc.tolist() == [0, 5, 6]
     assert prepared.metadata.seq_lens.tolist() == [5, 7]
     assert prepared.sample_rows.tolist() == [4, 5]
+
+
+def test_a_pending_input_token_is_taken_from_the_previous_steps_sampled_ids():
+    """Async scheduling: the host has not seen the token a decode takes as input; the step's
+    input ids get it from the device, at the request's row in the last step's samples."""
+    step = [
+        _scheduled(6, 1, [20] * 6, [2, 0]),  # its 7th token is in flight
+        _scheduled(0, 3, [7, 8, 9], [1]),  # a prefill, all on the host
+        _scheduled(3, 1, [30, 31, 32], [3]),
+    ]
+    inputs = _inputs()
+    pending_rows = {step[0].request: 2, step[2].request: 0}
+    prepared = inputs.prepare(step, GraphDispatch(CUDAGraphMode.PIECEWISE, 8, 3), pending_rows)
+    assert prepared.num_pending == 2
+    inputs.fill_pending(prepared, torch.tensor([55, 66, 77]))
+    assert prepared.input_ids.tolist() == [77, 7, 8, 9, 55, 0, 0, 0]
+    assert prepared.positions.tolist() == [6, 0, 1, 2, 3, 0, 0, 0]
 
 
 def test_decode_step_pads_with_empty_requests():

@@ -141,10 +141,11 @@ def no_garbage_collector():
     gc.enable()
 
 
-def test_del_frees_the_engine_without_the_garbage_collector(llama_dir, no_garbage_collector):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_del_frees_the_engine_without_the_garbage_collector(llama_dir, no_garbage_collector, async_scheduling):
     """A cycle through the engine would hold its model and KV cache (GiBs of device memory)
     until the collector happened to run: the next engine in the process could run out."""
-    llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+    llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, async_scheduling=async_scheduling)
     llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=4), use_tqdm=False)
     runner, model = weakref.ref(llm.llm_engine.runner), weakref.ref(llm.llm_engine.runner.model)
     del llm

@@ -72,7 +72,9 @@ class KVCacheManager:
         """Register the request's blocks that became full and computed, for later hits."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        # Only tokens the host knows can be hashed: a pending output's K/V may be launched already.
+        known = min(request.num_computed_tokens, len(request.all_token_ids))
+        num_full = known // self.block_size
         self._extend_hashes(request, num_full)
         for index in range(request.num_committed_blocks, num_full):
             block = request.block_ids[index]

@@ -38,7 +38,10 @@ class Request:
     bad_word_ids: list[list[int]] = field(default_factory=list)  # token sequences never to complete
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache, or will be once launched steps finish
+    # Tokens sampled by a launched step that the host has not seen yet (async scheduling): the
+    # next step takes its input from the device, and num_tokens counts them.
+    num_pending_outputs: int = 0
     # Replaced (preemption, prefix hits) or appended to, never edited in place: StepInputs
     # mirrors it in numpy incrementally and relies on that.
     block_ids: list[int] = field(default_factory=list)
@@ -65,7 +68,18 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        return len(self.all_token_ids) + self.num_pending_outputs
+
+    @property
+    def output_complete_when_pending_arrive(self) -> bool:
+        """The pending outputs reach max_tokens: the request has nothing more to compute."""
+        return self.num_pending_outputs > 0 and len(self.output_token_ids) + self.num_pending_outputs >= self.max_tokens
+
+    @property
+    def samples_from_output(self) -> bool:
+        """Whether sampling its next token reads the tokens it generated (penalties, bad words),
+        so a step cannot be launched for it while one of them is still on the device."""
+        return self.sampling_params.uses_penalties or bool(self.bad_word_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,7 +99,7 @@ class Request:
         """Tokens the next sample may not be: stop tokens before min_tokens, and the last
         token of any bad word whose other tokens the output ends with."""
         banned = []
-        if len(self.output_token_ids) < self.sampling_params.min_tokens:
+        if len(self.output_token_ids) + self.num_pending_outputs < self.sampling_params.min_tokens:
             banned.extend(self.stop_token_ids)
         for word in self.bad_word_ids:
             prefix = word[:-1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from fxllm.runtime.cudagraphs import CUDAGraphs
 from fxllm.runtime.forward_context import ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
-from fxllm.runtime.sampler import Sampler, SamplingBatch
+from fxllm.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
@@ -207,14 +207,21 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
-        """Run the model for the scheduled tokens; sample one token per request that reached
-        its last token, and gather prompt logprobs where asked."""
+        """Run a step and wait for its result."""
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the model for the scheduled tokens and the sampling of one token per request that
+        reached its last token (prompt logprobs are gathered before it returns). ``previous``: the
+        step still in flight (async scheduling), whose sampled ids are on the device."""
         prompt_rows = self._prompt_logprob_rows(step)
         # A FULL graph computes the logits of its own rows only, not those of prompt logprobs.
         dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled), full_allowed=not prompt_rows)
-        prepared = self.inputs.prepare(step.scheduled, dispatch)
+        prepared = self.inputs.prepare(step.scheduled, dispatch, previous.sample_rows if previous else None)
+        if prepared.num_pending:
+            self.inputs.fill_pending(prepared, previous.token_ids)
         sampling = [s.request for s in step.scheduled if s.samples]
         num_samples = len(sampling)
         extra_rows = [row for _, rows, _ in prompt_rows for row in rows]
@@ -231,15 +238,16 @@ class ModelRunner:
                 rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
             # One logits computation for every row that needs one (one gather under TP).
             logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
-        result = StepResult()
+        launched = LaunchedStep(step, sampling)
         if sampling:
-            self._sample(logits[:num_samples], sampling, result)
+            batch = SamplingBatch.from_requests(sampling, self.vocab_size, self.device)
+            launched.set_sampled(self.sampler(logits[:num_samples], batch))
         offset = num_samples
         for request, rows_of_request, targets in prompt_rows:
             request_logits = logits[offset : offset + len(rows_of_request)]
-            result.prompt_logprobs[request] = self._prompt_logprobs(request_logits, targets, request)
+            launched.prompt_logprobs[request] = self._prompt_logprobs(request_logits, targets, request)
             offset += len(rows_of_request)
-        return result
+        return launched
 
     @torch.inference_mode()
     def execute_received(self, step: ReceivedStep) -> None:
@@ -315,22 +323,6 @@ class ModelRunner:
             first_row += scheduled.num_new_tokens
         return found
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request], result: StepResult) -> None:
-        batch = SamplingBatch.from_requests(requests, self.vocab_size, self.device)
-        output = self.sampler(logits, batch)
-        result.sampled = output.token_ids.tolist()
-        result.logprobs = [None] * len(requests)
-        if output.top_logprobs is None:
-            return
-        sampled_logprobs, ranks = output.sampled_logprobs.tolist(), output.sampled_ranks.tolist()
-        top_logprobs, top_ids = output.top_logprobs.tolist(), output.top_token_ids.tolist()
-        for row, request in enumerate(requests):
-            wanted = request.sampling_params.logprobs
-            if wanted is not None:
-                result.logprobs[row] = TokenLogprobs.with_chosen(
-                    top_ids[row][:wanted], top_logprobs[row][:wanted], result.sampled[row], sampled_logprobs[row], ranks[row]
-                )
-
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[int], request: Request) -> list[TokenLogprobs]:
         logprobs = logits.float().log_softmax(-1)
         target_ids = torch.tensor(targets, device=self.device)
@@ -382,3 +374,53 @@ class StepResult:
     sampled: list[int] = field(default_factory=list)  # one token per sampling request, in step order
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per sampling request
     prompt_logprobs: dict[Request, list[TokenLogprobs]] = field(default_factory=dict)  # new positions only
+
+
+class LaunchedStep:
+    """A step whose device work is queued: its sampled ids stay on the device for the next step
+    and are copied to the host without blocking; ``result()`` waits for that copy alone."""
+
+    def __init__(self, step: SchedulerOutput, sampling: list[Request]):
+        self.step = step
+        self.sampling = sampling  # the requests that sample, in row order
+        self.sample_rows = {request: row for row, request in enumerate(sampling)}
+        # Whether a request's next sampling reads its outputs: the host must have them first.
+        self.needs_outputs = any(request.samples_from_output for request in sampling)
+        self.token_ids: torch.Tensor | None = None  # [S] on the device: the next step's pending inputs
+        self.prompt_logprobs: dict[Request, list[TokenLogprobs]] = {}
+        self._host: SamplerOutput | None = None  # the sampler's output, on its way to the host
+        self._copied: torch.cuda.Event | None = None
+
+    def set_sampled(self, output: SamplerOutput) -> None:
+        self.token_ids = output.token_ids
+        on_device = output.token_ids.device.type == "cuda"
+
+        def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            # A non-blocking copy to the host lands in pinned memory; the event says when it is there.
+            return None if tensor is None else tensor.to("cpu", non_blocking=on_device)
+
+        self._host = SamplerOutput(*(to_host(getattr(output, f.name)) for f in fields(SamplerOutput)))
+        if on_device:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def result(self) -> StepResult:
+        if self._copied is not None:
+            self._copied.synchronize()
+        result = StepResult(prompt_logprobs=self.prompt_logprobs)
+        output, requests = self._host, self.sampling
+        if output is None:
+            return result
+        result.sampled = output.token_ids.tolist()
+        result.logprobs = [None] * len(requests)
+        if output.top_logprobs is None:
+            return result
+        sampled_logprobs, ranks = output.sampled_logprobs.tolist(), output.sampled_ranks.tolist()
+        top_logprobs, top_ids = output.top_logprobs.tolist(), output.top_token_ids.tolist()
+        for row, request in enumerate(requests):
+            wanted = request.sampling_params.logprobs
+            if wanted is not None:
+                result.logprobs[row] = TokenLogprobs.with_chosen(
+                    top_ids[row][:wanted], top_logprobs[row][:wanted], result.sampled[row], sampled_logprobs[row], ranks[row]
+                )
+        return result

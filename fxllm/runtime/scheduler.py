@@ -2,7 +2,9 @@
 
 There are no prefill and decode phases: running requests are served first (a
 decode is one token, a long prompt a chunk of it), then waiting ones, all within
-``max_num_batched_tokens`` and ``max_num_seqs``. When the cache is full the newest
+``max_num_batched_tokens`` and ``max_num_seqs``. Under async scheduling a request
+may have a token still on the device (``Request.num_pending_outputs``): its decode
+is scheduled all the same, and the step takes that token from the device. When the cache is full the newest
 running request is preempted: its blocks are freed and it is re-queued to
 recompute (no swapping).
 """
@@ -59,6 +61,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.output_complete_when_pending_arrive:
+                index += 1  # it finishes when the launched step's tokens arrive
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._make_room(request, num_new, output):
                 break  # the request preempted itself: nothing newer is left to schedule

@@ -26,6 +26,7 @@ import torch
 from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.models.mrope import NUM_MROPE_ROWS
 from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import ScheduledRequest
 
 PADDING_SLOT = -1
@@ -33,7 +34,9 @@ PADDING_TOKEN_ID = 0
 
 # Rows of the packed buffers: one copy per buffer instead of one per field.
 INPUT_IDS, POSITIONS, SLOT_MAPPING = range(3)
-SEQ_LENS, QUERY_START_LOC, SAMPLE_ROWS = range(3)
+# PENDING_TOKENS / PENDING_SOURCES: for input tokens still on the device (async scheduling), the
+# token's row in input_ids and its row in the previous step's sampled ids.
+SEQ_LENS, QUERY_START_LOC, SAMPLE_ROWS, PENDING_TOKENS, PENDING_SOURCES = range(5)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class PreparedStep:
     num_tokens: int  # T before padding
     num_requests: int  # B before padding
     max_blocks: int  # the most KV blocks one of the step's requests holds
+    num_pending: int = 0  # input tokens to take from the previous step's sampled ids (fill_pending)
 
 
 class StepInputs:
@@ -60,9 +64,10 @@ class StepInputs:
         self.block_size = block_size
         self.device = device
         pin = device.type == "cuda"
-        # [3, T]: input_ids, positions, slot_mapping. [3, B + 1]: seq_lens, query_start_loc, sample_rows.
+        # [3, T]: input_ids, positions, slot_mapping. [5, B + 1]: seq_lens, query_start_loc,
+        # sample_rows, pending tokens and their sources.
         self.host_tokens = torch.zeros(3, max_num_tokens, dtype=torch.int64, pin_memory=pin)
-        self.host_requests = torch.zeros(3, max_num_requests + 1, dtype=torch.int32, pin_memory=pin)
+        self.host_requests = torch.zeros(5, max_num_requests + 1, dtype=torch.int32, pin_memory=pin)
         self.host_block_tables = torch.zeros(max_num_requests, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         if device.type == "cpu":
             self.tokens, self.requests, self.block_tables = self.host_tokens, self.host_requests, self.host_block_tables
@@ -83,23 +88,37 @@ class StepInputs:
         self._mrope_np = self.host_mrope.numpy() if mrope else None
         self._copied = torch.cuda.Event() if pin else None
 
-    def prepare(self, scheduled: list[ScheduledRequest], dispatch: GraphDispatch) -> PreparedStep:
+    def prepare(
+        self, scheduled: list[ScheduledRequest], dispatch: GraphDispatch, pending_rows: dict[Request, int] | None = None
+    ) -> PreparedStep:
+        """``pending_rows``: under async scheduling, each request's row in the sampled ids of the
+        step still in flight; a request whose last input token the host has not seen takes it
+        from there (``fill_pending``)."""
         self.wait_for_copies()
         num_requests = len(scheduled)
         num_new = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, num_requests)
         computed = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64, num_requests)
         ids, positions, slots = self._tokens_np
-        seq_lens, query_start_loc, sample_rows = self._requests_np
+        seq_lens, query_start_loc, sample_rows, pending_tokens, pending_sources = self._requests_np
         query_start_loc[0] = 0
         np.cumsum(num_new, out=query_start_loc[1 : num_requests + 1])
         num_tokens = int(query_start_loc[num_requests])
         seq_lens[:num_requests] = computed + num_new
         max_blocks = 0
         num_samples = 0
+        num_pending = 0
         for row, entry in enumerate(scheduled):
             request = entry.request
             start = int(computed[row])
-            if entry.num_new_tokens == 1:  # a decode: one id, no list slice to convert
+            if start + entry.num_new_tokens > len(request.all_token_ids):
+                # Its last token was sampled by the step in flight: a placeholder the device overwrites.
+                last = int(query_start_loc[row + 1]) - 1
+                known = request.all_token_ids[start:]
+                ids[last - len(known) : last] = known
+                ids[last] = PADDING_TOKEN_ID
+                pending_tokens[num_pending], pending_sources[num_pending] = last, pending_rows[request]
+                num_pending += 1
+            elif entry.num_new_tokens == 1:  # a decode: one id, no list slice to convert
                 ids[query_start_loc[row]] = request.all_token_ids[start]
             else:
                 ids[query_start_loc[row] : query_start_loc[row + 1]] = request.all_token_ids[start : start + entry.num_new_tokens]
@@ -126,7 +145,18 @@ class StepInputs:
             num_tokens + 1, num_tokens + 1 + padded_requests - num_requests
         )
         self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
-        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
+        prepared = self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
+        prepared.num_pending = num_pending
+        return prepared
+
+    def fill_pending(self, prepared: PreparedStep, sampled_ids: torch.Tensor) -> None:
+        """Write the step's pending input tokens from ``sampled_ids`` (the previous step's, on the
+        device) into its input ids, on the device's queue: the host never waits for them."""
+        count = prepared.num_pending
+        if count:
+            tokens = self.requests[PENDING_TOKENS, :count]
+            sources = self.requests[PENDING_SOURCES, :count]
+            prepared.input_ids.index_put_((tokens,), sampled_ids[sources])
 
     def _write_block_row(self, row: int, blocks: list[int]) -> int:
         """Bring host table row ``row`` up to ``blocks``; returns its length. A request's
@@ -176,7 +206,7 @@ class StepInputs:
         self, padded_tokens: int, padded_requests: int, num_samples: int, num_tokens: int, num_requests: int,
         max_blocks: int,
     ) -> PreparedStep:
-        seq_lens, query_start_loc, _ = self._requests_np
+        seq_lens, query_start_loc = self._requests_np[SEQ_LENS], self._requests_np[QUERY_START_LOC]
         metadata = AttentionMetadata(
             slot_mapping=self.tokens[SLOT_MAPPING, :padded_tokens],
             # Full width, whatever the step's longest context: the decode kernel's split
@@ -202,7 +232,7 @@ class StepInputs:
         and attends to nothing."""
         self.wait_for_copies()
         ids, positions, slots = self._tokens_np
-        seq_lens, query_start_loc, _ = self._requests_np
+        seq_lens, query_start_loc = self._requests_np[SEQ_LENS], self._requests_np[QUERY_START_LOC]
         ids[:num_requests], positions[:num_requests], slots[:num_requests] = PADDING_TOKEN_ID, 0, PADDING_SLOT
         if self._mrope_np is not None:
             self._mrope_np[:num_requests] = 0
