@@ -1,14 +1,14 @@
 """Host time of an engine step, phase by phase, at several batch sizes.
 
 A step is host work around device work: the scheduler picks the tokens, the step's
-inputs are built (numpy, then one copy), the sampling parameters become tensors, and
-after sampling each request takes its token (detokenizing, stop checks, freeing).
-On a GPU the host waits for the device at the sampled tokens, so these phases add to
-every step; at large batches they bound workload T. This tool times each phase with
-a wrapper and the model + sampler as one ("device work": on a CPU it is the model
-itself), over decode steps of --batch-sizes requests of a tiny random model. On a
-CPU each phase is exact; on a GPU the host's wait for the device at the sampled
-tokens lands in "rest of execute".
+inputs are built (numpy, then one copy), the sampling parameters become tensors, the
+step is launched, and once its sampled tokens reach the host each request takes its
+token (detokenizing, stop checks, freeing). Synchronously these phases add to every
+step; under async scheduling (the default on CUDA) they overlap the device's work on
+the next step, and "wait for tokens" is where the host waits for the device. This
+tool times each phase with a wrapper and the model + sampler as one ("device work":
+on a CPU it is the model itself; on a GPU the time to queue it), over decode steps of
+--batch-sizes requests of a tiny random model.
 
     python tools/bench_host_step.py --batch-sizes 1 64 256 --device cpu --dtype float32
 """
@@ -29,7 +29,7 @@ import random_model  # noqa: E402  (tools/ is not a package)
 DEFAULT_BATCH_SIZES = (1, 64, 256)
 PROMPT_TOKENS = 16
 NEW_TOKENS = 32
-PHASES = ("schedule", "inputs", "sampling batch", "device work", "rest of execute", "bookkeeping")
+PHASES = ("schedule", "inputs", "sampling batch", "device work", "rest of launch", "wait for tokens", "bookkeeping")
 
 
 class PhaseTimer:
@@ -49,13 +49,13 @@ class PhaseTimer:
         return timed
 
 
-def measure(model_dir: Path, device: str, dtype: str, batch_size: int) -> dict:
+def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_scheduling: bool | None) -> dict:
     from fxllm import LLM, SamplingParams
     from fxllm.runtime import runner as runner_module
 
     llm = LLM(
         model=str(model_dir), device=device, dtype=dtype, enforce_eager=True, max_num_seqs=batch_size,
-        max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8, enable_prefix_caching=False,
+        max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8, enable_prefix_caching=False, async_scheduling=async_scheduling,
     )
     engine, timer = llm.llm_engine, PhaseTimer()
     runner = engine.runner
@@ -72,7 +72,10 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int) -> dict:
     runner.graphs.replay_full = timer.wrap("device work", runner.graphs.replay_full)
     runner._logits = timer.wrap("device work", runner._logits)
     runner.sampler = timer.wrap("device work", runner.sampler)
-    runner.execute = timer.wrap("execute", runner.execute)
+    runner.launch = timer.wrap("launch", runner.launch)
+    launched_type = runner_module.LaunchedStep
+    original_result = launched_type.result
+    launched_type.result = timer.wrap("wait for tokens", original_result)
     step = engine.step
     steps = 0
 
@@ -86,18 +89,24 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int) -> dict:
         llm.generate(prompts, params, use_tqdm=False)
     finally:
         batch_type.from_requests = original_from_requests
+        launched_type.result = original_result
     seconds = timer.seconds
     per_step = {
         "schedule": seconds["schedule"],
         "inputs": seconds["inputs"],
         "sampling batch": seconds["sampling batch"],
         "device work": seconds["device work"],
-        "rest of execute": seconds["execute"] - seconds["inputs"] - seconds["sampling batch"] - seconds["device work"],
-        "bookkeeping": seconds["step"] - seconds["execute"] - seconds["schedule"],
+        "rest of launch": seconds["launch"] - seconds["inputs"] - seconds["sampling batch"] - seconds["device work"],
+        "wait for tokens": seconds["wait for tokens"],
+        "bookkeeping": seconds["step"] - seconds["launch"] - seconds["schedule"] - seconds["wait for tokens"],
     }
     per_step = {phase: round(value / steps * 1e3, 3) for phase, value in per_step.items()}
-    per_step["host total"] = round(sum(v for k, v in per_step.items() if k != "device work"), 3)
-    return {"batch_size": batch_size, "steps": steps, "ms_per_step": per_step}
+    per_step["host total"] = round(sum(v for k, v in per_step.items() if k not in ("device work", "wait for tokens")), 3)
+    per_step["step"] = round(seconds["step"] / steps * 1e3, 3)
+    return {
+        "batch_size": batch_size, "async_scheduling": llm.llm_engine.async_scheduling, "steps": steps,
+        "ms_per_step": per_step,
+    }
 
 
 def main() -> None:
@@ -105,12 +114,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="the model's dtype (float32 keeps a CPU's device work short)")
+    parser.add_argument(
+        "--async-scheduling", choices=("auto", "on", "off"), default="auto",
+        help="launch each step before the previous step's tokens arrive (auto: on for CUDA)",
+    )
     parser.add_argument("--json", default="bench_host_step.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model.write_random_model("tiny", Path(scratch) / "tiny")
-        rows = [measure(model_dir, args.device, args.dtype, batch) for batch in args.batch_sizes]
-    columns = (*PHASES, "host total")
+        asked = {"auto": None, "on": True, "off": False}[args.async_scheduling]
+        rows = [measure(model_dir, args.device, args.dtype, batch, asked) for batch in args.batch_sizes]
+    columns = (*PHASES, "host total", "step")
     print(f"{'batch':>5} " + " ".join(f"{c:>15}" for c in columns) + "   (ms per step)")
     for row in rows:
         print(f"{row['batch_size']:>5} " + " ".join(f"{row['ms_per_step'][c]:>15}" for c in columns))

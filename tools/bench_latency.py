@@ -12,9 +12,10 @@ reads one row) times decode tok/s, against the 3.0 TB/s the H100 copies at.
     python tools/bench_latency.py --shape llama-3-8b --quantization none fp8
     python tools/bench_latency.py --shape llama-3-8b --tensor-parallel-sizes 1 2 --profile
     python tools/bench_latency.py --shape qwen3-0.6b --pass-configs default off
+    python tools/bench_latency.py --async-scheduling on off
 
-One row per combination of the listed modes, quantizations, tensor-parallel sizes and
-pass configs, all in one run. ``--profile`` adds where a decode step's time goes: the
+One row per combination of the listed modes, quantizations, tensor-parallel sizes,
+pass configs and async-scheduling settings, all in one run. ``--profile`` adds where a decode step's time goes: the
 device time of its kernels (torch profiler, rank 0) against the step's wall time, the
 rest being host overhead the GPU waits on; and, under tensor parallelism, the time of
 the all-reduce kernels in it. Under tensor parallelism the bound is per card: each
@@ -54,6 +55,7 @@ SHAPES = tuple(random_model.SHAPES)
 # --pass-configs names; anything else is read as a JSON PassConfig.
 NAMED_PASS_CONFIGS = {"default": None, "off": {"enable_noop": False, "enable_fusion": False}}
 FP8_BYTES = 1
+ASYNC_SCHEDULING = {"auto": None, "on": True, "off": False}
 ALL_REDUCE_KERNEL = "allreduce"  # NCCL's all-reduce kernels, lower-cased
 
 
@@ -63,6 +65,7 @@ class Variant:
     quantization: str | None
     tensor_parallel_size: int
     pass_config: str  # a NAMED_PASS_CONFIGS key or JSON
+    async_scheduling: str = "auto"  # an ASYNC_SCHEDULING key
 
     def pass_config_dict(self) -> dict | None:
         if self.pass_config in NAMED_PASS_CONFIGS:
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
         model=str(model_dir), max_model_len=PROMPT_TOKENS + args.new_tokens, device=args.device,
         enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False,
         quantization=variant.quantization, tensor_parallel_size=variant.tensor_parallel_size,
+        async_scheduling=ASYNC_SCHEDULING[variant.async_scheduling],
     )
     rng = random.Random(0)
     id_limit = min(PROMPT_ID_LIMIT, llm.llm_engine_config.model.hf_config.vocab_size)
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
         "quantization": variant.quantization or "none",
         "tensor_parallel_size": cards,
         "pass_config": variant.pass_config,
+        "async_scheduling": llm.llm_engine.async_scheduling,
         "weight_gib": round(llm.compile_report().weight_bytes / 2**30, 3),  # rank 0's share
         "step_ms": round(step_ms, 3),
         "device_ms_per_step": None if device_ms is None else round(device_ms, 3),
@@ -179,14 +184,15 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':<12} {'graphs':<18} {'quant':<5} {'TP':>2} {'passes':<8} {'weights GiB':>11} {'tok/s':>7} "
+    print(f"{'shape':<12} {'graphs':<18} {'quant':<5} {'TP':>2} {'passes':<8} {'async':<5} {'weights GiB':>11} {'tok/s':>7} "
           f"{'decode tok/s':>12} {'ms/step':>8} {'device ms':>9} {'all-reduce ms':>13} {'GB/step':>8}  bound")
     for row in rows:
         bound = "n/a (CPU)" if row["fraction_of_bound"] is None else f"{row['fraction_of_bound']:.0%} of 3.0 TB/s"
         device = "" if row["device_ms_per_step"] is None else row["device_ms_per_step"]
         all_reduce = "" if row["all_reduce_ms_per_step"] is None else row["all_reduce_ms_per_step"]
         print(f"{row['shape']:<12} {row['cudagraph_mode']:<18} {row['quantization']:<5} "
-              f"{row['tensor_parallel_size']:>2} {row['pass_config'][:8]:<8} {row['weight_gib']:>11} {row['tok_s']:>7} "
+              f"{row['tensor_parallel_size']:>2} {row['pass_config'][:8]:<8} {str(row['async_scheduling']):<5} "
+              f"{row['weight_gib']:>11} {row['tok_s']:>7} "
               f"{row['decode_tok_s']:>12} {row['step_ms']:>8} {device:>9} {all_reduce:>13} "
               f"{row['bytes_per_step']['total'] / 1e9:>8.4g}  {bound}")
 
@@ -205,6 +211,8 @@ def main() -> None:
     parser.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1], help="one row per size")
     parser.add_argument("--pass-configs", nargs="+", default=["default"],
                         help="one row per pass config: default, off, or a JSON PassConfig")
+    parser.add_argument("--async-scheduling", nargs="+", choices=tuple(ASYNC_SCHEDULING), default=["auto"],
+                        help="one row per setting (auto: on for CUDA)")
     parser.add_argument("--profile", action="store_true", help="also measure device time per decode step (GPU)")
     parser.add_argument("--json", default="bench_latency.json", help="where to write the results")
     args = parser.parse_args()
@@ -221,9 +229,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
         variants = [
-            Variant(mode, None if quantization == "none" else quantization, size, passes)
-            for mode, quantization, size, passes in itertools.product(
-                args.cudagraph_modes, args.quantization, args.tensor_parallel_sizes, args.pass_configs
+            Variant(mode, None if quantization == "none" else quantization, size, passes, overlap)
+            for mode, quantization, size, passes, overlap in itertools.product(
+                args.cudagraph_modes, args.quantization, args.tensor_parallel_sizes, args.pass_configs,
+                args.async_scheduling,
             )
         ]
         rows = [run(args, model_dir, variant) for variant in variants]

@@ -129,7 +129,7 @@ def _synchronize(device: torch.device) -> None:
 PASSES_OFF = {"enable_noop": False, "enable_fusion": False}
 
 
-def _engine(args: argparse.Namespace, model_dir: Path, pass_config: dict | None) -> LLM:
+def _engine(args: argparse.Namespace, model_dir: Path, pass_config: dict | None, async_scheduling: bool | None = None) -> LLM:
     """An engine as the arguments ask, warmed up (the first step allocates and tunes)."""
     from fxllm import LLM, SamplingParams
 
@@ -137,7 +137,8 @@ def _engine(args: argparse.Namespace, model_dir: Path, pass_config: dict | None)
     if pass_config is not None:
         compilation["pass_config"] = pass_config
     llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
-              enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False)
+              enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False,
+              async_scheduling=async_scheduling)
     llm.generate({"prompt_token_ids": WARMUP_PROMPT}, SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True),
                  use_tqdm=False)
     return llm
@@ -162,14 +163,23 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         result["fxllm_same_as_hf"] = bench_fxllm(llm, workload.head(args.hf_compare))
         result["speedup_vs_hf"] = round(result["fxllm_same_as_hf"]["output_tok_s"] / result["hf"]["useful_tok_s"], 2)
     result["passes"] = llm.compile_report().passes
+    result["async_scheduling"] = llm.llm_engine.async_scheduling
+    on_gpu = llm.llm_engine_config.device.type == "cuda"
+    del llm
     if args.compare_passes_off:
-        on_gpu = llm.llm_engine_config.device.type == "cuda"
-        del llm
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()  # the next engine sizes its KV cache from free memory
+        _release(on_gpu)
         result["fxllm_passes_off"] = bench_fxllm(_engine(args, model_dir, PASSES_OFF), workload)
+    if args.compare_sync:
+        _release(on_gpu)
+        result["fxllm_sync"] = bench_fxllm(_engine(args, model_dir, args.pass_config, async_scheduling=False), workload)
     return result
+
+
+def _release(on_gpu: bool) -> None:
+    """Free the last engine: the next one sizes its KV cache from free memory."""
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
 
 
 def print_table(result: dict) -> None:
@@ -177,10 +187,11 @@ def print_table(result: dict) -> None:
     fx = result["fxllm"]
     print(f"{'fxllm level ' + str(result['level']):<34} {fx['requests']:>8} {fx['output_tok_s']:>12} "
           f"{fx['total_tok_s']:>11} {fx['seconds']:>8}")
-    if "fxllm_passes_off" in result:
-        off = result["fxllm_passes_off"]
-        print(f"{'fxllm level ' + str(result['level']) + ', FX passes off':<34} {off['requests']:>8} "
-              f"{off['output_tok_s']:>12} {off['total_tok_s']:>11} {off['seconds']:>8}")
+    for key, label in (("fxllm_passes_off", "FX passes off"), ("fxllm_sync", "async scheduling off")):
+        if key in result:
+            other = result[key]
+            print(f"{'fxllm level ' + str(result['level']) + ', ' + label:<34} {other['requests']:>8} "
+                  f"{other['output_tok_s']:>12} {other['total_tok_s']:>11} {other['seconds']:>8}")
     if "hf" in result:
         hf, same = result["hf"], result["fxllm_same_as_hf"]
         print(f"{'HF generate (useful tokens)':<34} {hf['requests']:>8} {hf['useful_tok_s']:>12} "
@@ -206,6 +217,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compare-passes-off", action="store_true",
                         help="also run the workload with the FX passes off (enable_noop/enable_fusion False)")
+    parser.add_argument("--compare-sync", action="store_true",
+                        help="also run the workload with async scheduling off (each step waits for the last one's tokens)")
     parser.add_argument("--pass-config", type=json.loads, default=None, metavar="JSON",
                         help='pass_config of the main run, e.g. \'{"enable_qk_norm_rope_fusion": false}\'')
     parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
