@@ -9,6 +9,13 @@ layer's four GEMMs summed, and the largest M for which WEIGHT_ONLY beats W8A8: t
 value ``WEIGHT_ONLY_MAX_TOKENS`` should take on this card.
 
     python tools/bench_fp8_gemm.py --shape llama-3-8b
+    python tools/bench_fp8_gemm.py --shape llama-3-8b --sweep-gemv
+
+``--sweep-gemv`` times the GEMV kernel's launch tiles instead, per layer, with weights
+streaming from HBM as in a decode step: each timed graph cycles through more copies of
+the weight than L2 holds (one layer's weights alone would stay in L2 and flatter wide
+tiles less). It lists each layer's fastest tiles and the tiles fastest over the whole
+layer: the candidates for ``DEFAULT_GEMV_TILE``.
 """
 
 from __future__ import annotations
@@ -58,6 +65,70 @@ def graph_us(fn) -> float:
     return start.elapsed_time(end) * 1e3 / (TIMED_REPLAYS * REPLAYS_PER_GRAPH)
 
 
+STREAM_BYTES = 400 << 20  # weight copies cycled per timed graph: several times the H100's 50 MB L2
+SWEEP_TILES = [
+    (block_n, block_k, warps, stages)
+    for block_n in (2, 4, 8, 16)
+    for block_k in (512, 1024, 2048)
+    for warps in (4, 8)
+    for stages in (1, 3)
+    if block_n * block_k <= 16384  # float32 registers per thread stay moderate
+]
+SWEEP_SHOWN = 5
+
+
+def streaming_us(fn, weights: list[torch.Tensor]) -> float:
+    """Mean µs of ``fn(weight)`` over a CUDA graph that calls it once per weight copy."""
+    fn(weights[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for weight in weights:
+            fn(weight)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TIMED_REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (TIMED_REPLAYS * len(weights))
+
+
+def sweep_gemv(shape: str) -> dict:
+    from fxllm.models.quantization.fp8_quant import quantize_per_channel
+    from fxllm.models.quantization.fp8_triton import DEFAULT_GEMV_TILE, GemvTile, _fp8_gemv
+
+    times: dict[tuple, dict[str, float]] = {}
+    default = {}
+    for layer, (out_features, in_features) in layer_shapes(random_model.SHAPES[shape]).items():
+        copies = max(2, STREAM_BYTES // (out_features * in_features))
+        weights, scale = [], None
+        for _ in range(copies):
+            weight, scale = quantize_per_channel(torch.randn(out_features, in_features, device="cuda") * WEIGHT_STD)
+            weights.append(weight)
+        x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(1, out_features, device="cuda", dtype=torch.bfloat16)
+        for tile in [*SWEEP_TILES, None]:
+            chosen = DEFAULT_GEMV_TILE if tile is None else GemvTile(*tile)
+            us = streaming_us(lambda weight: _fp8_gemv(x, weight, scale, None, out, 1, in_features, chosen), weights)
+            if tile is None:
+                default[layer] = us
+            else:
+                times.setdefault(tile, {})[layer] = us
+        fastest = sorted(times, key=lambda t: times[t][layer])[:SWEEP_SHOWN]
+        gb_s = out_features * in_features / 1e3
+        print(f"{layer:<8} default {default[layer]:.2f} µs ({gb_s / default[layer]:.0f} GB/s); fastest: "
+              + ", ".join(f"{t} {times[t][layer]:.2f}" for t in fastest))
+        del weights
+    ranked = sorted(times, key=lambda t: sum(times[t].values()))
+    print(f"\nthe layer's GEMVs summed: default {DEFAULT_GEMV_TILE} {sum(default.values()):.2f} µs; "
+          f"fastest (block_n, block_k, warps, stages):")
+    for tile in ranked[:SWEEP_SHOWN]:
+        print(f"  {tile} {sum(times[tile].values()):.2f} µs")
+    return {"default": default, "tiles": [{"tile": list(t), "us": times[t]} for t in ranked]}
+
+
 def main() -> None:
     from fxllm.models.quantization.fp8_gemm import w8a8_gemm
     from fxllm.models.quantization.fp8_quant import quantize_per_channel
@@ -66,11 +137,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(random_model.SHAPES), default="llama-3-8b")
     parser.add_argument("--rows", type=int, nargs="+", default=list(DEFAULT_ROWS), help="step sizes M")
+    parser.add_argument("--sweep-gemv", action="store_true", help="time the GEMV kernel's tiles instead (see above)")
     parser.add_argument("--json", default="bench_fp8_gemm.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU with FP8 (sm89 or newer)")
     torch.manual_seed(0)
+    if args.sweep_gemv:
+        print(f"{torch.cuda.get_device_name()}, shape {args.shape}, FP8 GEMV µs per call, weights streaming from HBM")
+        result = sweep_gemv(args.shape)
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), **result}, indent=2) + "\n")
+        return
     device = torch.device("cuda")
     rows = []
     for layer, (out_features, in_features) in layer_shapes(random_model.SHAPES[args.shape]).items():

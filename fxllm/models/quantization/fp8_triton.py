@@ -12,11 +12,14 @@ A GEMV kernel serves one-row steps (batch-1 decode) where ``GEMV_MAX_ROWS`` says
 dot tile has at least 16 rows, and narrow output tiles without one give narrow layers
 more programs, hence more weight bytes in flight.
 
-Tiles are autotuned per (row bucket, N, K): the first step of each bucket benchmarks
-the configs below, which the CUDA-graph warm-ups do before any capture.
+GEMM tiles are autotuned per (row bucket, N, K): the first step of each bucket
+benchmarks the configs below, which the CUDA-graph warm-ups do before any capture. The
+GEMV runs one tile, chosen with weights streaming from HBM (``DEFAULT_GEMV_TILE``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,12 +48,23 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
 # Llama-3-8B layer's four GEMMs at one row from 104.7 to 79.8 µs (tools/bench_fp8_gemm.py,
 # BENCHMARKS.md); it was not measured at more rows.
 GEMV_MAX_ROWS = 1
-_GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=3)
-    for block_n in (4, 8, 16)
-    for block_k in (256, 512)
-    for warps in (2, 4)
-]
+
+
+@dataclass(frozen=True)
+class GemvTile:
+    """Launch shape of the GEMV kernel: outputs per program, K per load, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# One tile for every layer, chosen with weights streaming from HBM as in a decode step
+# (tools/bench_fp8_gemm.py --sweep-gemv cycles through more weight copies than L2 holds).
+# On an H100 it took a Llama-3-8B layer's four GEMVs from 90.7 µs (Triton's autotuner,
+# which times each layer alone) to 83.7 µs; wide loads along K keep enough bytes in flight.
+DEFAULT_GEMV_TILE = GemvTile(block_n=4, block_k=2048, num_warps=4, num_stages=3)
 INTERPRETER_GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
 
 
@@ -188,14 +202,9 @@ def _fp8_gemv_kernel(
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_valid)
 
 
-_tuned_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SCALE_BLOCK_N", "SCALE_BLOCK_K"])(
-    _fp8_gemv_kernel
-)
-
-
 def _fp8_gemv(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-    block_n: int, block_k: int,
+    block_n: int, block_k: int, tile: GemvTile = DEFAULT_GEMV_TILE,
 ) -> None:
     out_features, in_features = weight.shape
     args = (
@@ -209,14 +218,15 @@ def _fp8_gemv(
         *weight_scale.stride(),
     )
     common = dict(N=out_features, K=in_features, SCALE_BLOCK_N=block_n, SCALE_BLOCK_K=block_k, HAS_BIAS=bias is not None)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(out_features, meta["BLOCK_N"]),)
-
     if triton.knobs.runtime.interpret:
-        _fp8_gemv_kernel[grid(INTERPRETER_GEMV_CONFIG)](*args, **common, **INTERPRETER_GEMV_CONFIG)
+        config = INTERPRETER_GEMV_CONFIG
+        launch = {}
     else:
-        _tuned_gemv_kernel[grid](*args, **common)
+        # No wider than K: a load past it would only be masked.
+        config = {"BLOCK_N": tile.block_n, "BLOCK_K": min(tile.block_k, triton.next_power_of_2(in_features))}
+        launch = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+    grid = (triton.cdiv(out_features, config["BLOCK_N"]),)
+    _fp8_gemv_kernel[grid](*args, **common, **config, **launch)
 
 
 def fp8_weight_only_gemm(
