@@ -16,12 +16,15 @@ on a CPU it is the model itself; on a GPU the time to queue it), over decode ste
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import random_model  # noqa: E402  (tools/ is not a package)
@@ -103,10 +106,17 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_sch
     per_step = {phase: round(value / steps * 1e3, 3) for phase, value in per_step.items()}
     per_step["host total"] = round(sum(v for k, v in per_step.items() if k not in ("device work", "wait for tokens")), 3)
     per_step["step"] = round(seconds["step"] / steps * 1e3, 3)
-    return {
+    row = {
         "batch_size": batch_size, "async_scheduling": llm.llm_engine.async_scheduling, "steps": steps,
         "ms_per_step": per_step,
     }
+    # The wrappers above hold the engine's bound methods: collect the cycle before the next
+    # batch size's engine sizes its KV cache from free memory.
+    del llm, engine, runner, step
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
 
 
 def main() -> None:

@@ -97,22 +97,22 @@ def timed_generate(llm: LLM, prompt: dict, params: SamplingParams) -> float:
     return time.perf_counter() - start
 
 
-def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> tuple[float, float]:
-    """Kernel time and all-reduce kernel time per decode step, from the torch profiler
-    (prefill included, then removed by profiling a 1-token run too)."""
+def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> tuple[float, float, dict[str, float]]:
+    """Kernel time, all-reduce kernel time, and each kernel's time per decode step, from the
+    torch profiler (prefill included, then removed by profiling a 1-token run too)."""
     from torch.profiler import ProfilerActivity, profile
 
     from fxllm import SamplingParams
 
-    def kernel_ms(tokens: int) -> tuple[float, float]:
+    def kernel_ms(tokens: int) -> dict[str, float]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
-        events = prof.key_averages()
-        all_reduce = sum(e.self_device_time_total for e in events if ALL_REDUCE_KERNEL in e.key.lower())
-        return sum(e.self_device_time_total for e in events) / 1e3, all_reduce / 1e3
+        return {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages() if e.self_device_time_total > 0}
 
-    (total_long, reduce_long), (total_short, reduce_short) = kernel_ms(decode_steps + 1), kernel_ms(1)
-    return (total_long - total_short) / decode_steps, (reduce_long - reduce_short) / decode_steps
+    long, short = kernel_ms(decode_steps + 1), kernel_ms(1)
+    per_kernel = {name: (ms - short.get(name, 0.0)) / decode_steps for name, ms in long.items()}
+    all_reduce = sum(ms for name, ms in per_kernel.items() if ALL_REDUCE_KERNEL in name.lower())
+    return sum(per_kernel.values()), all_reduce, per_kernel
 
 
 def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
@@ -151,7 +151,10 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
     bandwidth = step_bytes["total"] / cards * decode_tok_s  # per card
     on_gpu = llm.llm_engine_config.device.type == "cuda"
     step_ms = 1e3 / decode_tok_s
-    device_ms, all_reduce_ms = device_ms_per_step(llm, prompt, PROFILED_STEPS) if args.profile and on_gpu else (None, None)
+    device_ms, all_reduce_ms, per_kernel = (
+        device_ms_per_step(llm, prompt, PROFILED_STEPS) if args.profile and on_gpu else (None, None, {})
+    )
+    top_kernels = sorted(per_kernel.items(), key=lambda item: -item[1])[: args.top_kernels]
     row = {
         "shape": args.shape,
         "cudagraph_mode": "NONE" if args.enforce_eager else (variant.cudagraph_mode or "default"),
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
         "bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "fraction_of_bound": round(bandwidth / H100_BYTES_PER_S, 3) if on_gpu else None,
         "bound_tok_s": round(H100_BYTES_PER_S * cards / step_bytes["total"], 1) if on_gpu else None,
+        # The kernels that take the most device time in a decode step: name -> ms per step.
+        "top_kernels_ms_per_step": {name: round(ms, 4) for name, ms in top_kernels},
     }
     del llm
     gc.collect()
@@ -197,6 +202,15 @@ def print_table(rows: list[dict]) -> None:
               f"{row['bytes_per_step']['total'] / 1e9:>8.4g}  {bound}")
 
 
+def print_top_kernels(rows: list[dict]) -> None:
+    for row in rows:
+        if row["top_kernels_ms_per_step"]:
+            print(f"\n{row['shape']} {row['quantization']} TP={row['tensor_parallel_size']} async={row['async_scheduling']}: "
+                  f"top kernels, ms per decode step")
+            for name, ms in row["top_kernels_ms_per_step"].items():
+                print(f"  {ms:>8.4f}  {name[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b", help="random weights of this shape")
@@ -214,6 +228,8 @@ def main() -> None:
     parser.add_argument("--async-scheduling", nargs="+", choices=tuple(ASYNC_SCHEDULING), default=["auto"],
                         help="one row per setting (auto: on for CUDA)")
     parser.add_argument("--profile", action="store_true", help="also measure device time per decode step (GPU)")
+    parser.add_argument("--top-kernels", type=int, default=0, metavar="N",
+                        help="with --profile, list the N kernels that take the most time in a decode step")
     parser.add_argument("--json", default="bench_latency.json", help="where to write the results")
     args = parser.parse_args()
     if args.new_tokens < 2:
@@ -237,6 +253,7 @@ def main() -> None:
         ]
         rows = [run(args, model_dir, variant) for variant in variants]
     print_table(rows)
+    print_top_kernels(rows)
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
