@@ -245,19 +245,16 @@ class SchedulerConfig:
     async_scheduling: bool = False
 
 
-def resolve_async_scheduling(asked: bool | None, device: torch.device, tensor_parallel_size: int, takes_embeds: bool) -> bool:
-    """``None``: on where the host has device time to hide behind (CUDA), for the engines that
-    support it. Tensor-parallel workers and vision-language models take every input token from
-    the host, so they schedule synchronously."""
-    unsupported = (
-        "tensor_parallel_size > 1" if tensor_parallel_size > 1 else "a vision-language model" if takes_embeds else None
-    )
+def resolve_async_scheduling(asked: bool | None, device: torch.device, takes_embeds: bool) -> bool:
+    """``None``: on where the host has device time to hide behind (CUDA). Vision-language
+    models merge image embeddings into each step's inputs on the host, so they schedule
+    synchronously."""
     if asked is None:
-        return device.type == "cuda" and unsupported is None
+        return device.type == "cuda" and not takes_embeds
     if not isinstance(asked, bool):
         raise ValueError(f"async_scheduling must be True, False or None, got {asked!r}")
-    if asked and unsupported is not None:
-        raise ValueError(f"async_scheduling=True is not supported with {unsupported}: drop it or pass False")
+    if asked and takes_embeds:
+        raise ValueError("async_scheduling=True is not supported for vision-language models: drop it or pass False")
     return asked
 
 

@@ -222,7 +222,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 async_scheduling=resolve_async_scheduling(
-                    async_scheduling, resolved_device, tensor_parallel_size, getattr(model_class, "takes_inputs_embeds", False)
+                    async_scheduling, resolved_device, getattr(model_class, "takes_inputs_embeds", False)
                 ),
             ),
             device=resolved_device,

@@ -157,14 +157,11 @@ def test_an_interrupt_with_a_step_in_flight_leaves_the_engine_serving(engines, m
 
 def test_async_scheduling_defaults_to_cuda_engines_that_support_it():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_async_scheduling(None, cuda, 1, takes_embeds=False)
-    assert not resolve_async_scheduling(None, cpu, 1, takes_embeds=False)
-    assert not resolve_async_scheduling(None, cuda, 2, takes_embeds=False)
-    assert not resolve_async_scheduling(None, cuda, 1, takes_embeds=True)
-    assert resolve_async_scheduling(True, cpu, 1, takes_embeds=False)
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        resolve_async_scheduling(True, cuda, 2, takes_embeds=False)
+    assert resolve_async_scheduling(None, cuda, takes_embeds=False)
+    assert not resolve_async_scheduling(None, cpu, takes_embeds=False)
+    assert not resolve_async_scheduling(None, cuda, takes_embeds=True)
+    assert resolve_async_scheduling(True, cpu, takes_embeds=False)
     with pytest.raises(ValueError, match="vision-language"):
-        resolve_async_scheduling(True, cuda, 1, takes_embeds=True)
+        resolve_async_scheduling(True, cuda, takes_embeds=True)
     with pytest.raises(ValueError, match="True, False or None"):
-        resolve_async_scheduling("yes", cuda, 1, takes_embeds=False)
+        resolve_async_scheduling("yes", cuda, takes_embeds=False)

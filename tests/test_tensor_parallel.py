@@ -202,6 +202,31 @@ def test_an_engine_of_two_ranks_generates_the_single_device_tokens(name, tensor_
     assert not any(_alive(pid) for pid in pids)
 
 
+def test_async_scheduling_under_two_ranks_gives_the_single_device_tokens(tensor_parallel_runs):
+    """Each step is launched before the last one's tokens reach rank 0's host: every rank takes
+    its pending input tokens from the sampled ids rank 0 broadcast on the device."""
+    model_dir = tensor_parallel_runs["qwen2"]
+    single = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS)
+    prompts = ENGINE_PROMPTS * 2
+    # Outputs from rank 1's vocab shard: only rank 1 embeds them, so a rank that missed the
+    # broadcast ids would embed zeros there.
+    vocab = CONFIGS["qwen2"]().vocab_size
+    upper = dict(temperature=0.0, max_tokens=6, allowed_token_ids=list(range(vocab - vocab // 4, vocab)))
+    probe = single.generate(prompts, SamplingParams(**upper, ignore_eos=True), use_tqdm=False)
+    stop_on = [o.outputs[0].token_ids[2] for o in probe]
+    params = [
+        SamplingParams(**upper, ignore_eos=True) if i % 2 else SamplingParams(**upper, stop_token_ids=[stop])
+        for i, stop in enumerate(stop_on)
+    ]
+    expected = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    del single
+    parallel = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2,
+                   async_scheduling=True)
+    assert parallel.llm_engine.async_scheduling
+    assert [o.outputs[0].token_ids for o in parallel.generate(prompts, params, use_tqdm=False)] == expected
+    assert any(len(tokens) < upper["max_tokens"] for tokens in expected)  # some stopped with a step in flight
+
+
 def test_a_compiled_engine_of_two_ranks_generates_the_single_device_tokens(tensor_parallel_runs, monkeypatch):
     model_dir = tensor_parallel_runs["qwen3"]
     # The CUDA-only RMSNorm fusion on here too: the all-reduces must land between the

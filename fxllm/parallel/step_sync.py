@@ -22,7 +22,7 @@ from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 
 _MODES = (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL)
 STEP, STOP, SAVE = 0, 1, 2
-HEADER_FIELDS = 9  # command, mode, padded tokens/requests, tokens, requests, samples, blocks, logit rows
+HEADER_FIELDS = 10  # command, mode, padded tokens/requests, tokens, requests, samples, blocks, logit rows, pending
 HEADER_BYTES = HEADER_FIELDS * np.dtype(np.int64).itemsize
 
 
@@ -48,10 +48,22 @@ class StepSync:
         header = [
             STEP, _MODES.index(dispatch.mode), dispatch.num_tokens, dispatch.num_requests, prepared.num_tokens,
             prepared.num_requests, prepared.sample_rows.numel(), prepared.max_blocks, logit_rows.numel(),
+            prepared.num_pending,
         ]
         tables = self.inputs.host_block_tables[: prepared.num_requests, : prepared.max_blocks]
         parts = _packing_order([*self._payload(dispatch.num_tokens, dispatch.num_requests), tables, logit_rows.cpu()])
         self.links.send(b"".join([_header(*header), *(part.contiguous().numpy().tobytes() for part in parts)]))
+
+    def share_sampled(self, token_ids: torch.Tensor) -> None:
+        """Rank 0 under async scheduling: the step's sampled ids, which the next step's pending
+        input tokens come from, to every rank's device (a broadcast queued after the sampling)."""
+        dist.broadcast(token_ids, src=0)
+
+    def receive_sampled(self, count: int) -> torch.Tensor:
+        """Other ranks: the ``count`` ids rank 0 sampled this step (``share_sampled``)."""
+        token_ids = torch.empty(count, dtype=torch.int64, device=self.inputs.device)
+        dist.broadcast(token_ids, src=0)
+        return token_ids
 
     def send_stop(self) -> None:
         self.links.send(_header(STOP))
@@ -69,7 +81,7 @@ class StepSync:
         if message is None:  # rank 0's process is gone
             return None
         header = np.frombuffer(message, dtype=np.int64, count=HEADER_FIELDS)
-        command, mode, padded_tokens, padded_requests, num_tokens, num_requests, num_samples, max_blocks, rows = (
+        command, mode, padded_tokens, padded_requests, num_tokens, num_requests, num_samples, max_blocks, rows, pending = (
             header.tolist()
         )
         if command == STOP:
@@ -88,6 +100,7 @@ class StepSync:
         prepared = self.inputs.adopt_host_step(
             padded_tokens, padded_requests, num_requests, max_blocks, num_samples, num_tokens
         )
+        prepared.num_pending = pending
         dispatch = GraphDispatch(_MODES[mode], padded_tokens, padded_requests)
         return ReceivedStep(prepared, dispatch, logit_rows.to(self.inputs.device))
 

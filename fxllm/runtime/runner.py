@@ -112,6 +112,8 @@ class ModelRunner:
                 mrope=getattr(self.model, "uses_mrope", False),
             )
         self.step_sync = StepSync(self.inputs, self._links) if self._links is not None else None
+        # A worker's copy of rank 0's last sampled ids (async scheduling under tensor parallelism).
+        self._shared_sampled: torch.Tensor | None = None
 
     def _startup_barrier(self) -> None:
         """Under tensor parallelism every rank meets here after each start-up phase: a rank that
@@ -220,14 +222,16 @@ class ModelRunner:
         # A FULL graph computes the logits of its own rows only, not those of prompt logprobs.
         dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled), full_allowed=not prompt_rows)
         prepared = self.inputs.prepare(step.scheduled, dispatch, previous.sample_rows if previous else None)
-        if prepared.num_pending:
-            self.inputs.fill_pending(prepared, previous.token_ids)
         sampling = [s.request for s in step.scheduled if s.samples]
         num_samples = len(sampling)
         extra_rows = [row for _, rows, _ in prompt_rows for row in rows]
         if self.step_sync is not None:
+            # Sent before the pending tokens are filled in: every rank fills its own (on CPU the
+            # host arrays are the device buffers, and would carry them otherwise).
             rows = [] if dispatch.mode is CUDAGraphMode.FULL else self.inputs.host_sample_rows(num_samples) + extra_rows
             self.step_sync.send(prepared, dispatch, torch.tensor(rows, dtype=torch.int64))
+        if prepared.num_pending:
+            self.inputs.fill_pending(prepared, previous.token_ids)
         if dispatch.mode is CUDAGraphMode.FULL:
             logits = self.graphs.replay_full(dispatch.num_tokens)[prepared.sample_rows]
         else:
@@ -242,6 +246,8 @@ class ModelRunner:
         if sampling:
             batch = SamplingBatch.from_requests(sampling, self.vocab_size, self.device)
             launched.set_sampled(self.sampler(logits[:num_samples], batch))
+            if self.step_sync is not None and self.config.scheduler.async_scheduling:
+                self.step_sync.share_sampled(launched.token_ids)
         offset = num_samples
         for request, rows_of_request, targets in prompt_rows:
             request_logits = logits[offset : offset + len(rows_of_request)]
@@ -253,13 +259,18 @@ class ModelRunner:
     def execute_received(self, step: ReceivedStep) -> None:
         """A tensor-parallel worker's step: the forward rank 0 sent, and its part of the
         logits gather; sampling stays with rank 0."""
-        dispatch = step.dispatch
+        dispatch, prepared = step.dispatch, step.prepared
+        if prepared.num_pending:
+            self.inputs.fill_pending(prepared, self._shared_sampled)
         if dispatch.mode is CUDAGraphMode.FULL:
             self.graphs.replay_full(dispatch.num_tokens)  # the gather is inside the graph
-            return
-        hidden = self._forward(step.prepared, _graph_step(dispatch))
-        if step.logit_rows.numel():
-            self._logits(hidden[step.logit_rows])
+        else:
+            hidden = self._forward(prepared, _graph_step(dispatch))
+            if step.logit_rows.numel():
+                self._logits(hidden[step.logit_rows])
+        num_samples = prepared.sample_rows.numel()
+        if self.config.scheduler.async_scheduling and num_samples:
+            self._shared_sampled = self.step_sync.receive_sampled(num_samples)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return compute_logits(self.model, self.tp_layout, hidden)
