@@ -133,28 +133,6 @@ def test_a_request_whose_sampling_reads_its_outputs_is_run_step_by_step(engines,
     assert _launch_order(overlapped, monkeypatch, params) == ["launch", "result"] * 4
 
 
-def test_an_interrupt_with_a_step_in_flight_leaves_the_engine_serving(engines, monkeypatch):
-    overlapped = engines[1]
-    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 20, 40)]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    baseline = [o.outputs[0].token_ids for o in overlapped.generate(prompts, params, use_tqdm=False)]
-    engine = overlapped.llm_engine
-    real_complete, calls = engine._complete, {"count": 0}
-
-    def interrupted_complete(launched):
-        calls["count"] += 1
-        if calls["count"] == 4:  # the next step is launched, this one's tokens not yet taken
-            raise KeyboardInterrupt
-        return real_complete(launched)
-
-    monkeypatch.setattr(engine, "_complete", interrupted_complete)
-    with pytest.raises(KeyboardInterrupt):
-        overlapped.generate(prompts, params, use_tqdm=False)
-    _assert_all_blocks_free(overlapped)
-    monkeypatch.setattr(engine, "_complete", real_complete)
-    assert [o.outputs[0].token_ids for o in overlapped.generate(prompts, params, use_tqdm=False)] == baseline
-
-
 def test_async_scheduling_defaults_to_cuda_engines_that_support_it():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_async_scheduling(None, cuda, takes_embeds=False)

@@ -77,26 +77,34 @@ def test_soak_answers_every_request_once_in_order_three_times_alike(llama_dir):
     assert rss[2] - rss[1] < RSS_TOLERANCE_BYTES, f"RSS grew {(rss[2] - rss[1]) >> 20} MiB between runs 2 and 3"
 
 
-def test_keyboard_interrupt_inside_generate_frees_the_calls_requests(llama_dir, monkeypatch):
-    llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+# Where the interrupt lands: in a step, or (async scheduling) while a step is in flight
+# and the one before it has its tokens taken.
+INTERRUPTED = {"step": "step", "step in flight": "_complete"}
+
+
+@pytest.mark.parametrize("moment", sorted(INTERRUPTED))
+def test_keyboard_interrupt_inside_generate_frees_the_calls_requests(llama_dir, monkeypatch, moment):
+    llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+              async_scheduling=moment == "step in flight")
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 20, 40)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     baseline = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     engine = llm.llm_engine
-    real_step = engine.step
-    steps = {"count": 0}
+    method = INTERRUPTED[moment]
+    real = getattr(engine, method)
+    calls = {"count": 0}
 
-    def interrupting_step():
-        steps["count"] += 1
-        if steps["count"] == 4:  # mid-call: prompts computed, decoding under way
+    def interrupting(*args):
+        calls["count"] += 1
+        if calls["count"] == 4:  # mid-call: prompts computed, decoding under way
             raise KeyboardInterrupt
-        return real_step()
+        return real(*args)
 
-    monkeypatch.setattr(engine, "step", interrupting_step)
+    monkeypatch.setattr(engine, method, interrupting)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, params, use_tqdm=False)
     _assert_all_blocks_free(llm)
-    monkeypatch.setattr(engine, "step", real_step)
+    monkeypatch.setattr(engine, method, real)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == baseline
 
 

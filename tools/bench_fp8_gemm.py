@@ -49,12 +49,17 @@ def layer_shapes(config: dict) -> dict[str, tuple[int, int]]:
 
 def graph_us(fn) -> float:
     """Mean µs of one ``fn()``, replayed from a CUDA graph of REPLAYS_PER_GRAPH calls."""
-    fn()  # compiles and autotunes outside the capture
+    return calls_us(lambda _: fn(), [None] * REPLAYS_PER_GRAPH)
+
+
+def calls_us(fn, args: list) -> float:
+    """Mean µs of one ``fn(arg)``, replayed from a CUDA graph that calls it once per arg."""
+    fn(args[0])  # compiles (and autotunes) outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(REPLAYS_PER_GRAPH):
-            fn()
+        for arg in args:
+            fn(arg)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -62,7 +67,7 @@ def graph_us(fn) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (TIMED_REPLAYS * REPLAYS_PER_GRAPH)
+    return start.elapsed_time(end) * 1e3 / (TIMED_REPLAYS * len(args))
 
 
 STREAM_BYTES = 400 << 20  # weight copies cycled per timed graph: several times the H100's 50 MB L2
@@ -75,24 +80,6 @@ SWEEP_TILES = [
     if block_n * block_k <= 16384  # float32 registers per thread stay moderate
 ]
 SWEEP_SHOWN = 5
-
-
-def streaming_us(fn, weights: list[torch.Tensor]) -> float:
-    """Mean µs of ``fn(weight)`` over a CUDA graph that calls it once per weight copy."""
-    fn(weights[0])
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for weight in weights:
-            fn(weight)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(TIMED_REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (TIMED_REPLAYS * len(weights))
 
 
 def sweep_gemv(shape: str) -> dict:
@@ -111,7 +98,8 @@ def sweep_gemv(shape: str) -> dict:
         out = torch.empty(1, out_features, device="cuda", dtype=torch.bfloat16)
         for tile in [*SWEEP_TILES, None]:
             chosen = DEFAULT_GEMV_TILE if tile is None else GemvTile(*tile)
-            us = streaming_us(lambda weight: _fp8_gemv(x, weight, scale, None, out, 1, in_features, chosen), weights)
+            # One call per weight copy: the graph streams them all from HBM.
+            us = calls_us(lambda weight: _fp8_gemv(x, weight, scale, None, out, 1, in_features, chosen), weights)
             if tile is None:
                 default[layer] = us
             else:
