@@ -175,13 +175,17 @@ def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, 
     result_path = tmp_path / "throughput.json"
     status = cli.main([
         "bench", "throughput", "--shape", "tiny", "--num-requests", "4", "--input-len", "8", "32",
-        "--output-len", "4", "12", "--enforce-eager", "--hf-compare", "2", "--json", str(result_path),
+        "--output-len", "4", "12", "--enforce-eager", "--hf-compare", "2", "--profile-steps", "2", "--profile-after", "1",
+        "--json", str(result_path),
     ])
     assert status == 0, capfd.readouterr().err[-2000:]
     assert "output tok/s" in capfd.readouterr().out
     result = json.loads(result_path.read_text())
     assert result["fxllm"]["requests"] == 4 and result["fxllm"]["output_tok_s"] > 0
     assert result["fxllm_same_as_hf"]["output_tokens"] == result["hf"]["useful_tokens"]
+    profile = result["profile"]
+    assert profile["steps"] == 2 and profile["wall_ms_per_step"] > 0
+    assert "aten::mm" in profile["top_kernels_ms_per_step"]  # on a CPU the profiler's "kernels" are operators
 
 
 def test_bench_outside_a_source_checkout_says_where_the_scripts_are(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,10 @@ tokens the requests asked for) and fxllm on the same N requests, in the same run
 
 Prefix caching is off: the random prompts share no prefix, so it could only help a
 repeated run, and the comparator repeats the first N requests.
+
+``--profile-steps N`` runs the workload once more under the torch profiler and reports
+N engine steps taken after ``--profile-after`` steps (past the prefill-heavy start):
+wall ms per step, kernel ms per step and the kernels that take the most of it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ WARMUP_PROMPT = list(range(2, 18))
 WARMUP_TOKENS = 4
 HF_PAD_ID = 0  # any id: padded positions are masked out
 SHAPES = ("qwen3-0.6b", "tiny")
+PROFILE_AFTER_STEPS = 200  # past the first steps, which prefill most of the 256 prompts
+PROFILE_TOP_KERNELS = 15
+PROFILER_WARMUP_STEPS = 1  # the profiler's own start-up lands here, not in the measured steps
+PROFILER_STEP_MARK = "ProfilerStep"  # the profiler's record of each step, not an operator
 
 
 @dataclass
@@ -85,6 +93,52 @@ def bench_fxllm(llm: LLM, workload: Workload) -> dict:
         "seconds": round(seconds, 3),
         "output_tok_s": round(output_tokens / seconds, 1),
         "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 1),
+    }
+
+
+def profile_steps(llm: LLM, workload: Workload, skip: int, steps: int, top: int) -> dict:
+    """``steps`` engine steps of the workload, after ``skip`` and a warm-up step, under the
+    profiler (device kernels on a GPU, operators on a CPU), per step."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    engine = llm.llm_engine
+    on_gpu = llm.llm_engine_config.device.type == "cuda"
+    real_step, walls = engine.step, []
+
+    def profiled_step():
+        start = time.perf_counter()
+        try:
+            return real_step()
+        finally:
+            if first_active <= profiler.step_num < first_active + steps:
+                walls.append(time.perf_counter() - start)
+            profiler.step()
+
+    activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
+    first_active = skip + PROFILER_WARMUP_STEPS
+    plan = schedule(wait=skip, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
+    with profile(activities=[activity], schedule=plan) as profiler:
+        engine.step = profiled_step
+        try:
+            bench_fxllm(llm, workload)
+        finally:
+            del engine.step  # the class's method again (and no cycle through the engine)
+    if not walls:
+        raise ValueError(f"the workload ran out before step {first_active + 1}: lower --profile-after")
+    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    per_kernel = {
+        e.key: getattr(e, attribute) / 1e3 / len(walls)
+        for e in profiler.key_averages()
+        if not e.key.startswith(PROFILER_STEP_MARK)
+    }
+    per_kernel = {name: ms for name, ms in per_kernel.items() if ms > 0}
+    ranked = sorted(per_kernel.items(), key=lambda item: -item[1])[:top]
+    return {
+        "steps": len(walls),
+        "after_steps": skip,
+        "wall_ms_per_step": round(sum(walls) * 1e3 / len(walls), 3),
+        "kernel_ms_per_step": round(sum(per_kernel.values()), 3),
+        "top_kernels_ms_per_step": {name: round(ms, 4) for name, ms in ranked},
     }
 
 
@@ -162,6 +216,8 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     if args.hf_compare:
         result["fxllm_same_as_hf"] = bench_fxllm(llm, workload.head(args.hf_compare))
         result["speedup_vs_hf"] = round(result["fxllm_same_as_hf"]["output_tok_s"] / result["hf"]["useful_tok_s"], 2)
+    if args.profile_steps:
+        result["profile"] = profile_steps(llm, workload, args.profile_after, args.profile_steps, PROFILE_TOP_KERNELS)
     result["passes"] = llm.compile_report().passes
     result["async_scheduling"] = llm.llm_engine.async_scheduling
     on_gpu = llm.llm_engine_config.device.type == "cuda"
@@ -201,6 +257,13 @@ def print_table(result: dict) -> None:
         print(f"fxllm / HF on the same requests: {result['speedup_vs_hf']}x")
 
 
+def print_profile(profile: dict) -> None:
+    print(f"\nprofile of {profile['steps']} steps after step {profile['after_steps']}: "
+          f"{profile['wall_ms_per_step']} ms wall, {profile['kernel_ms_per_step']} ms of kernels per step")
+    for name, ms in profile["top_kernels_ms_per_step"].items():
+        print(f"  {ms:>9.4f}  {name[:110]}")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="qwen3-0.6b", help="random weights of this shape")
@@ -221,6 +284,10 @@ def parse_args() -> argparse.Namespace:
                         help="also run the workload with async scheduling off (each step waits for the last one's tokens)")
     parser.add_argument("--pass-config", type=json.loads, default=None, metavar="JSON",
                         help='pass_config of the main run, e.g. \'{"enable_qk_norm_rope_fusion": false}\'')
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="also profile N engine steps of another run of the workload (see above)")
+    parser.add_argument("--profile-after", type=int, default=PROFILE_AFTER_STEPS, metavar="K",
+                        help="steps to let pass before the profiled ones")
     parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
     args = parser.parse_args()
     if args.num_requests < 1:
@@ -232,6 +299,8 @@ def parse_args() -> argparse.Namespace:
     if args.input_len[1] + args.output_len[1] > args.max_model_len:
         parser.error(f"the longest prompt + completion ({args.input_len[1] + args.output_len[1]}) exceeds "
                      f"--max-model-len {args.max_model_len}: shorten --input-len/--output-len")
+    if args.profile_steps < 0 or args.profile_after < 0:
+        parser.error("--profile-steps and --profile-after must be >= 0")
     if not 0 <= args.hf_compare <= args.num_requests:
         parser.error(f"--hf-compare must be in [0, --num-requests={args.num_requests}], got {args.hf_compare}")
     return args
@@ -243,6 +312,8 @@ def main() -> None:
         model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
         result = run(args, model_dir)
     print_table(result)
+    if "profile" in result:
+        print_profile(result["profile"])
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
