@@ -14,7 +14,7 @@ import torch
 
 from fxllm import LLM, SamplingParams
 from fxllm.config import resolve_async_scheduling
-from fxllm.runtime import runner as runner_module
+from fxllm.runtime import step_result
 
 MAX_MODEL_LEN = 80
 # 24 blocks of 16 tokens hold a few of the workload's requests at once: preemption is certain.
@@ -102,7 +102,7 @@ def test_async_engine_gives_the_sync_engines_outputs_under_preemption(engines):
 def _launch_order(llm: LLM, monkeypatch, params: SamplingParams) -> list[str]:
     """'launch' and 'result' in the order the engine calls them over one generate call."""
     events = []
-    real_launch, real_result = llm.llm_engine.runner.launch, runner_module.LaunchedStep.result
+    real_launch, real_result = llm.llm_engine.runner.launch, step_result.LaunchedStep.result
 
     def launch(step, previous=None):
         events.append("launch")
@@ -113,7 +113,7 @@ def _launch_order(llm: LLM, monkeypatch, params: SamplingParams) -> list[str]:
         return real_result(self)
 
     monkeypatch.setattr(llm.llm_engine.runner, "launch", launch)
-    monkeypatch.setattr(runner_module.LaunchedStep, "result", result)
+    monkeypatch.setattr(step_result.LaunchedStep, "result", result)
     llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)
     return events
 

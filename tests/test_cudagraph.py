@@ -13,7 +13,6 @@ from fxllm.config import (
     CompilationConfig,
     CUDAGraphMode,
     EngineConfig,
-    ModelConfig,
     SchedulerConfig,
 )
 from fxllm.runtime.attention.layer import AttentionSpec

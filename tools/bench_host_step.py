@@ -55,6 +55,7 @@ class PhaseTimer:
 def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_scheduling: bool | None) -> dict:
     from fxllm import LLM, SamplingParams
     from fxllm.runtime import runner as runner_module
+    from fxllm.runtime import step_result
 
     llm = LLM(
         model=str(model_dir), device=device, dtype=dtype, enforce_eager=True, max_num_seqs=batch_size,
@@ -76,7 +77,7 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_sch
     runner._logits = timer.wrap("device work", runner._logits)
     runner.sampler = timer.wrap("device work", runner.sampler)
     runner.launch = timer.wrap("launch", runner.launch)
-    launched_type = runner_module.LaunchedStep
+    launched_type = step_result.LaunchedStep
     original_result = launched_type.result
     launched_type.result = timer.wrap("wait for tokens", original_result)
     step = engine.step
@@ -106,17 +107,18 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_sch
     per_step = {phase: round(value / steps * 1e3, 3) for phase, value in per_step.items()}
     per_step["host total"] = round(sum(v for k, v in per_step.items() if k not in ("device work", "wait for tokens")), 3)
     per_step["step"] = round(seconds["step"] / steps * 1e3, 3)
-    row = {
+    return {
         "batch_size": batch_size, "async_scheduling": llm.llm_engine.async_scheduling, "steps": steps,
         "ms_per_step": per_step,
     }
-    # The wrappers above hold the engine's bound methods: collect the cycle before the next
-    # batch size's engine sizes its KV cache from free memory.
-    del llm, engine, runner, step
+
+
+def release_engines() -> None:
+    """The timing wrappers hold the engine's bound methods, a cycle: collect it before the next
+    batch size's engine sizes its KV cache from free memory."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return row
 
 
 def main() -> None:
@@ -133,7 +135,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model.write_random_model("tiny", Path(scratch) / "tiny")
         asked = {"auto": None, "on": True, "off": False}[args.async_scheduling]
-        rows = [measure(model_dir, args.device, args.dtype, batch, asked) for batch in args.batch_sizes]
+        rows = []
+        for batch in args.batch_sizes:
+            rows.append(measure(model_dir, args.device, args.dtype, batch, asked))
+            release_engines()
     columns = (*PHASES, "host total", "step")
     print(f"{'batch':>5} " + " ".join(f"{c:>15}" for c in columns) + "   (ms per step)")
     for row in rows:

@@ -15,7 +15,7 @@ import torch
 
 from fxllm.config import CompilationLevel, EngineConfig
 from fxllm.parallel.plans import plan_for
-from fxllm.parallel.step_sync import SaveRequest, StepSync
+from fxllm.parallel.step_sync import SaveRequest
 from fxllm.parallel.workers import WorkerGroup, WorkerLinks
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ from fxllm.outputs import Logprob
 from fxllm.parallel.workers import WorkerLinks
 from fxllm.runtime.kv_cache import KVCacheManager, cdiv
 from fxllm.runtime.request import Request
-from fxllm.runtime.runner import LaunchedStep, ModelRunner, TokenLogprobs
+from fxllm.runtime.runner import ModelRunner
+from fxllm.runtime.step_result import LaunchedStep, TokenLogprobs
 from fxllm.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -40,10 +39,11 @@ from fxllm.runtime.cudagraphs import CUDAGraphs
 from fxllm.runtime.forward_context import ForwardContext, set_forward_context
 from fxllm.runtime.kv_cache import cdiv
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
-from fxllm.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
+from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
+from fxllm.runtime.step_result import LaunchedStep, StepResult, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -358,80 +358,3 @@ def _graph_step(dispatch: GraphDispatch) -> GraphStep | None:
     if dispatch.mode is CUDAGraphMode.PIECEWISE:
         return GraphStep(dispatch.mode, dispatch.num_tokens)
     return None
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs at one position, on the host: the top-N, then the chosen token if not among them."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
-
-    @classmethod
-    def with_chosen(
-        cls, top_ids: list[int], top_logprobs: list[float], chosen: int, chosen_logprob: float, chosen_rank: int
-    ) -> "TokenLogprobs":
-        ids, logprobs, ranks = list(top_ids), list(top_logprobs), list(range(1, len(top_ids) + 1))
-        if chosen not in ids:
-            ids.append(chosen)
-            logprobs.append(chosen_logprob)
-            ranks.append(chosen_rank)
-        return cls(ids, logprobs, ranks)
-
-
-@dataclass
-class StepResult:
-    sampled: list[int] = field(default_factory=list)  # one token per sampling request, in step order
-    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per sampling request
-    prompt_logprobs: dict[Request, list[TokenLogprobs]] = field(default_factory=dict)  # new positions only
-
-
-class LaunchedStep:
-    """A step whose device work is queued: its sampled ids stay on the device for the next step
-    and are copied to the host without blocking; ``result()`` waits for that copy alone."""
-
-    def __init__(self, step: SchedulerOutput, sampling: list[Request]):
-        self.step = step
-        self.sampling = sampling  # the requests that sample, in row order
-        self.sample_rows = {request: row for row, request in enumerate(sampling)}
-        # Whether a request's next sampling reads its outputs: the host must have them first.
-        self.needs_outputs = any(request.samples_from_output for request in sampling)
-        self.token_ids: torch.Tensor | None = None  # [S] on the device: the next step's pending inputs
-        self.prompt_logprobs: dict[Request, list[TokenLogprobs]] = {}
-        self._host: SamplerOutput | None = None  # the sampler's output, on its way to the host
-        self._copied: torch.cuda.Event | None = None
-
-    def set_sampled(self, output: SamplerOutput) -> None:
-        self.token_ids = output.token_ids
-        on_device = output.token_ids.device.type == "cuda"
-
-        def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            # A non-blocking copy to the host lands in pinned memory; the event says when it is there.
-            return None if tensor is None else tensor.to("cpu", non_blocking=on_device)
-
-        self._host = SamplerOutput(*(to_host(getattr(output, f.name)) for f in fields(SamplerOutput)))
-        if on_device:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-
-    def result(self) -> StepResult:
-        if self._copied is not None:
-            self._copied.synchronize()
-        result = StepResult(prompt_logprobs=self.prompt_logprobs)
-        output, requests = self._host, self.sampling
-        if output is None:
-            return result
-        result.sampled = output.token_ids.tolist()
-        result.logprobs = [None] * len(requests)
-        if output.top_logprobs is None:
-            return result
-        sampled_logprobs, ranks = output.sampled_logprobs.tolist(), output.sampled_ranks.tolist()
-        top_logprobs, top_ids = output.top_logprobs.tolist(), output.top_token_ids.tolist()
-        for row, request in enumerate(requests):
-            wanted = request.sampling_params.logprobs
-            if wanted is not None:
-                result.logprobs[row] = TokenLogprobs.with_chosen(
-                    top_ids[row][:wanted], top_logprobs[row][:wanted], result.sampled[row], sampled_logprobs[row], ranks[row]
-                )
-        return result
