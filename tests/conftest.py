@@ -36,3 +36,11 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
+
+
+def assert_all_blocks_free(llm) -> None:
+    """Nothing left of an engine's requests: every KV block back in the pool, nothing queued."""
+    cache = llm.llm_engine.kv_cache
+    assert cache.num_free_blocks == cache.num_blocks
+    assert all(count == 0 for count in cache.ref_counts)
+    assert not llm.llm_engine.has_unfinished()

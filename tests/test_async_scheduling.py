@@ -15,6 +15,7 @@ import torch
 from fxllm import LLM, SamplingParams
 from fxllm.config import resolve_async_scheduling
 from fxllm.runtime import step_result
+from tests.conftest import assert_all_blocks_free
 
 MAX_MODEL_LEN = 80
 # 24 blocks of 16 tokens hold a few of the workload's requests at once: preemption is certain.
@@ -32,12 +33,6 @@ def engines(llama_dir):
         )
 
     return engine(False), engine(True)
-
-
-def _assert_all_blocks_free(llm: LLM) -> None:
-    engine = llm.llm_engine
-    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
-    assert not engine.has_unfinished()
 
 
 def _signature(outputs) -> tuple[list, list[float]]:
@@ -96,7 +91,7 @@ def test_async_engine_gives_the_sync_engines_outputs_under_preemption(engines):
     assert overlapped.llm_engine.scheduler.num_preemptions > preemptions
     stopped = [o for o, p in zip(expected, params) if p.stop_token_ids and o[1][0][0] == "stop"]
     assert stopped, "no request stopped on a token mid-output: the workload misses its case"
-    _assert_all_blocks_free(overlapped)
+    assert_all_blocks_free(overlapped)
 
 
 def _launch_order(llm: LLM, monkeypatch, params: SamplingParams) -> list[str]:

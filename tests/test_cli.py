@@ -147,40 +147,36 @@ def test_bad_options_are_argparse_errors(arguments, capsys):
     assert "usage: fxllm" in capsys.readouterr().err
 
 
-def test_bench_latency_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subprocesses):
-    result_path = tmp_path / "latency.json"
-    status = cli.main([
-        "bench", "latency", "--shape", "tiny", "--new-tokens", "8", "--repeats", "1", "--enforce-eager",
-        "--json", str(result_path),
-    ])
+def _bench(tmp_path: Path, capfd, *arguments: str) -> tuple[object, str]:
+    """``fxllm bench ARGUMENTS --json FILE``: the JSON it wrote and what it printed."""
+    result_path = tmp_path / "bench.json"
+    status = cli.main(["bench", *arguments, "--json", str(result_path)])
     assert status == 0, capfd.readouterr().err[-2000:]
-    assert "decode tok/s" in capfd.readouterr().out
-    (result,) = json.loads(result_path.read_text())
+    return json.loads(result_path.read_text()), capfd.readouterr().out
+
+
+def test_bench_latency_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subprocesses):
+    (result,), out = _bench(tmp_path, capfd, "latency", "--shape", "tiny", "--new-tokens", "8", "--repeats", "1", "--enforce-eager")
+    assert "decode tok/s" in out
     assert result["tok_s"] > 0 and result["bytes_per_step"]["total"] > result["bytes_per_step"]["lm_head"]
 
 
 def test_bench_startup_runs_on_a_tiny_shape_with_its_breakdown(tmp_path, capfd, one_thread_subprocesses):
-    result_path = tmp_path / "startup.json"
-    status = cli.main([
-        "bench", "startup", "--shape", "tiny", "--levels", "0", "--max-model-len", "64", "--decode-tokens", "4",
-        "--device", "cpu", "--json", str(result_path),
-    ])
-    assert status == 0, capfd.readouterr().err[-2000:]
-    assert "startup_s" in capfd.readouterr().out
-    (row,) = json.loads(result_path.read_text())["rows"]
+    result, out = _bench(
+        tmp_path, capfd, "startup", "--shape", "tiny", "--levels", "0", "--max-model-len", "64", "--decode-tokens", "4",
+        "--device", "cpu",
+    )
+    assert "startup_s" in out
+    (row,) = result["rows"]
     assert row["startup_s"] > 0 and row["load_s"] > 0 and row["decode_tok_s"] > 0
 
 
 def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, capfd, one_thread_subprocesses):
-    result_path = tmp_path / "throughput.json"
-    status = cli.main([
-        "bench", "throughput", "--shape", "tiny", "--num-requests", "4", "--input-len", "8", "32",
+    result, out = _bench(
+        tmp_path, capfd, "throughput", "--shape", "tiny", "--num-requests", "4", "--input-len", "8", "32",
         "--output-len", "4", "12", "--enforce-eager", "--hf-compare", "2", "--profile-steps", "2", "--profile-after", "1",
-        "--json", str(result_path),
-    ])
-    assert status == 0, capfd.readouterr().err[-2000:]
-    assert "output tok/s" in capfd.readouterr().out
-    result = json.loads(result_path.read_text())
+    )
+    assert "output tok/s" in out
     assert result["fxllm"]["requests"] == 4 and result["fxllm"]["output_tok_s"] > 0
     assert result["fxllm_same_as_hf"]["output_tokens"] == result["hf"]["useful_tokens"]
     profile = result["profile"]
@@ -204,36 +200,22 @@ def test_throughput_workload_is_the_one_of_benchmarks_md(monkeypatch):
 
 
 def test_bench_kernels_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subprocesses):
-    result_path = tmp_path / "kernels.json"
-    status = cli.main([
-        "bench", "kernels", "--shape", "tiny", "--device", "cpu", "--no-inductor", "--steps", "2",
-        "--json", str(result_path),
-    ])
-    assert status == 0, capfd.readouterr().err[-2000:]
-    assert "kernels/layer" in capfd.readouterr().out
-    rows = json.loads(result_path.read_text())["rows"]
+    result, out = _bench(tmp_path, capfd, "kernels", "--shape", "tiny", "--device", "cpu", "--no-inductor", "--steps", "2")
+    assert "kernels/layer" in out
+    rows = result["rows"]
     assert set(rows) == {"inductor alone", "no-op elimination", "every pass"}
     assert all(row["kernels_per_step"] > 0 for row in rows.values())
 
 
 def test_bench_step_sync_times_the_tensor_parallel_step_message(tmp_path, capfd):
-    result_path = tmp_path / "step_sync.json"
-    status = cli.main(["bench", "step_sync", "--batch-sizes", "1", "4", "--steps", "5", "--json", str(result_path)])
-    assert status == 0, capfd.readouterr().err[-2000:]
-    rows = json.loads(result_path.read_text())
+    rows, _ = _bench(tmp_path, capfd, "step_sync", "--batch-sizes", "1", "4", "--steps", "5")
     assert [row["batch_size"] for row in rows] == [1, 4]
     assert all(row["send_us_mean"] > 0 for row in rows)
 
 
 def test_bench_host_step_times_each_phase_of_a_step(tmp_path, capfd, one_thread_subprocesses):
-    result_path = tmp_path / "host_step.json"
-    status = cli.main([
-        "bench", "host_step", "--device", "cpu", "--batch-sizes", "1", "4", "--async-scheduling", "on",
-        "--json", str(result_path),
-    ])
-    assert status == 0, capfd.readouterr().err[-2000:]
-    assert "host total" in capfd.readouterr().out
-    rows = json.loads(result_path.read_text())
+    rows, out = _bench(tmp_path, capfd, "host_step", "--device", "cpu", "--batch-sizes", "1", "4", "--async-scheduling", "on")
+    assert "host total" in out
     assert [row["batch_size"] for row in rows] == [1, 4]
     for row in rows:
         phases = row["ms_per_step"]
@@ -245,12 +227,9 @@ def test_bench_host_step_times_each_phase_of_a_step(tmp_path, capfd, one_thread_
 
 
 def test_bench_vision_times_the_tower_eager_and_compiled(tmp_path, capfd, one_thread_subprocesses):
-    result_path = tmp_path / "vision.json"
-    status = cli.main([
-        "bench", "vision", "--device", "cpu", "--archs", "qwen2_5_vl", "--depth", "2", "--sides", "56", "--repeats", "1",
-        "--json", str(result_path),
-    ])
-    assert status == 0, capfd.readouterr().err[-2000:]
-    row = [line for line in capfd.readouterr().out.splitlines() if line.startswith("qwen2_5_vl")]
+    result, out = _bench(
+        tmp_path, capfd, "vision", "--device", "cpu", "--archs", "qwen2_5_vl", "--depth", "2", "--sides", "56", "--repeats", "1",
+    )
+    row = [line for line in out.splitlines() if line.startswith("qwen2_5_vl")]
     assert len(row) == 1 and row[0].endswith("x")
-    assert [r["side"] for r in json.loads(result_path.read_text())["rows"]] == [56]
+    assert [r["side"] for r in result["rows"]] == [56]

@@ -9,7 +9,6 @@ the numerics of the passes, not Inductor, are the point.
 
 from __future__ import annotations
 
-import operator
 import random
 from collections import Counter
 from dataclasses import replace

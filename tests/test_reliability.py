@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fxllm import LLM, SamplingParams
+from tests.conftest import assert_all_blocks_free
 
 MAX_MODEL_LEN = 80
 SOAK_REQUESTS = 2000
@@ -44,13 +45,6 @@ def _soak_workload() -> tuple[list[dict], list[SamplingParams]]:
     return prompts, params
 
 
-def _assert_all_blocks_free(llm: LLM) -> None:
-    cache = llm.llm_engine.kv_cache
-    assert cache.num_free_blocks == cache.num_blocks
-    assert all(count == 0 for count in cache.ref_counts)
-    assert not llm.llm_engine.has_unfinished()
-
-
 def test_soak_answers_every_request_once_in_order_three_times_alike(llama_dir):
     llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=SOAK_BLOCKS)
     prompts, params = _soak_workload()
@@ -68,7 +62,7 @@ def test_soak_answers_every_request_once_in_order_three_times_alike(llama_dir):
                 if sampling.logprobs is not None:
                     assert len(completion.logprobs) == sampling.max_tokens
             signature.append(tuple(tuple(c.token_ids) for c in output.outputs))
-        _assert_all_blocks_free(llm)
+        assert_all_blocks_free(llm)
         runs.append(signature)
         gc.collect()
         rss.append(_rss_bytes())
@@ -103,7 +97,7 @@ def test_keyboard_interrupt_inside_generate_frees_the_calls_requests(llama_dir, 
     monkeypatch.setattr(engine, method, interrupting)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, params, use_tqdm=False)
-    _assert_all_blocks_free(llm)
+    assert_all_blocks_free(llm)
     monkeypatch.setattr(engine, method, real)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == baseline
 

@@ -10,7 +10,7 @@ import torch
 
 from fxllm import LLM, SamplingParams
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
-from fxllm.runtime.sampler import SamplingBatch, _apply_top_k_top_p
+from fxllm.runtime.sampler import _apply_top_k_top_p
 
 PROMPTS = ["The capital of France is", "Hello world", "Once upon a time"]
 MAX_MODEL_LEN = 96

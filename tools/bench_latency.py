@@ -15,10 +15,10 @@ reads one row) times decode tok/s, against the 3.0 TB/s the H100 copies at.
     python tools/bench_latency.py --async-scheduling on off
 
 One row per combination of the listed modes, quantizations, tensor-parallel sizes,
-pass configs and async-scheduling settings, all in one run. ``--profile`` adds where a decode step's time goes: the
-device time of its kernels (torch profiler, rank 0) against the step's wall time, the
-rest being host overhead the GPU waits on; and, under tensor parallelism, the time of
-the all-reduce kernels in it. Under tensor parallelism the bound is per card: each
+pass configs and async-scheduling settings, all in one run. ``--profile`` adds where a
+decode step's time goes: the device time of its kernels (torch profiler, rank 0)
+against the step's wall time, the rest being host overhead the GPU waits on; and,
+under tensor parallelism, the time of the all-reduce kernels in it. Under tensor parallelism the bound is per card: each
 reads 1/N of the weights and KV cache.
 """
 
@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import random_model  # noqa: E402  (tools/ is not a package)
+from kernel_table import kernel_ms, print_kernels, top_kernels  # noqa: E402
 
 if TYPE_CHECKING:
     from fxllm import LLM, SamplingParams
@@ -104,12 +105,12 @@ def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> tuple[float
 
     from fxllm import SamplingParams
 
-    def kernel_ms(tokens: int) -> dict[str, float]:
+    def profiled_ms(tokens: int) -> dict[str, float]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
-        return {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages() if e.self_device_time_total > 0}
+        return kernel_ms(prof, on_gpu=True)
 
-    long, short = kernel_ms(decode_steps + 1), kernel_ms(1)
+    long, short = profiled_ms(decode_steps + 1), profiled_ms(1)
     per_kernel = {name: (ms - short.get(name, 0.0)) / decode_steps for name, ms in long.items()}
     all_reduce = sum(ms for name, ms in per_kernel.items() if ALL_REDUCE_KERNEL in name.lower())
     return sum(per_kernel.values()), all_reduce, per_kernel
@@ -154,7 +155,6 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
     device_ms, all_reduce_ms, per_kernel = (
         device_ms_per_step(llm, prompt, PROFILED_STEPS) if args.profile and on_gpu else (None, None, {})
     )
-    top_kernels = sorted(per_kernel.items(), key=lambda item: -item[1])[: args.top_kernels]
     row = {
         "shape": args.shape,
         "cudagraph_mode": "NONE" if args.enforce_eager else (variant.cudagraph_mode or "default"),
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
         "fraction_of_bound": round(bandwidth / H100_BYTES_PER_S, 3) if on_gpu else None,
         "bound_tok_s": round(H100_BYTES_PER_S * cards / step_bytes["total"], 1) if on_gpu else None,
         # The kernels that take the most device time in a decode step: name -> ms per step.
-        "top_kernels_ms_per_step": {name: round(ms, 4) for name, ms in top_kernels},
+        "top_kernels_ms_per_step": top_kernels(per_kernel, args.top_kernels),
     }
     del llm
     gc.collect()
@@ -205,10 +205,9 @@ def print_table(rows: list[dict]) -> None:
 def print_top_kernels(rows: list[dict]) -> None:
     for row in rows:
         if row["top_kernels_ms_per_step"]:
-            print(f"\n{row['shape']} {row['quantization']} TP={row['tensor_parallel_size']} async={row['async_scheduling']}: "
-                  f"top kernels, ms per decode step")
-            for name, ms in row["top_kernels_ms_per_step"].items():
-                print(f"  {ms:>8.4f}  {name[:110]}")
+            title = (f"{row['shape']} {row['quantization']} TP={row['tensor_parallel_size']} "
+                     f"async={row['async_scheduling']}: top kernels, ms per decode step")
+            print_kernels(title, row["top_kernels_ms_per_step"])
 
 
 def main() -> None:

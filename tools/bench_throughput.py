@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import random_model  # noqa: E402  (tools/ is not a package)
+from kernel_table import kernel_ms, print_kernels, top_kernels  # noqa: E402
 
 if TYPE_CHECKING:
     from fxllm import LLM
@@ -56,7 +57,6 @@ SHAPES = ("qwen3-0.6b", "tiny")
 PROFILE_AFTER_STEPS = 200  # past the first steps, which prefill most of the 256 prompts
 PROFILE_TOP_KERNELS = 15
 PROFILER_WARMUP_STEPS = 1  # the profiler's own start-up lands here, not in the measured steps
-PROFILER_STEP_MARK = "ProfilerStep"  # the profiler's record of each step, not an operator
 
 
 @dataclass
@@ -125,20 +125,13 @@ def profile_steps(llm: LLM, workload: Workload, skip: int, steps: int, top: int)
             del engine.step  # the class's method again (and no cycle through the engine)
     if not walls:
         raise ValueError(f"the workload ran out before step {first_active + 1}: lower --profile-after")
-    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    per_kernel = {
-        e.key: getattr(e, attribute) / 1e3 / len(walls)
-        for e in profiler.key_averages()
-        if not e.key.startswith(PROFILER_STEP_MARK)
-    }
-    per_kernel = {name: ms for name, ms in per_kernel.items() if ms > 0}
-    ranked = sorted(per_kernel.items(), key=lambda item: -item[1])[:top]
+    per_kernel = kernel_ms(profiler, on_gpu, per=len(walls))
     return {
         "steps": len(walls),
         "after_steps": skip,
         "wall_ms_per_step": round(sum(walls) * 1e3 / len(walls), 3),
         "kernel_ms_per_step": round(sum(per_kernel.values()), 3),
-        "top_kernels_ms_per_step": {name: round(ms, 4) for name, ms in ranked},
+        "top_kernels_ms_per_step": top_kernels(per_kernel, top),
     }
 
 
@@ -258,10 +251,9 @@ def print_table(result: dict) -> None:
 
 
 def print_profile(profile: dict) -> None:
-    print(f"\nprofile of {profile['steps']} steps after step {profile['after_steps']}: "
-          f"{profile['wall_ms_per_step']} ms wall, {profile['kernel_ms_per_step']} ms of kernels per step")
-    for name, ms in profile["top_kernels_ms_per_step"].items():
-        print(f"  {ms:>9.4f}  {name[:110]}")
+    title = (f"profile of {profile['steps']} steps after step {profile['after_steps']}: "
+             f"{profile['wall_ms_per_step']} ms wall, {profile['kernel_ms_per_step']} ms of kernels per step")
+    print_kernels(title, profile["top_kernels_ms_per_step"])
 
 
 def parse_args() -> argparse.Namespace:

@@ -98,9 +98,8 @@ class StepSync:
             array[...] = np.frombuffer(message, dtype=array.dtype, count=array.size, offset=offset).reshape(array.shape)
             offset += array.nbytes
         prepared = self.inputs.adopt_host_step(
-            padded_tokens, padded_requests, num_requests, max_blocks, num_samples, num_tokens
+            padded_tokens, padded_requests, num_requests, max_blocks, num_samples, num_tokens, pending
         )
-        prepared.num_pending = pending
         dispatch = GraphDispatch(_MODES[mode], padded_tokens, padded_requests)
         return ReceivedStep(prepared, dispatch, logit_rows.to(self.inputs.device))
 

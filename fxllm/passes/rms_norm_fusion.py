@@ -57,15 +57,17 @@ class RMSNormFusion:
     def __call__(self, graph: fx.Graph) -> int:
         fused = 0
         # A match erases only its norm's ops and add, all before its output: no node still
-        # ahead in this list is ever erased.
-        for node in list(graph.nodes):
-            norm = self._match(node, graph)
+        # ahead in this list is ever erased. Nodes a match inserts are never looked up in order.
+        nodes = list(graph.nodes)
+        order = {node: index for index, node in enumerate(nodes)}
+        for node in nodes:
+            norm = self._match(node, order)
             if norm is not None:
                 _fuse(graph, norm)
                 fused += 1
         return fused
 
-    def _match(self, node: fx.Node, graph: fx.Graph) -> Norm | None:
+    def _match(self, node: fx.Node, order: dict[fx.Node, int]) -> Norm | None:
         found = match_rms_norm(node)
         if found is None:
             return None
@@ -73,7 +75,7 @@ class RMSNormFusion:
         if not isinstance(source, fx.Node) or not isinstance(weight, fx.Node) or not self._rows_fit(source, weight, node):
             return None
         add = source if _is_residual_add(source) else None
-        if add is not None and _comes_after(weight, add, graph):
+        if add is not None and order[weight] > order[add]:
             add = None  # the fused node goes right after the add: its weight must exist there
         return Norm(source, weight, eps, node, nodes, add)
 
@@ -88,16 +90,6 @@ class RMSNormFusion:
             and tuple(scale.shape) == (rows.shape[-1],)
             and rows.dtype == scale.dtype == normed.dtype
         )
-
-
-def _comes_after(node: fx.Node, anchor: fx.Node, graph: fx.Graph) -> bool:
-    """Whether ``node`` comes after ``anchor`` in the graph's order."""
-    for current in graph.nodes:
-        if current is node:
-            return False
-        if current is anchor:
-            return True
-    return False
 
 
 def _is_residual_add(node: fx.Node) -> bool:

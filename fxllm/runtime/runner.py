@@ -43,7 +43,7 @@ from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
-from fxllm.runtime.step_result import LaunchedStep, StepResult, TokenLogprobs
+from fxllm.runtime.step_result import LaunchedStep, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +208,6 @@ class ModelRunner:
         }
 
     # ---- one step ----------------------------------------------------------------------
-
-    def execute(self, step: SchedulerOutput) -> StepResult:
-        """Run a step and wait for its result."""
-        return self.launch(step).result()
 
     @torch.inference_mode()
     def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:

@@ -4,9 +4,9 @@ There are no prefill and decode phases: running requests are served first (a
 decode is one token, a long prompt a chunk of it), then waiting ones, all within
 ``max_num_batched_tokens`` and ``max_num_seqs``. Under async scheduling a request
 may have a token still on the device (``Request.num_pending_outputs``): its decode
-is scheduled all the same, and the step takes that token from the device. When the cache is full the newest
-running request is preempted: its blocks are freed and it is re-queued to
-recompute (no swapping).
+is scheduled all the same, and the step takes that token from the device. When the
+cache is full the newest running request is preempted: its blocks are freed and it
+is re-queued to recompute (no swapping).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class PreparedStep:
     num_tokens: int  # T before padding
     num_requests: int  # B before padding
     max_blocks: int  # the most KV blocks one of the step's requests holds
-    num_pending: int = 0  # input tokens to take from the previous step's sampled ids (fill_pending)
+    num_pending: int  # input tokens to take from the previous step's sampled ids (fill_pending)
 
 
 class StepInputs:
@@ -145,9 +145,7 @@ class StepInputs:
             num_tokens + 1, num_tokens + 1 + padded_requests - num_requests
         )
         self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
-        prepared = self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
-        prepared.num_pending = num_pending
-        return prepared
+        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks, num_pending)
 
     def fill_pending(self, prepared: PreparedStep, sampled_ids: torch.Tensor) -> None:
         """Write the step's pending input tokens from ``sampled_ids`` (the previous step's, on the
@@ -180,12 +178,12 @@ class StepInputs:
 
     def adopt_host_step(
         self, padded_tokens: int, padded_requests: int, num_requests: int, max_blocks: int, num_samples: int,
-        num_tokens: int,
+        num_tokens: int, num_pending: int,
     ) -> PreparedStep:
         """A step whose host arrays another rank wrote (tensor parallelism): copy them to this
         rank's device buffers and describe it."""
         self._copy(padded_tokens, padded_requests, num_requests, max_blocks)
-        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks)
+        return self._prepared(padded_tokens, padded_requests, num_samples, num_tokens, num_requests, max_blocks, num_pending)
 
     def _fill_mrope(
         self, scheduled: list[ScheduledRequest], computed: np.ndarray, query_start_loc: np.ndarray, padded_tokens: int
@@ -204,7 +202,7 @@ class StepInputs:
 
     def _prepared(
         self, padded_tokens: int, padded_requests: int, num_samples: int, num_tokens: int, num_requests: int,
-        max_blocks: int,
+        max_blocks: int, num_pending: int = 0,
     ) -> PreparedStep:
         seq_lens, query_start_loc = self._requests_np[SEQ_LENS], self._requests_np[QUERY_START_LOC]
         metadata = AttentionMetadata(
@@ -225,6 +223,7 @@ class StepInputs:
             num_tokens=num_tokens,
             num_requests=num_requests,
             max_blocks=max_blocks,
+            num_pending=num_pending,
         )
 
     def prepare_idle(self, num_requests: int) -> PreparedStep:

@@ -8,6 +8,7 @@ after it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -51,13 +52,21 @@ class LaunchedStep:
     def __init__(self, step: SchedulerOutput, sampling: list[Request]):
         self.step = step
         self.sampling = sampling  # the requests that sample, in row order
-        self.sample_rows = {request: row for row, request in enumerate(sampling)}
-        # Whether a request's next sampling reads its outputs: the host must have them first.
-        self.needs_outputs = any(request.samples_from_output for request in sampling)
         self.token_ids: torch.Tensor | None = None  # [S] on the device: the next step's pending inputs
         self.prompt_logprobs: dict[Request, list[TokenLogprobs]] = {}
         self._host: SamplerOutput | None = None  # the sampler's output, on its way to the host
         self._copied: torch.cuda.Event | None = None
+
+    # Read by async scheduling only: a synchronous engine never builds them.
+    @functools.cached_property
+    def sample_rows(self) -> dict[Request, int]:
+        """Each sampling request's row in ``token_ids``."""
+        return {request: row for row, request in enumerate(self.sampling)}
+
+    @functools.cached_property
+    def needs_outputs(self) -> bool:
+        """Whether a request's next sampling reads its outputs: the host must have them first."""
+        return any(request.samples_from_output for request in self.sampling)
 
     def set_sampled(self, output: SamplerOutput) -> None:
         self.token_ids = output.token_ids

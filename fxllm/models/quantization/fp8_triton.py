@@ -62,8 +62,9 @@ class GemvTile:
 
 # One tile for every layer, chosen with weights streaming from HBM as in a decode step
 # (tools/bench_fp8_gemm.py --sweep-gemv cycles through more weight copies than L2 holds).
-# On an H100 it took a Llama-3-8B layer's four GEMVs from 90.7 µs (Triton's autotuner,
-# which times each layer alone) to 83.7 µs; wide loads along K keep enough bytes in flight.
+# On an H100, in one streaming run, it took a Llama-3-8B layer's four GEMVs from 90.7 µs
+# (Triton's autotuner, which times each layer alone, warm in L2) to 83.7 µs
+# (BENCHMARKS.md); wide loads along K keep enough bytes in flight.
 DEFAULT_GEMV_TILE = GemvTile(block_n=4, block_k=2048, num_warps=4, num_stages=3)
 INTERPRETER_GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
 
