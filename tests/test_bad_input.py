@@ -120,6 +120,41 @@ def test_corrupt_safetensors_error_names_the_file(tmp_path, llama_dir):
         LLM(model=str(model_dir), enforce_eager=True)
 
 
+def test_a_checkpoint_missing_a_weight_is_a_clear_error(tmp_path, llama_dir):
+    """Layers are built without initializing their parameters: one the checkpoint lacks must
+    stop the load, not serve uninitialized memory."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]
+    save_file(weights, model_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="missing weights for: model.layers.0.mlp.down_proj.weight"):
+        LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+
+
+def test_building_a_model_runs_no_parameter_initializer(llama_dir, monkeypatch):
+    """The checkpoint overwrites every parameter: initializing them first only costs start-up time
+    (seconds on a CPU for a 1B model). The initializers are torch's own again afterwards."""
+    import torch
+
+    calls = []
+
+    def counting_initializer(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return tensor
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting_initializer)
+    monkeypatch.setattr(torch.nn.init, "normal_", counting_initializer)
+    llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+    assert calls == []
+    assert torch.nn.init.kaiming_uniform_ is counting_initializer
+    torch.nn.Linear(4, 4)  # outside the build the initializers run
+    assert calls == [(4, 4)]
+    assert all(torch.isfinite(p).all() for p in llm.llm_engine.runner.model.parameters())
+
+
 def test_unknown_keyword_is_named(llama_dir):
     with pytest.raises(TypeError, match="not_a_vllm_argument"):
         LLM(model=str(llama_dir), not_a_vllm_argument=1)

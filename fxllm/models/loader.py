@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -20,6 +21,14 @@ from fxllm.parallel.tp_config import TPLayout, tp_local_config
 from fxllm.models.weights import iterate_safetensors, safetensors_files
 
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None
+
+# The initializers torch's layers call from reset_parameters(). Every parameter is then
+# overwritten by the checkpoint (the loaders fail on any they leave unwritten), so running
+# them only costs time: on a CPU, seconds for a 1B model.
+_PARAMETER_INITIALIZERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -93,7 +102,7 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
     previous = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), _skip_parameter_init():
             model = construct() if quantization is None else construct_with_fp8_linears(construct, quantization)
     finally:
         torch.set_default_dtype(previous)
@@ -104,6 +113,26 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
         files = safetensors_files(model_dir)
         model.load_weights(iterate_sharded_safetensors(files, tp_layout) if sharded else iterate_safetensors(files))
     return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _skip_parameter_init():
+    """Layers built inside keep their parameters uninitialized (torch.nn.init does nothing).
+
+    Buffers a layer computes itself (RoPE tables) are not initializers and still get their
+    values."""
+    saved = {name: getattr(nn.init, name) for name in _PARAMETER_INITIALIZERS}
+    try:
+        for name in saved:
+            setattr(nn.init, name, _leave_uninitialized)
+        yield
+    finally:
+        for name, initializer in saved.items():
+            setattr(nn.init, name, initializer)
+
+
+def _leave_uninitialized(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def weight_bytes(model: nn.Module) -> int:
