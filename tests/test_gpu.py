@@ -80,3 +80,23 @@ def test_triton_backend_greedy_equals_the_torch_reference_backend(arch, tiny_mod
     ours = [o.outputs[0].token_ids for o in triton_llm.generate(prompts, params, use_tqdm=False)]
     theirs = [o.outputs[0].token_ids for o in reference.generate(prompts, params, use_tqdm=False)]
     assert ours == theirs
+
+
+def _compiled_variants(kernel) -> int:
+    """Binaries Triton holds for a jitted kernel, over every device."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+def test_start_up_builds_the_attention_kernel_of_prompt_steps_once(llama_dir):
+    """The warm-up step at start-up compiles the unified attention kernel; request counts of
+    later steps (1, 15, 16, 32: each a case Triton could specialize on) compile nothing more."""
+    from fxllm.runtime.attention.triton_kernels import _unified_attention_kernel
+
+    llm = LLM(model=str(llama_dir), device="cuda", dtype="bfloat16", max_model_len=256, enforce_eager=True)
+    after_start_up = _compiled_variants(_unified_attention_kernel)
+    assert after_start_up >= 1
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    for count in (1, 15, 16, 32):
+        prompts = [{"prompt_token_ids": [3 + i, 5, 7, 11, 13]} for i in range(count)]
+        llm.generate(prompts, params, use_tqdm=False)
+    assert _compiled_variants(_unified_attention_kernel) == after_start_up

@@ -22,6 +22,7 @@ class CompileReport:
     dynamo_seconds: float = 0.0  # capturing the graph
     inductor_seconds: float = 0.0  # compiling (or loading) the pieces
     load_seconds: float = 0.0  # building the model and reading its weights (before compiling)
+    memory_profile_seconds: float = 0.0  # the forward at the full token budget that sizes the KV cache (GPU)
     weight_bytes: int = 0  # parameters and buffers of the model on this device (this rank's shard under TP)
     inductor_compiles: int = 0  # pieces compiled by Inductor (not loaded, not de-duplicated)
     unique_pieces: int = 0  # distinct compiled artifacts after de-duplicating identical layers

@@ -51,6 +51,7 @@ def run_tensor_parallel_worker(rank: int, world_size: int, links: WorkerLinks, c
     runner = ModelRunner(config, rank=rank, links=links)
     runner.allocate_kv_cache(runner.agree_num_blocks(runner.determine_num_blocks()))
     runner.capture_cudagraphs()
+    runner.warm_up()
     with torch.inference_mode():  # the step buffers are inference tensors
         while (message := runner.step_sync.receive()) is not None:
             if isinstance(message, SaveRequest):

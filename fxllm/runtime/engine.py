@@ -35,6 +35,7 @@ class LLMEngine:
             )
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cudagraphs()
+        self.runner.warm_up()
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.async_scheduling = config.scheduler.async_scheduling

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 # Device memory the captured graphs themselves take beyond their pool (kernel nodes,
 # launch parameters).
 CUDA_GRAPH_OVERHEAD_BYTES = 256 << 20
+# The start-up step that builds the kernels of steps with prompt tokens (``warm_up``): any
+# shape with more tokens than requests does.
+WARM_UP_REQUESTS = 2
+WARM_UP_TOKENS_PER_REQUEST = 4
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
@@ -150,6 +154,7 @@ class ModelRunner:
         max_num_seqs rows, and non-torch memory; never more than is actually free (other
         engines in this process or other processes may hold memory)."""
         device = self.device
+        start = time.perf_counter()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         free_before, total = torch.cuda.mem_get_info(device)
@@ -175,6 +180,7 @@ class ModelRunner:
         share = int(total * self.config.cache.gpu_memory_utilization) - weights - activation_peak - non_torch - graphs
         available = min(share, free_after - activation_peak - graphs)
         num_blocks = max(available, 0) // self.bytes_per_block()
+        self.compile_report.memory_profile_seconds = round(time.perf_counter() - start, 2)
         logger.info(
             "memory profile: weights %.2f GiB, activation peak %.2f GiB, non-torch %.2f GiB, CUDA graphs %.2f GiB "
             "-> %d KV blocks (%.2f GiB)",
@@ -291,6 +297,17 @@ class ModelRunner:
         context = ForwardContext(prepared.metadata, self.kv_caches, self.layers, self.backend, graph_step)
         with set_forward_context(context):
             return self.forward_fn(prepared.input_ids if inputs_embeds is None else inputs_embeds, prepared.positions)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run a step shaped like prompt chunks, so that the kernels only such steps use
+        (Triton's attention for them is compiled on first use) are built during start-up,
+        not inside the first ``generate``. Decode-only steps are warm from graph capture."""
+        if self.device.type != "cuda":
+            return  # nothing compiles on first use there
+        prepared = self.inputs.prepare_idle(WARM_UP_REQUESTS, WARM_UP_TOKENS_PER_REQUEST)
+        self._forward(prepared, None)
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:

@@ -226,19 +226,21 @@ class StepInputs:
             num_pending=num_pending,
         )
 
-    def prepare_idle(self, num_requests: int) -> PreparedStep:
-        """A decode-only step of empty requests (for capturing graphs): it writes no KV
-        and attends to nothing."""
+    def prepare_idle(self, num_requests: int, tokens_per_request: int = 1) -> PreparedStep:
+        """A step of empty requests that writes no KV and attends to nothing: decode-only
+        (one token each) for capturing graphs; with more tokens each, shaped like a step of
+        prompt chunks (for warming up the kernels such steps run)."""
         self.wait_for_copies()
+        num_tokens = num_requests * tokens_per_request
         ids, positions, slots = self._tokens_np
         seq_lens, query_start_loc = self._requests_np[SEQ_LENS], self._requests_np[QUERY_START_LOC]
-        ids[:num_requests], positions[:num_requests], slots[:num_requests] = PADDING_TOKEN_ID, 0, PADDING_SLOT
+        ids[:num_tokens], positions[:num_tokens], slots[:num_tokens] = PADDING_TOKEN_ID, 0, PADDING_SLOT
         if self._mrope_np is not None:
-            self._mrope_np[:num_requests] = 0
+            self._mrope_np[:num_tokens] = 0
         seq_lens[:num_requests] = 0
-        query_start_loc[: num_requests + 1] = np.arange(num_requests + 1)
-        self._copy(num_requests, num_requests, 0, 0)
-        return self._prepared(num_requests, num_requests, 0, num_requests, num_requests, 0)
+        query_start_loc[: num_requests + 1] = np.arange(num_requests + 1) * tokens_per_request
+        self._copy(num_tokens, num_requests, 0, 0)
+        return self._prepared(num_tokens, num_requests, 0, num_tokens, num_requests, 0)
 
     def _copy(self, num_tokens: int, num_requests: int, num_real_requests: int, max_blocks: int) -> None:
         if self.device.type == "cpu":

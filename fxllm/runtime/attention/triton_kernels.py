@@ -304,7 +304,9 @@ def _find_request(query_start_loc_ptr, q_block, num_requests, BLOCK_Q: tl.conste
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The request count changes every step: specializing on it (== 1, divisible by 16) would
+# compile the kernel again, for a second or so, the first time a step hits each case.
+@triton.jit(do_not_specialize=["num_requests"])
 def _unified_attention_kernel(
     out_ptr,
     query_ptr,
