@@ -164,17 +164,22 @@ def test_bench_latency_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subproce
 def test_bench_startup_runs_on_a_tiny_shape_with_its_breakdown(tmp_path, capfd, one_thread_subprocesses):
     result, out = _bench(
         tmp_path, capfd, "startup", "--shape", "tiny", "--levels", "0", "--max-model-len", "64", "--decode-tokens", "4",
-        "--device", "cpu",
+        "--device", "cpu", "--cprofile", "5",
     )
-    assert "startup_s" in out
+    assert "startup_s" in out and "cumulative seconds under cProfile" in out
     (row,) = result["rows"]
     assert row["startup_s"] > 0 and row["load_s"] > 0 and row["decode_tok_s"] > 0
+    accounted = row["load_s"] + row["compile_s"] + row["capture_s"] + row["memory_profile_s"]
+    assert row["other_s"] == pytest.approx(row["startup_s"] - accounted, abs=0.02)
+    profiled = row["cprofile_cumulative_s"]
+    assert len(profiled) == 5 and any(name.startswith("llm.py:") for name in profiled)
 
 
 def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, capfd, one_thread_subprocesses):
     result, out = _bench(
         tmp_path, capfd, "throughput", "--shape", "tiny", "--num-requests", "4", "--input-len", "8", "32",
         "--output-len", "4", "12", "--enforce-eager", "--hf-compare", "2", "--profile-steps", "2", "--profile-after", "1",
+        "--step-log",
     )
     assert "output tok/s" in out
     assert result["fxllm"]["requests"] == 4 and result["fxllm"]["output_tok_s"] > 0
@@ -182,6 +187,12 @@ def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, 
     profile = result["profile"]
     assert profile["steps"] == 2 and profile["wall_ms_per_step"] > 0
     assert "aten::mm" in profile["top_kernels_ms_per_step"]  # on a CPU the profiler's "kernels" are operators
+    steps = result["steps"]
+    assert steps["all"]["steps"] == steps["with_prompt_tokens"]["steps"] + steps["decode_only"]["steps"]
+    # Every output token but each request's first (sampled by its prompt's last step) is a decode's.
+    assert steps["decode_only"]["tokens"] + steps["with_prompt_tokens"]["tokens"] == (
+        result["fxllm"]["prompt_tokens"] + result["fxllm"]["output_tokens"] - result["fxllm"]["requests"])
+    assert steps["decode_only"]["kv_gb_per_s"] > 0 and "decodes, batch" in out
 
 
 def test_bench_outside_a_source_checkout_says_where_the_scripts_are(tmp_path, monkeypatch, capsys):

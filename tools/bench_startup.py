@@ -7,11 +7,17 @@ model (first call = prefill of the prompt) as the comparator.
 
     python tools/bench_startup.py                         # default model, CPU
     python tools/bench_startup.py --shape llama-3.2-1b    # random weights, GPU if present
+
+"other" is the start-up less load, compile, the memory profile (GPU) and capture: config
+and tokenizer, CUDA's start, the KV cache. ``--cprofile N`` runs each fxllm start under cProfile and lists
+the N fxllm functions with the most cumulative time (where "other" goes); the profiler
+slows Python down, so its run's figures are not the un-profiled ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import subprocess
@@ -21,6 +27,20 @@ import time
 from pathlib import Path
 
 PROMPT_TOKENS = 128
+PROFILED_PACKAGE = "fxllm"
+
+
+def _top_functions(profiler: cProfile.Profile, count: int) -> dict[str, float]:
+    """The ``count`` functions of fxllm with the most cumulative seconds."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive, own s, cumulative s, callers)
+    ranked = sorted(
+        ((f"{Path(file).name}:{line}({name})", row[3]) for (file, line, name), row in stats.items()
+         if f"/{PROFILED_PACKAGE}/" in file and name != "<genexpr>"),
+        key=lambda item: -item[1],
+    )
+    return {name: round(seconds, 2) for name, seconds in ranked[:count]}
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -28,10 +48,15 @@ def _worker(args: argparse.Namespace) -> dict:
 
     from fxllm import LLM, SamplingParams
 
+    profiler = cProfile.Profile() if args.cprofile else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     compilation = {"level": args.level, "cache_dir": args.cache_dir}
     llm = LLM(model=args.model, max_model_len=args.max_model_len, compilation_config=compilation, device=args.device)
     startup = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
     report = llm.compile_report()
     vocab_size = llm.llm_engine_config.model.hf_config.vocab_size
     prompt_tokens = min(PROMPT_TOKENS, args.max_model_len - args.decode_tokens)
@@ -43,18 +68,25 @@ def _worker(args: argparse.Namespace) -> dict:
     begin = time.perf_counter()
     llm.generate(prompt, params, use_tqdm=False)
     elapsed = time.perf_counter() - begin
-    return {
+    accounted = (report.load_seconds + report.compile_seconds + report.cudagraph_capture_seconds
+                 + report.memory_profile_seconds)
+    row = {
         "startup_s": round(startup, 2),
         "load_s": report.load_seconds,
         "dynamo_s": report.dynamo_seconds,
         "inductor_s": report.inductor_seconds,
         "compile_s": report.compile_seconds,
         "capture_s": report.cudagraph_capture_seconds,
+        "memory_profile_s": report.memory_profile_seconds,
+        "other_s": round(startup - accounted, 2),
         "graph_mib": round(report.cudagraph_memory_bytes / 2**20),
         "inductor_compiles": report.inductor_compiles,
         "loaded_from_cache": report.loaded_from_cache,
         "decode_tok_s": round(args.decode_tokens / elapsed, 1),
     }
+    if profiler is not None:
+        row["cprofile_cumulative_s"] = _top_functions(profiler, args.cprofile)
+    return row
 
 
 def _hf_worker(args: argparse.Namespace) -> dict:
@@ -80,7 +112,8 @@ def _run(args: argparse.Namespace, mode: str, level: int | None, cache: Path) ->
     env["TRITON_CACHE_DIR"] = str(cache / "triton")
     command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device", args.device,
                "--max-model-len", str(args.max_model_len), "--decode-tokens", str(args.decode_tokens),
-               "--cache-dir", str(cache / "fxllm"), "--level", str(level if level is not None else 0)]
+               "--cache-dir", str(cache / "fxllm"), "--level", str(level if level is not None else 0),
+               "--cprofile", str(args.cprofile)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} worker failed:\n{result.stderr[-4000:]}")
@@ -96,6 +129,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--hf-compile", action="store_true", help="also time a whole-model torch.compile of HF")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="profile each fxllm start; list its N costliest fxllm functions (see above)")
     parser.add_argument("--json", default="bench_startup.json")
     parser.add_argument("--worker", choices=["fxllm", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--level", type=int, default=3, help=argparse.SUPPRESS)
@@ -123,10 +158,16 @@ def main() -> None:
     if args.hf_compile:
         with tempfile.TemporaryDirectory() as cache:
             rows.append({"engine": "HF torch.compile (first call)", "run": "cold", **_run(args, "hf", None, Path(cache))})
-    columns = ["startup_s", "load_s", "dynamo_s", "inductor_s", "capture_s", "decode_tok_s"]
+    columns = ["startup_s", "load_s", "dynamo_s", "inductor_s", "capture_s", "memory_profile_s", "other_s",
+               "decode_tok_s"]
     print(f"{'engine':<32} {'run':<5} " + " ".join(f"{c:>12}" for c in columns))
     for row in rows:
         print(f"{row['engine']:<32} {row['run']:<5} " + " ".join(f"{row.get(c, ''):>12}" for c in columns))
+    for row in rows:
+        if "cprofile_cumulative_s" in row:
+            print(f"\n{row['engine']}, {row['run']}: cumulative seconds under cProfile")
+            for name, seconds in row["cprofile_cumulative_s"].items():
+                print(f"  {seconds:>8}  {name}")
     with open(args.json, "w") as handle:
         json.dump({"model": args.model, "shape": args.shape, "rows": rows}, handle, indent=2)
 

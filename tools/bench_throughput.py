@@ -19,6 +19,12 @@ repeated run, and the comparator repeats the first N requests.
 ``--profile-steps N`` runs the workload once more under the torch profiler and reports
 N engine steps taken after ``--profile-after`` steps (past the prefill-heavy start):
 wall ms per step, kernel ms per step and the kernels that take the most of it.
+
+``--step-log`` records every step of the main run (requests, tokens, context, wall time)
+and sums them by kind: steps of decodes alone (one CUDA graph each) against steps that
+carry prompt tokens, and for the decode steps the KV cache bytes they read per second.
+Under async scheduling a step's wall time is the time between launches, which in a
+steady run is the device's time for the step.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ SHAPES = ("qwen3-0.6b", "tiny")
 PROFILE_AFTER_STEPS = 200  # past the first steps, which prefill most of the 256 prompts
 PROFILE_TOP_KERNELS = 15
 PROFILER_WARMUP_STEPS = 1  # the profiler's own start-up lands here, not in the measured steps
+STEP_LOG_BATCH_BUCKETS = (1, 32, 64, 128, 192, 256)  # decode steps summed by batch size up to each bound
 
 
 @dataclass
@@ -93,6 +100,79 @@ def bench_fxllm(llm: LLM, workload: Workload) -> dict:
         "seconds": round(seconds, 3),
         "output_tok_s": round(output_tokens / seconds, 1),
         "total_tok_s": round((prompt_tokens + output_tokens) / seconds, 1),
+    }
+
+
+@dataclass
+class StepRecord:
+    requests: int
+    tokens: int
+    context: int  # tokens of K/V the step's attention reads (each request's context after the step)
+    seconds: float
+
+    @property
+    def decode_only(self) -> bool:
+        return self.tokens == self.requests
+
+
+def run_with_step_log(llm: LLM, workload: Workload) -> tuple[dict, list[StepRecord]]:
+    """The workload, with one record per engine step that scheduled anything."""
+    engine = llm.llm_engine
+    scheduler = engine.scheduler
+    real_schedule, real_step = scheduler.schedule, engine.step
+    records: list[StepRecord] = []
+    scheduled = []
+
+    def logged_schedule():
+        output = real_schedule()
+        scheduled.append(output)
+        return output
+
+    def logged_step():
+        start = time.perf_counter()
+        scheduled.clear()
+        try:
+            return real_step()
+        finally:
+            for output in scheduled:
+                if output.scheduled:
+                    context = sum(s.request.num_computed_tokens for s in output.scheduled)  # already advanced
+                    records.append(StepRecord(len(output.scheduled), output.num_tokens, context,
+                                              time.perf_counter() - start))
+
+    scheduler.schedule, engine.step = logged_schedule, logged_step
+    try:
+        result = bench_fxllm(llm, workload)
+    finally:
+        del scheduler.schedule, engine.step  # the class's methods again (no cycle through the engine)
+    return result, records
+
+
+def summarize_steps(records: list[StepRecord], kv_bytes_per_token: int, preemptions: int) -> dict:
+    """Steps and seconds by kind; for decode steps, by batch size, with the KV bytes read per second."""
+    def summary(group: list[StepRecord]) -> dict:
+        seconds = sum(r.seconds for r in group)
+        context = sum(r.context for r in group)
+        return {
+            "steps": len(group),
+            "seconds": round(seconds, 3),
+            "ms_per_step": round(seconds * 1e3 / len(group), 3) if group else 0.0,
+            "mean_requests": round(sum(r.requests for r in group) / len(group), 1) if group else 0.0,
+            "tokens": sum(r.tokens for r in group),
+            "kv_gb_per_s": round(context * kv_bytes_per_token / seconds / 1e9, 2) if seconds else 0.0,
+        }
+
+    decodes = [r for r in records if r.decode_only]
+    by_batch, low = {}, 0
+    for high in STEP_LOG_BATCH_BUCKETS:
+        by_batch[f"{low + 1}-{high}"] = summary([r for r in decodes if low < r.requests <= high])
+        low = high
+    return {
+        "preemptions": preemptions,
+        "all": summary(records),
+        "with_prompt_tokens": summary([r for r in records if not r.decode_only]),
+        "decode_only": summary(decodes),
+        "decode_only_by_batch": by_batch,
     }
 
 
@@ -205,7 +285,14 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     result["startup_s"] = round(time.perf_counter() - start, 2)  # warm-up included
     result["device"] = torch.cuda.get_device_name() if llm.llm_engine_config.device.type == "cuda" else "cpu"
     result["level"] = 0 if args.enforce_eager else args.level
-    result["fxllm"] = bench_fxllm(llm, workload)
+    if args.step_log:
+        result["fxllm"], records = run_with_step_log(llm, workload)
+        runner = llm.llm_engine.runner
+        kv_bytes_per_token = runner.bytes_per_block() // runner.block_size
+        result["steps"] = summarize_steps(records, kv_bytes_per_token, llm.llm_engine.scheduler.num_preemptions)
+        result["kv_cache_blocks"] = runner.num_blocks
+    else:
+        result["fxllm"] = bench_fxllm(llm, workload)
     if args.hf_compare:
         result["fxllm_same_as_hf"] = bench_fxllm(llm, workload.head(args.hf_compare))
         result["speedup_vs_hf"] = round(result["fxllm_same_as_hf"]["output_tok_s"] / result["hf"]["useful_tok_s"], 2)
@@ -250,6 +337,17 @@ def print_table(result: dict) -> None:
         print(f"fxllm / HF on the same requests: {result['speedup_vs_hf']}x")
 
 
+def print_steps(steps: dict) -> None:
+    print(f"\nsteps of the main run ({steps['preemptions']} preemptions); KV GB/s = context read by attention / wall")
+    print(f"{'steps':<26} {'count':>6} {'seconds':>8} {'ms/step':>8} {'requests':>9} {'tokens':>8} {'KV GB/s':>8}")
+    rows = [("all", steps["all"]), ("with prompt tokens", steps["with_prompt_tokens"]),
+            ("decodes only", steps["decode_only"])]
+    rows += [(f"  decodes, batch {bucket}", group) for bucket, group in steps["decode_only_by_batch"].items()]
+    for label, group in rows:
+        print(f"{label:<26} {group['steps']:>6} {group['seconds']:>8} {group['ms_per_step']:>8} "
+              f"{group['mean_requests']:>9} {group['tokens']:>8} {group['kv_gb_per_s']:>8}")
+
+
 def print_profile(profile: dict) -> None:
     title = (f"profile of {profile['steps']} steps after step {profile['after_steps']}: "
              f"{profile['wall_ms_per_step']} ms wall, {profile['kernel_ms_per_step']} ms of kernels per step")
@@ -280,6 +378,8 @@ def parse_args() -> argparse.Namespace:
                         help="also profile N engine steps of another run of the workload (see above)")
     parser.add_argument("--profile-after", type=int, default=PROFILE_AFTER_STEPS, metavar="K",
                         help="steps to let pass before the profiled ones")
+    parser.add_argument("--step-log", action="store_true",
+                        help="record every step of the main run and sum them by kind (see above)")
     parser.add_argument("--json", default="bench_throughput.json", help="where to write the results")
     args = parser.parse_args()
     if args.num_requests < 1:
@@ -304,6 +404,8 @@ def main() -> None:
         model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
         result = run(args, model_dir)
     print_table(result)
+    if "steps" in result:
+        print_steps(result["steps"])
     if "profile" in result:
         print_profile(result["profile"])
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
