@@ -122,6 +122,28 @@ def test_each_step_is_launched_before_the_previous_steps_tokens_are_taken(engine
     assert events == ["launch"] + ["launch", "result"] * (max_tokens - 1) + ["result"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_request_is_detokenized_in_the_step_that_finishes_it(engines, mode):
+    """Its text is decoded inside ``step`` (overlapping the next step's device work under
+    async scheduling), not left for the output to decode after the run."""
+    llm = engines[mode == "async"]
+    engine = llm.llm_engine
+    finished = []
+
+    def step():
+        done = type(engine).step(engine)
+        finished.extend((request.detokenizer.num_undecoded, len(request.output_token_ids)) for request in done)
+        return done
+
+    engine.step = step
+    try:
+        llm.generate(["Hello there", "Once upon a time"], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        del engine.step
+    assert finished == [(0, 7), (0, 7)]
+
+
 def test_a_request_whose_sampling_reads_its_outputs_is_run_step_by_step(engines, monkeypatch):
     overlapped = engines[1]
     params = SamplingParams(temperature=0, max_tokens=4, frequency_penalty=0.5, ignore_eos=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fxllm import LLM, SamplingParams
-from fxllm.runtime.detokenizer import IncrementalDetokenizer
+from fxllm.runtime.detokenizer import BULK_DECODE_MIN_TOKENS, IncrementalDetokenizer
 from fxllm.runtime.sampler import _apply_top_k_top_p
 
 PROMPTS = ["The capital of France is", "Hello world", "Once upon a time"]
@@ -111,8 +111,42 @@ def test_tokens_are_decoded_when_the_text_is_read_and_reads_in_between_change_no
     for token_id in output_ids:
         eager.add(token_id)
         partial.append(eager.text)  # as a request with stop strings reads it
-    assert lazy.text == eager.text == text and len(steps) == len(output_ids)
+    assert len(output_ids) >= BULK_DECODE_MIN_TOKENS
+    assert lazy.text == eager.text == text
+    assert steps == []  # read once, at the end: one decode of all the tokens, no stream steps
     assert all(text.startswith(prefix) for prefix in partial)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_a_bulk_decode_gives_the_streams_text(llm, skip_special_tokens):
+    """Text of words (multi-byte characters among them) with random ids mixed in (stray bytes,
+    special tokens): reading the text once at the end (in bulk where it can) and reading it
+    after every token (the stream) agree, also when tokens arrive after a bulk read."""
+    import random
+
+    tokenizer = llm.get_tokenizer()
+    words = [" Hello", " world", "!", " café", " —", " naïve", " 東京", " ✓", "\n", " the", " count"]
+    rng = random.Random(0)
+    in_bulk = 0
+    for case in range(200):
+        prompt_ids = tokenizer.encode("".join(rng.choice(words) for _ in range(rng.randint(1, 4))))
+        output_ids = tokenizer.encode("".join(rng.choice(words) for _ in range(rng.randint(8, 20))))
+        for ids in (prompt_ids, output_ids):
+            for _ in range(case % 3):  # a third of the cases without random ids
+                ids.insert(rng.randrange(len(ids) + 1), rng.randrange(len(tokenizer)))
+        streamed = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        bulk = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        for token_id in output_ids:
+            streamed.add(token_id)
+            _ = streamed.text
+            bulk.add(token_id)
+        assert bulk.text == streamed.text
+        in_bulk += bulk._streamed == 0
+        for token_id in output_ids[:3]:
+            streamed.add(token_id)
+            bulk.add(token_id)
+        assert bulk.text == streamed.text
+    assert in_bulk >= 50  # the bulk decode, not only its fallback, was compared
 
 
 def test_completion_text_is_the_decoded_tokens_up_to_an_incomplete_character(llm):

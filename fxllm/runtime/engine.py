@@ -97,6 +97,9 @@ class LLMEngine:
                 request.append_output(token_id, self._logprob_dict(logprobs, request) if logprobs else None)
                 if request.finish_reason is not None:
                     self.scheduler.finish(request)
+                    # Its text now, inside the step: under async scheduling the device is
+                    # running the next step meanwhile, so the decode costs no wall time.
+                    _ = request.text
                     finished.append(request)
         return finished
 
