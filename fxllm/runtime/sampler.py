@@ -174,7 +174,8 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
         if batch.processes_logits:
             logits = _process(logits, batch)
-        greedy_tokens = logits.argmax(dim=-1)
+        # Greedy rows' tokens; not computed when no row is greedy (a pass over [B, V]).
+        greedy_tokens = logits.argmax(dim=-1) if batch.any_greedy else None
         if batch.all_greedy:
             tokens = greedy_tokens
         else:
@@ -183,7 +184,7 @@ class Sampler:
                 logits = _apply_min_p(logits, batch.min_p)
             if batch.top_k is not None or batch.top_p is not None:
                 logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-            sampled = _sample_exponential(logits.softmax(dim=-1), batch.generators, self.generator)
+            sampled = _sample_exponential(logits, batch.generators, self.generator)
             tokens = torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
         output = SamplerOutput(tokens)
         if raw_logprobs is not None:
@@ -232,11 +233,13 @@ def _apply_top_k_top_p(
 
 
 def _sample_exponential(
-    probs: torch.Tensor, generators: list[torch.Generator | None], default: torch.Generator
+    logits: torch.Tensor, generators: list[torch.Generator | None], default: torch.Generator
 ) -> torch.Tensor:
-    """argmax(p / E) with E ~ Exp(1) draws a token with probability p (no CPU sync)."""
-    noise = torch.empty_like(probs).exponential_(generator=default)
+    """argmax(p / E) with E ~ Exp(1) draws a token with probability p = softmax(logits) (no
+    CPU sync). Taken as argmax(logits - log E), the same argmax without the softmax's passes
+    over [B, V]. ``logits`` is overwritten."""
+    noise = torch.empty_like(logits).exponential_(generator=default)
     for row, generator in enumerate(generators):
         if generator is not None:
             noise[row].exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    return logits.sub_(noise.log_()).argmax(dim=-1)
