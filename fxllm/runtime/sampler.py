@@ -2,7 +2,8 @@
 
 Order: raw logits -> logprobs (vLLM's default: before any processing) ->
 allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias ->
-penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> sample.
+penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> sample (plain
+temperature sampling on a GPU: one Triton pass, sampling_kernels.py).
 No loop over the vocabulary; the only per-request Python is building the batch's
 tensors and the noise draw of seeded requests (each from its own generator, so a
 seed gives the same tokens whatever else is in the batch).
@@ -170,16 +171,23 @@ class Sampler:
         self.generator = generator  # for requests without a seed
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()  # [B, V]
-        raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
+        # [B, V] in the model's dtype: fp32 where a step needs it, the one-pass sampler reads
+        # them as they are (an argmax is the same in either).
+        raw_logprobs = logits.float().log_softmax(dim=-1) if batch.num_logprobs is not None else None
         if batch.processes_logits:
-            logits = _process(logits, batch)
+            logits = _process(logits.float(), batch)
         # Greedy rows' tokens; not computed when no row is greedy (a pass over [B, V]).
         greedy_tokens = logits.argmax(dim=-1) if batch.any_greedy else None
         if batch.all_greedy:
             tokens = greedy_tokens
+        elif _samples_in_one_pass(logits, batch):
+            from fxllm.runtime.sampling_kernels import draw_seeds, gumbel_max_sample  # Triton: CUDA only
+
+            seeds = draw_seeds(logits.shape[0], batch.generators, self.generator, logits.device)
+            sampled = gumbel_max_sample(logits, batch.temperature, seeds)
+            tokens = torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
         else:
-            logits = logits / batch.temperature[:, None]
+            logits = logits.float() / batch.temperature[:, None]
             if batch.min_p is not None:
                 logits = _apply_min_p(logits, batch.min_p)
             if batch.top_k is not None or batch.top_p is not None:
@@ -192,6 +200,12 @@ class Sampler:
             output.sampled_ranks = (raw_logprobs > output.sampled_logprobs[:, None]).sum(dim=-1) + 1
             output.top_logprobs, output.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return output
+
+
+def _samples_in_one_pass(logits: torch.Tensor, batch: SamplingBatch) -> bool:
+    """Plain temperature sampling on a GPU runs as one Triton pass (sampling_kernels.py);
+    min_p, top-k and top-p need the whole row's distribution first, and stay in torch."""
+    return logits.is_cuda and batch.min_p is None and batch.top_k is None and batch.top_p is None
 
 
 def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
