@@ -344,3 +344,30 @@ def test_gpu_decode_replays_in_a_cuda_graph_with_new_metadata():
     graph.replay()
     torch.cuda.synchronize()
     assert relative_error(out, reference(second)[0]) <= BF16_RELATIVE_ERROR
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_vl"])
+def test_start_up_runs_one_step_shaped_like_prompt_chunks(arch, tiny_model_dirs, tmp_path, monkeypatch):
+    """With a backend that compiles on first use (Triton), the engine's start-up ends with a
+    warm-up step of prompt-shaped requests (on token embeddings for a vision-language
+    model) that writes no KV; the engine then serves as before. On a CPU the kernels run
+    under the interpreter."""
+    import fxllm.runtime.runner as runner_module
+    from fxllm import LLM, SamplingParams
+    from fxllm.runtime.runner import WARM_UP_REQUESTS, WARM_UP_TOKENS_PER_REQUEST
+    from tests.tiny_vl_models import save_tiny_vl_model
+
+    model_dir = tiny_model_dirs[arch] if arch in tiny_model_dirs else save_tiny_vl_model(arch, tmp_path / arch)
+    monkeypatch.setattr(runner_module, "select_attention_backend", lambda device: TritonAttentionBackend())
+    launched, real_unified = [], triton_kernels.unified_attention
+
+    def unified_attention(query, *args, **kwargs):
+        launched.append(query.shape[0])
+        return real_unified(query, *args, **kwargs)
+
+    monkeypatch.setattr(triton_kernels, "unified_attention", unified_attention)
+    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=64, dtype="float32")
+    num_layers = len(llm.llm_engine.runner.layers)
+    assert launched == [WARM_UP_REQUESTS * WARM_UP_TOKENS_PER_REQUEST] * num_layers
+    (output,) = llm.generate({"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 2

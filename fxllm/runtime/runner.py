@@ -303,11 +303,12 @@ class ModelRunner:
         """Run a step shaped like prompt chunks, so that the kernels only such steps use
         (Triton's attention for them is compiled on first use) are built during start-up,
         not inside the first ``generate``. Decode-only steps are warm from graph capture."""
-        if self.device.type != "cuda":
-            return  # nothing compiles on first use there
+        if not self.backend.compiles_on_first_use:
+            return
         prepared = self.inputs.prepare_idle(WARM_UP_REQUESTS, WARM_UP_TOKENS_PER_REQUEST)
-        self._forward(prepared, None)
-        torch.cuda.synchronize(self.device)
+        # A vision-language model takes token embeddings (no image here: the text's own).
+        inputs_embeds = self.model.embed_input_ids(prepared.input_ids) if self.embedder else None
+        self._forward(prepared, None, inputs_embeds)
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:

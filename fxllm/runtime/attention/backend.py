@@ -12,6 +12,9 @@ from fxllm.runtime.forward_context import AttentionMetadata
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether kernels are built on first use (Triton's JIT): the engine then runs a warm-up
+    # step at start-up, so that the first ``generate`` does not pay for it.
+    compiles_on_first_use: bool
 
     def forward(
         self,

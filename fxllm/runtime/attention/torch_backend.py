@@ -111,6 +111,7 @@ class _DecodePlan:
 
 class TorchAttentionBackend:
     name = "torch"
+    compiles_on_first_use = False
 
     def __init__(self) -> None:
         self._plan: tuple[AttentionMetadata, _DecodePlan] | None = None

@@ -23,6 +23,7 @@ Scratch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # partial acc, max, s
 
 class TritonAttentionBackend:
     name = "triton"
+    compiles_on_first_use = True
 
     def __init__(self) -> None:
         # Split-decode scratch, one set per shape and shared by all layers (they run one
