@@ -19,7 +19,10 @@ if TYPE_CHECKING:  # the engine is imported only by the subcommands that need it
 
 # Exit status for a bad model or bad generation settings: the same as argparse's usage errors.
 USAGE_ERROR = 2
-BENCHMARKS = ("throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "vision", "host_step")
+BENCHMARKS = (
+    "throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "vision", "host_step", "attention",
+    "decode_settings",
+)
 DEFAULT_INSPECT_DIR = "fxllm_inspect"
 DEFAULT_MAX_TOKENS = 64
 # Errors the engine raises for user input (a missing or unreadable model, a bad setting);

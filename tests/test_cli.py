@@ -195,6 +195,20 @@ def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, 
     assert steps["decode_only"]["kv_gb_per_s"] > 0 and "decodes, batch" in out
 
 
+def test_bench_decode_settings_checks_each_setting_against_the_default(tmp_path, capfd):
+    """Under the interpreter: every setting's output matches the default setting's (fp32);
+    nothing is timed. The default (64 keys, 4 warps, 3 stages, 8 per SM) is among them."""
+    rows, out = _bench(
+        tmp_path, capfd, "decode_settings", "--device", "cpu", "--batch-sizes", "3", "--contexts", "8", "80",
+        "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "16", "--tile-keys", "16", "64", "--warps", "4",
+        "--stages", "3", "--programs-per-sm", "8", "64",
+    )
+    assert [(row["tile_keys"], row["programs_per_sm"]) for row in rows] == [(16, 8), (16, 64), (64, 8), (64, 64)]
+    assert sum(row["default"] for row in rows) == 1 and "(default)" in out
+    assert all(row["max_abs_error"] < 1e-5 and row["us"] is None for row in rows)
+    assert len({row["splits"] for row in rows}) > 1  # the programs-per-SM target changes the split count
+
+
 def test_bench_outside_a_source_checkout_says_where_the_scripts_are(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_tools_dir", lambda: tmp_path)
     assert cli.main(["bench", "startup"]) == 2
