@@ -179,7 +179,7 @@ def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, 
     result, out = _bench(
         tmp_path, capfd, "throughput", "--shape", "tiny", "--num-requests", "4", "--input-len", "8", "32",
         "--output-len", "4", "12", "--enforce-eager", "--hf-compare", "2", "--profile-steps", "2", "--profile-after", "1",
-        "--step-log",
+        "--step-log", "--compare-torch-sampler",
     )
     assert "output tok/s" in out
     assert result["fxllm"]["requests"] == 4 and result["fxllm"]["output_tok_s"] > 0
@@ -193,6 +193,8 @@ def test_bench_throughput_runs_on_a_tiny_shape_with_the_hf_comparator(tmp_path, 
     assert steps["decode_only"]["tokens"] + steps["with_prompt_tokens"]["tokens"] == (
         result["fxllm"]["prompt_tokens"] + result["fxllm"]["output_tokens"] - result["fxllm"]["requests"])
     assert steps["decode_only"]["kv_gb_per_s"] > 0 and "decodes, batch" in out
+    assert result["fxllm_torch_sampler"]["output_tokens"] == result["fxllm"]["output_tokens"]
+    assert "torch sampling path" in out
 
 
 def test_bench_decode_settings_checks_each_setting_against_the_default(tmp_path, capfd):

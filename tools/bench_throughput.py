@@ -308,7 +308,23 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     if args.compare_sync:
         _release(on_gpu)
         result["fxllm_sync"] = bench_fxllm(_engine(args, model_dir, args.pass_config, async_scheduling=False), workload)
+    if args.compare_torch_sampler:
+        _release(on_gpu)
+        result["fxllm_torch_sampler"] = _run_with_torch_sampler(args, model_dir, workload)
     return result
+
+
+def _run_with_torch_sampler(args: argparse.Namespace, model_dir: Path, workload: Workload) -> dict:
+    """The workload on a fresh engine whose sampler takes its torch path for every batch
+    (on a GPU, plain temperature sampling otherwise runs as one Triton pass)."""
+    from fxllm.runtime import sampler
+
+    one_pass = sampler._samples_in_one_pass
+    sampler._samples_in_one_pass = lambda logits, batch: False
+    try:
+        return bench_fxllm(_engine(args, model_dir, args.pass_config), workload)
+    finally:
+        sampler._samples_in_one_pass = one_pass
 
 
 def _release(on_gpu: bool) -> None:
@@ -323,7 +339,9 @@ def print_table(result: dict) -> None:
     fx = result["fxllm"]
     print(f"{'fxllm level ' + str(result['level']):<34} {fx['requests']:>8} {fx['output_tok_s']:>12} "
           f"{fx['total_tok_s']:>11} {fx['seconds']:>8}")
-    for key, label in (("fxllm_passes_off", "FX passes off"), ("fxllm_sync", "async scheduling off")):
+    others = (("fxllm_passes_off", "FX passes off"), ("fxllm_sync", "async scheduling off"),
+              ("fxllm_torch_sampler", "torch sampling path"))
+    for key, label in others:
         if key in result:
             other = result[key]
             print(f"{'fxllm level ' + str(result['level']) + ', ' + label:<34} {other['requests']:>8} "
@@ -370,6 +388,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compare-passes-off", action="store_true",
                         help="also run the workload with the FX passes off (enable_noop/enable_fusion False)")
+    parser.add_argument("--compare-torch-sampler", action="store_true",
+                        help="also run the workload with the sampler's torch path (not the one-pass GPU kernel)")
     parser.add_argument("--compare-sync", action="store_true",
                         help="also run the workload with async scheduling off (each step waits for the last one's tokens)")
     parser.add_argument("--pass-config", type=json.loads, default=None, metavar="JSON",
