@@ -159,7 +159,8 @@ def summarize_steps(records: list[StepRecord], kv_bytes_per_token: int, preempti
             "ms_per_step": round(seconds * 1e3 / len(group), 3) if group else 0.0,
             "mean_requests": round(sum(r.requests for r in group) / len(group), 1) if group else 0.0,
             "tokens": sum(r.tokens for r in group),
-            "kv_gb_per_s": round(context * kv_bytes_per_token / seconds / 1e9, 2) if seconds else 0.0,
+            # Significant digits, not decimals: a CPU smoke run's steps read kilobytes.
+            "kv_gb_per_s": float(f"{context * kv_bytes_per_token / seconds / 1e9:.4g}") if seconds else 0.0,
         }
 
     decodes = [r for r in records if r.decode_only]
