@@ -180,19 +180,8 @@ class Sampler:
         greedy_tokens = logits.argmax(dim=-1) if batch.any_greedy else None
         if batch.all_greedy:
             tokens = greedy_tokens
-        elif _samples_in_one_pass(logits, batch):
-            from fxllm.runtime.sampling_kernels import draw_seeds, gumbel_max_sample  # Triton: CUDA only
-
-            seeds = draw_seeds(logits.shape[0], batch.generators, self.generator, logits.device)
-            sampled = gumbel_max_sample(logits, batch.temperature, seeds)
-            tokens = torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
         else:
-            logits = logits.float() / batch.temperature[:, None]
-            if batch.min_p is not None:
-                logits = _apply_min_p(logits, batch.min_p)
-            if batch.top_k is not None or batch.top_p is not None:
-                logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-            sampled = _sample_exponential(logits, batch.generators, self.generator)
+            sampled = self._sample(logits, batch)
             tokens = torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
         output = SamplerOutput(tokens)
         if raw_logprobs is not None:
@@ -200,6 +189,20 @@ class Sampler:
             output.sampled_ranks = (raw_logprobs > output.sampled_logprobs[:, None]).sum(dim=-1) + 1
             output.top_logprobs, output.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return output
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """One token per row from softmax(logits / temperature), after min_p, top-k and top-p."""
+        if _samples_in_one_pass(logits, batch):
+            from fxllm.runtime.sampling_kernels import draw_seeds, gumbel_max_sample  # Triton: CUDA only
+
+            seeds = draw_seeds(logits.shape[0], batch.generators, self.generator, logits.device)
+            return gumbel_max_sample(logits, batch.temperature, seeds)
+        logits = logits.float() / batch.temperature[:, None]
+        if batch.min_p is not None:
+            logits = _apply_min_p(logits, batch.min_p)
+        if batch.top_k is not None or batch.top_p is not None:
+            logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        return _sample_exponential(logits, batch.generators, self.generator)
 
 
 def _samples_in_one_pass(logits: torch.Tensor, batch: SamplingBatch) -> bool:

@@ -149,12 +149,12 @@ class StepInputs:
 
     def fill_pending(self, prepared: PreparedStep, sampled_ids: torch.Tensor) -> None:
         """Write the step's pending input tokens from ``sampled_ids`` (the previous step's, on the
-        device) into its input ids, on the device's queue: the host never waits for them."""
+        device) into its input ids, on the device's queue: the host never waits for them.
+        Callers skip steps without pending tokens (there may be no previous step then)."""
         count = prepared.num_pending
-        if count:
-            tokens = self.requests[PENDING_TOKENS, :count]
-            sources = self.requests[PENDING_SOURCES, :count]
-            prepared.input_ids.index_put_((tokens,), sampled_ids[sources])
+        tokens = self.requests[PENDING_TOKENS, :count]
+        sources = self.requests[PENDING_SOURCES, :count]
+        prepared.input_ids.index_put_((tokens,), sampled_ids[sources])
 
     def _write_block_row(self, row: int, blocks: list[int]) -> int:
         """Bring host table row ``row`` up to ``blocks``; returns its length. A request's
