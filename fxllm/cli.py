@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the engine is imported only by the subcommands that need it
 USAGE_ERROR = 2
 BENCHMARKS = (
     "throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "vision", "host_step", "attention",
-    "decode_settings",
+    "decode_settings", "all_reduce",
 )
 DEFAULT_INSPECT_DIR = "fxllm_inspect"
 DEFAULT_MAX_TOKENS = 64

@@ -395,6 +395,9 @@ def worker_multiproc_method() -> str | None:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     worker_multiproc_method: str | None = None  # fork / spawn; None: fork unless CUDA is initialized
+    # Small all-reduces on GPUs go through peer memory (parallel/one_shot_all_reduce.py);
+    # True: NCCL for every size (vLLM's option of the same name).
+    disable_custom_all_reduce: bool = False
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,6 @@ IGNORED_VLLM_ARGUMENTS = frozenset(
         "code_revision",
         "download_dir",
         "cpu_offload_gb",
-        "disable_custom_all_reduce",
         "enable_chunked_prefill",
         "max_seq_len_to_capture",
         "disable_async_output_proc",
@@ -126,6 +125,7 @@ class LLM:
         generation_config: str = "auto",
         device: str = "auto",
         tensor_parallel_size: int = 1,
+        disable_custom_all_reduce: bool = False,
         load_format: str = "auto",
         quantization: str | None = None,
         compilation_config: CompilationConfig | dict | int | None = None,
@@ -228,7 +228,9 @@ class LLM:
             device=resolved_device,
             compilation=compilation.eager() if enforce_eager else compilation,
             seed=seed,
-            parallel=ParallelConfig(tensor_parallel_size, worker_multiproc_method()),
+            parallel=ParallelConfig(
+                tensor_parallel_size, worker_multiproc_method(), disable_custom_all_reduce=bool(disable_custom_all_reduce)
+            ),
         )
         # Images and videos are processed on the host before requests are queued; none when every limit is 0.
         self.mm_processor: MultiModalProcessor | None = None

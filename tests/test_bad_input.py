@@ -165,6 +165,17 @@ def test_ignored_vllm_arguments_warn_once(llama_dir):
         LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, trust_remote_code=True, swap_space=4)
 
 
+def test_disable_custom_all_reduce_is_taken_not_ignored(llama_dir):
+    """vLLM's switch for its own all-reduce turns fxllm's one-shot all-reduce off."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        llm = LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_custom_all_reduce=True)
+    assert llm.llm_engine_config.parallel.disable_custom_all_reduce
+    assert llm.compile_report().one_shot_all_reduce_bytes == 0
+
+
 def test_max_model_len_that_cannot_fit_says_how_to_fix(llama_dir):
     with pytest.raises(ValueError, match="lower max_model_len"):
         LLM(model=str(llama_dir), enforce_eager=True, max_model_len=256, num_gpu_blocks_override=4)

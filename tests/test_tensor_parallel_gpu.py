@@ -49,6 +49,8 @@ def _generate(model_dir, dtype: str, tensor_parallel_size: int) -> list:
     assert full_replays, "decode steps did not replay FULL CUDA graphs"
     if tensor_parallel_size > 1:
         assert llm.compile_report().passes.get("tensor_parallel", 0) > 0
+        # Small all-reduces take the one-shot kernel over peer memory (NCCL for larger ones).
+        assert llm.compile_report().one_shot_all_reduce_bytes > 0
     del llm, runner
     gc.collect()
     torch.cuda.empty_cache()

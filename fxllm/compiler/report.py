@@ -28,6 +28,9 @@ class CompileReport:
     unique_pieces: int = 0  # distinct compiled artifacts after de-duplicating identical layers
     cache_dir: str | None = None
     loaded_from_cache: bool = False
+    # Under tensor parallelism on GPUs: all-reduces up to this many bytes take the one-shot
+    # kernel over peer memory, larger ones NCCL (0: NCCL for every size).
+    one_shot_all_reduce_bytes: int = 0
     mm_encoder_compiled: bool = False  # the vision tower's regions compiled (compile_mm_encoder)
 
     def to_dict(self) -> dict:

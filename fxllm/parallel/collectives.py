@@ -1,18 +1,62 @@
 """Collectives as custom ops: opaque to Dynamo and Inductor, visible to graph passes.
 
 They run over the default process group (NCCL on GPU, gloo on CPU), which the
-worker of each rank initializes before building its model.
+worker of each rank initializes before building its model. On GPUs, an all-reduce
+small enough for the one-shot kernel's buffers takes that path instead
+(``use_one_shot_all_reduce``): like the default process group, it is set up once per
+process and serves every model the process runs.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # imported where used: it needs Triton, which only GPUs use here
+    from fxllm.parallel.one_shot_all_reduce import OneShotAllReduce
+
+logger = logging.getLogger(__name__)
+
+_one_shot: OneShotAllReduce | None = None
+
+
+def use_one_shot_all_reduce(host_group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> bool:
+    """Collective: set up the one-shot all-reduce for ``dtype`` tensors on every rank, or on
+    none where any rank could not (peer memory unavailable): NCCL then serves every size.
+    ``host_group`` (gloo) carries the agreement."""
+    global _one_shot
+    one_shot, failure = None, ""
+    try:
+        from fxllm.parallel.one_shot_all_reduce import OneShotAllReduce
+
+        one_shot = OneShotAllReduce.create(host_group, dtype, device)
+    except Exception as error:  # no peer access between the GPUs
+        failure = f"{type(error).__name__}: {error}"
+    everyone = torch.tensor([one_shot is not None], dtype=torch.int32)
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN, group=host_group)
+    if not everyone.item():
+        if failure:
+            logger.warning("small all-reduces use NCCL: the one-shot all-reduce could not start (%s)", failure)
+        return False
+    _one_shot = one_shot
+    return True
+
+
+def stop_one_shot_all_reduce() -> None:
+    """Drop the one-shot buffers: before the process group they were shared over is destroyed."""
+    global _one_shot
+    _one_shot = None
 
 
 @torch.library.custom_op("fxllm::all_reduce", mutates_args=())
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks, as a new tensor."""
+    one_shot = _one_shot
+    if one_shot is not None and one_shot.handles(tensor):
+        return one_shot(tensor)
     summed = tensor.clone()
     dist.all_reduce(summed)
     return summed

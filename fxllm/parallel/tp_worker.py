@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fxllm.config import CompilationLevel, EngineConfig
+from fxllm.parallel.collectives import stop_one_shot_all_reduce
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest
 from fxllm.parallel.workers import WorkerGroup, WorkerLinks
@@ -60,6 +61,7 @@ def run_tensor_parallel_worker(rank: int, world_size: int, links: WorkerLinks, c
             else:
                 runner.execute_received(message)
     runner.release_cudagraphs()  # before the process group is destroyed
+    stop_one_shot_all_reduce()
 
 
 def stop_tensor_parallel(runner: "ModelRunner", workers: WorkerGroup) -> None:
@@ -71,4 +73,5 @@ def stop_tensor_parallel(runner: "ModelRunner", workers: WorkerGroup) -> None:
     except Exception:  # a worker already gone: shut down what is left
         pass
     runner.release_cudagraphs()
+    stop_one_shot_all_reduce()
     workers.shutdown()

@@ -31,6 +31,7 @@ from fxllm.models.sharded_state import save_sharded_state
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
+from fxllm.parallel.collectives import use_one_shot_all_reduce
 from fxllm.parallel.step_sync import ReceivedStep, StepSync
 from fxllm.parallel.tp_config import TPLayout, tp_layout
 from fxllm.parallel.workers import WorkerLinks
@@ -80,6 +81,7 @@ class ModelRunner:
         self.model: nn.Module = build_model(model_config, self.device, self.tp_layout)
         load_seconds = time.perf_counter() - load_start
         self._startup_barrier()
+        one_shot_bytes = self._start_one_shot_all_reduce()
         self.vocab_size = model_config.vocab_size
         self.layers: dict[str, AttentionSpec] = {
             module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
@@ -100,6 +102,7 @@ class ModelRunner:
         self.compile_report.cudagraph_mode = self.graph_plan.mode.value
         self.compile_report.load_seconds = round(load_seconds, 2)
         self.compile_report.weight_bytes = weight_bytes(self.model)
+        self.compile_report.one_shot_all_reduce_bytes = one_shot_bytes
         self.compile_report.mm_encoder_compiled = self._compile_vision_encoder(config.compilation)
         # Not a bound method: the runner holds the graphs, and a cycle back to it would keep the
         # engine (and its device memory) alive after ``del llm`` until the garbage collector ran.
@@ -124,6 +127,17 @@ class ModelRunner:
         failed stops the others at once (gloo sees the closed connection), not at an NCCL timeout."""
         if self._links is not None:
             dist.barrier(group=self._links.host_group)
+
+    def _start_one_shot_all_reduce(self) -> int:
+        """Under tensor parallelism on GPUs, small all-reduces go through peer memory (every rank
+        sets it up, before anything runs a collective); the largest size it takes, 0 if none."""
+        config = self.config
+        if self._links is None or self.device.type != "cuda" or config.parallel.disable_custom_all_reduce:
+            return 0
+        from fxllm.parallel.one_shot_all_reduce import DEFAULT_MAX_BYTES
+
+        started = use_one_shot_all_reduce(self._links.host_group, config.model.dtype, self.device)
+        return DEFAULT_MAX_BYTES if started else 0
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
