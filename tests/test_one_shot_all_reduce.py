@@ -17,6 +17,7 @@ WORLD = 2
 # The fp32 sum is exact; its rounding to bf16 may differ by one unit in the last place
 # (Triton's interpreter truncates where the GPU rounds to nearest).
 ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2**-7}
+RANK_SECONDS = 300  # a spawned rank's time limit
 
 
 def _rank(rank: int, dtype: torch.dtype, buffers: list[torch.Tensor]) -> OneShotAllReduce:
@@ -119,25 +120,30 @@ def _two_gpu_rank(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+def _run_ranks(target, *args) -> list:
+    """``target(rank, *args, results)`` in WORLD spawned processes; what each put, by rank."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=target, args=(rank, *args, results)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=RANK_SECONDS)
+    assert [process.exitcode for process in processes] == [0] * WORLD
+    return sorted(results.get(timeout=5) for _ in range(WORLD))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} GPUs")
 def test_two_gpus_sum_as_nccl_does_in_and_out_of_cuda_graphs():
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=_two_gpu_rank, args=(rank, port, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    assert [process.exitcode for process in processes] == [0] * WORLD
-    assert sorted(results.get(timeout=5) for _ in range(WORLD)) == [(rank, 0) for rank in range(WORLD)]
+    assert _run_ranks(_two_gpu_rank, port) == [(rank, 0) for rank in range(WORLD)]
 
 
 def _cpu_rank(rank: int, rendezvous: str, results) -> None:
@@ -156,18 +162,7 @@ def _cpu_rank(rank: int, rendezvous: str, results) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback: ranks without CUDA peer memory")
 def test_ranks_that_cannot_share_memory_agree_on_nccl_or_gloo(tmp_path):
-    """Setting up fails on every rank here (no CUDA): each rank
-    says so, keeps no one-shot state, and its all-reduces still sum, over gloo."""
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    rendezvous = str(tmp_path / "rendezvous")
-    processes = [context.Process(target=_cpu_rank, args=(rank, rendezvous, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0] * WORLD
-    outcomes = sorted(results.get(timeout=5) for _ in range(WORLD))
+    """Setting up fails on every rank here (no CUDA): each rank says so, keeps no one-shot
+    state, and its all-reduces still sum, over gloo."""
+    outcomes = _run_ranks(_cpu_rank, str(tmp_path / "rendezvous"))
     assert outcomes == [(rank, False, True, [3.0, 3.0, 3.0]) for rank in range(WORLD)]
