@@ -20,14 +20,10 @@ and eager calls alike; every call launches the same number of programs.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
-
-logger = logging.getLogger(__name__)
 
 PHASES = 3
 PROGRAMS = 32  # fixed for every call: each program owns a call counter
@@ -35,8 +31,9 @@ BLOCK = 1024  # elements a program moves per iteration
 # Tensors up to this size take the one-shot path (8 KB is one token of a 4096-wide model);
 # larger ones go to NCCL, whose bandwidth-optimal algorithms win as size grows.
 DEFAULT_MAX_BYTES = 512 * 1024
-# A reader gives up on a slot after this many polls (minutes on a GPU: a peer that died
-# mid-step), and sums NaN for it, rather than holding its device forever.
+# A reader gives up on a slot after this many polls (minutes, at a fraction of a
+# microsecond a poll: a peer that died mid-step), and sums NaN for it, rather than holding
+# its device forever.
 MAX_POLLS = 2**29
 # The bits of -0.0 as a signed integer of the element's width: an empty slot.
 SENTINELS = {2: -(2**15), 4: -(2**31)}
@@ -61,7 +58,7 @@ def _one_shot_all_reduce_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     call = tl.load(counters_ptr + pid)
-    phase = call % 3
+    phase = call % 3  # PHASES
     bits_dtype = own_buffer_ptr.dtype.element_ty
     my_slot = (phase * WORLD + rank) * slot_numel
     # Push this rank's elements into its slot of every rank's buffer.
