@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxllm.parallel.one_shot_all_reduce import PHASES, SENTINELS, OneShotAllReduce
+from fxllm.parallel.one_shot_all_reduce import PHASES, OneShotAllReduce
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SLOT = 3000  # elements a slot holds: three program blocks, the last one partial
@@ -22,7 +22,7 @@ RANK_SECONDS = 300  # a spawned rank's time limit
 
 def _rank(rank: int, dtype: torch.dtype, buffers: list[torch.Tensor]) -> OneShotAllReduce:
     pointers = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64, device=DEVICE)
-    return OneShotAllReduce(dtype, rank, len(buffers), buffers[rank], pointers)
+    return OneShotAllReduce(dtype, rank, buffers[rank], pointers)
 
 
 def _bits(tensor: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def test_sum_of_both_ranks_over_every_phase(dtype):
     own = OneShotAllReduce.empty_buffer(dtype, WORLD, SLOT, DEVICE)
     peer = OneShotAllReduce.empty_buffer(dtype, WORLD, SLOT, DEVICE)
     rank0 = _rank(0, dtype, [own, peer])
-    sentinel = SENTINELS[torch.tensor([], dtype=dtype).element_size()]
+    sentinel = torch.tensor([-0.0], dtype=dtype).view(own.dtype).item()  # an empty slot's bits
     generator = torch.Generator().manual_seed(0)
     for call in range(PHASES + 1):
         phase = call % PHASES
@@ -81,6 +81,7 @@ def test_handles_only_what_fits_its_buffer():
     buffers = [OneShotAllReduce.empty_buffer(dtype, WORLD, SLOT, DEVICE) for _ in range(WORLD)]
     rank0 = _rank(0, dtype, buffers)
     assert rank0.handles(torch.zeros(SLOT, dtype=dtype, device=DEVICE))
+    assert rank0.max_bytes == SLOT * dtype.itemsize
     assert not rank0.handles(torch.zeros(SLOT + 1, dtype=dtype, device=DEVICE))
     assert not rank0.handles(torch.zeros(SLOT, dtype=torch.float32, device=DEVICE))
     assert not rank0.handles(torch.zeros(8, 4, dtype=dtype, device=DEVICE).t())
@@ -153,9 +154,9 @@ def _cpu_rank(rank: int, rendezvous: str, results) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        started = collectives.use_one_shot_all_reduce(dist.new_group(backend="gloo"), torch.float32, DEVICE)
+        one_shot_bytes = collectives.use_one_shot_all_reduce(dist.new_group(backend="gloo"), torch.float32, DEVICE)
         summed = collectives.all_reduce(torch.full((3,), float(rank + 1)))
-        results.put((rank, started, collectives._one_shot is None, summed.tolist()))
+        results.put((rank, one_shot_bytes, collectives._one_shot is None, summed.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -165,4 +166,4 @@ def test_ranks_that_cannot_share_memory_agree_on_nccl_or_gloo(tmp_path):
     """Setting up fails on every rank here (no CUDA): each rank says so, keeps no one-shot
     state, and its all-reduces still sum, over gloo."""
     outcomes = _run_ranks(_cpu_rank, str(tmp_path / "rendezvous"))
-    assert outcomes == [(rank, False, True, [3.0, 3.0, 3.0]) for rank in range(WORLD)]
+    assert outcomes == [(rank, 0, True, [3.0, 3.0, 3.0]) for rank in range(WORLD)]

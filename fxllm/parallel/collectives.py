@@ -2,9 +2,10 @@
 
 They run over the default process group (NCCL on GPU, gloo on CPU), which the
 worker of each rank initializes before building its model. On GPUs, an all-reduce
-small enough for the one-shot kernel's buffers takes that path instead
-(``use_one_shot_all_reduce``): like the default process group, it is set up once per
-process and serves every model the process runs.
+small enough for the one-shot kernel's buffers takes that path instead: like the
+default process group, the kernel's buffers belong to the process, set up by a
+tensor-parallel engine's ranks at start-up (``use_one_shot_all_reduce``) and dropped
+at its shutdown (``stop_one_shot_all_reduce``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ logger = logging.getLogger(__name__)
 _one_shot: OneShotAllReduce | None = None
 
 
-def use_one_shot_all_reduce(host_group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> bool:
+def use_one_shot_all_reduce(host_group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> int:
     """Collective: set up the one-shot all-reduce for ``dtype`` tensors on every rank, or on
     none where any rank could not (peer memory unavailable): NCCL then serves every size.
-    ``host_group`` (gloo) carries the agreement."""
+    ``host_group`` (gloo) carries the agreement. Returns the largest all-reduce in bytes
+    the one-shot path takes, 0 where it did not start."""
     global _one_shot
     one_shot, failure = None, ""
     try:
@@ -40,9 +42,9 @@ def use_one_shot_all_reduce(host_group: dist.ProcessGroup, dtype: torch.dtype, d
     if not everyone.item():
         if failure:
             logger.warning("small all-reduces use NCCL: the one-shot all-reduce could not start (%s)", failure)
-        return False
+        return 0
     _one_shot = one_shot
-    return True
+    return one_shot.max_bytes
 
 
 def stop_one_shot_all_reduce() -> None:

@@ -92,32 +92,40 @@ def _one_shot_all_reduce_kernel(
 class OneShotAllReduce:
     """The receive buffers, their addresses and the call counters of one rank.
 
-    ``buffers``: this rank's receive buffer ([PHASES, world, slot_numel] integers of the
-    reduced dtype's width, filled with the sentinel) and ``buffer_ptrs`` every rank's,
-    as this device maps them. Built by ``create`` on CUDA (CUDA IPC); tests on
-    CPU build one from plain tensors.
+    ``buffer``: this rank's receive buffer ([PHASES, world, slot_numel] integers of the
+    reduced dtype's width, filled with the sentinel); ``buffer_ptrs``: every rank's, as
+    this device maps them; ``peer_storages``: the peers' buffers opened here, kept alive
+    with this object. Built by ``create`` on CUDA (CUDA IPC); tests on CPU build one
+    from plain tensors.
     """
 
-    def __init__(self, dtype: torch.dtype, rank: int, world_size: int, buffer: torch.Tensor, buffer_ptrs: torch.Tensor):
+    def __init__(
+        self, dtype: torch.dtype, rank: int, buffer: torch.Tensor, buffer_ptrs: torch.Tensor,
+        peer_storages: dict[int, torch.UntypedStorage] | None = None,
+    ):
         self.dtype = dtype
         self.rank = rank
-        self.world_size = world_size
+        self.world_size = buffer.shape[1]
         self.buffer = buffer
         self.buffer_ptrs = buffer_ptrs
         self.slot_numel = buffer.shape[-1]
+        self.sentinel = SENTINELS[dtype.itemsize]
         self.counters = torch.zeros(PROGRAMS, dtype=torch.int64, device=buffer.device)
         self.max_polls = MAX_POLLS
-        self._peer_storages: dict[int, torch.UntypedStorage] = {}  # the peers' buffers, opened here
+        self._peer_storages = peer_storages or {}
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest all-reduce this path takes."""
+        return self.slot_numel * self.dtype.itemsize
 
     @staticmethod
-    def empty_buffer(dtype: torch.dtype, world_size: int, slot_numel: int, device: torch.device, allocate=torch.empty):
-        """A receive buffer full of empty slots, allocated by ``allocate(*shape, dtype=, device=)``."""
-        width = torch.tensor([], dtype=dtype).element_size()
-        if width not in BITS_DTYPES:
+    def empty_buffer(dtype: torch.dtype, world_size: int, slot_numel: int, device: torch.device) -> torch.Tensor:
+        """A receive buffer full of empty slots."""
+        if dtype.itemsize not in BITS_DTYPES:
             raise ValueError(f"the one-shot all-reduce handles 2- and 4-byte floats, not {dtype}")
-        buffer = allocate(PHASES, world_size, slot_numel, dtype=BITS_DTYPES[width], device=device)
-        buffer.fill_(SENTINELS[width])
-        return buffer
+        buffer = torch.empty(PHASES, world_size, slot_numel, dtype=BITS_DTYPES[dtype.itemsize], device=device)
+        return buffer.fill_(SENTINELS[dtype.itemsize])
 
     @classmethod
     def create(
@@ -126,8 +134,7 @@ class OneShotAllReduce:
         """Collective over ``host_group`` (one rank per GPU): receive buffers for tensors up to
         ``max_bytes``, each rank's opened by every other through a CUDA IPC handle."""
         rank, world_size = host_group.rank(), host_group.size()
-        width = torch.tensor([], dtype=dtype).element_size()
-        buffer = cls.empty_buffer(dtype, world_size, max_bytes // width, device)
+        buffer = cls.empty_buffer(dtype, world_size, max_bytes // dtype.itemsize, device)
         torch.cuda.synchronize(device)  # every buffer holds the sentinel before any peer can write
         # (handle, size, offset, ref counter handle, ref counter offset, event handle, event sync)
         shared = list(buffer.untyped_storage()._share_cuda_()[1:])
@@ -142,9 +149,7 @@ class OneShotAllReduce:
             if peer != rank
         }
         pointers = [buffer.data_ptr() if peer == rank else peers[peer].data_ptr() for peer in range(world_size)]
-        one_shot = cls(dtype, rank, world_size, buffer, torch.tensor(pointers, dtype=torch.int64, device=device))
-        one_shot._peer_storages = peers  # the mappings live as long as this object
-        return one_shot
+        return cls(dtype, rank, buffer, torch.tensor(pointers, dtype=torch.int64, device=device), peers)
 
     def handles(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` takes this path (the same answer on every rank: same shapes)."""
@@ -160,6 +165,6 @@ class OneShotAllReduce:
         output = torch.empty_like(tensor)
         _one_shot_all_reduce_kernel[(PROGRAMS,)](
             tensor, output, self.buffer, self.buffer_ptrs, self.counters, tensor.numel(), self.slot_numel, self.rank,
-            WORLD=self.world_size, SENTINEL=SENTINELS[tensor.element_size()], BLOCK=BLOCK, MAX_POLLS=self.max_polls,
+            WORLD=self.world_size, SENTINEL=self.sentinel, BLOCK=BLOCK, MAX_POLLS=self.max_polls,
         )
         return output

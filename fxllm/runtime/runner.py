@@ -134,10 +134,7 @@ class ModelRunner:
         config = self.config
         if self._links is None or self.device.type != "cuda" or config.parallel.disable_custom_all_reduce:
             return 0
-        from fxllm.parallel.one_shot_all_reduce import DEFAULT_MAX_BYTES
-
-        started = use_one_shot_all_reduce(self._links.host_group, config.model.dtype, self.device)
-        return DEFAULT_MAX_BYTES if started else 0
+        return use_one_shot_all_reduce(self._links.host_group, config.model.dtype, self.device)
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
