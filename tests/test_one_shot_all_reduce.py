@@ -89,17 +89,17 @@ def test_handles_only_what_fits_its_buffer():
         OneShotAllReduce.empty_buffer(torch.float64, WORLD, SLOT, DEVICE)
 
 
-def _two_gpu_rank(rank: int, port: int, results) -> None:
+def _two_gpu_rank(rank: int, rendezvous: str, results) -> None:
     """One rank: the one-shot sums against NCCL's over sizes that change from call to
     call, eagerly and replayed from a CUDA graph (the phases carry over between them)."""
     import torch.distributed as dist
 
+    from fxllm.parallel.workers import init_process_group
+
     torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0)
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=WORLD)
+    host_group = init_process_group(dist.FileStore(rendezvous, WORLD), rank, WORLD, "cuda")
     try:
         dtype = torch.bfloat16
-        host_group = dist.new_group(backend="gloo")
         one_shot = OneShotAllReduce.create(host_group, dtype, torch.device("cuda", rank))
         generator = torch.Generator(device="cuda").manual_seed(rank)
         sizes = [4096, 5, 4096 * 16, 1000, one_shot.slot_numel]
@@ -138,23 +138,19 @@ def _run_ranks(target, *args) -> list:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} GPUs")
-def test_two_gpus_sum_as_nccl_does_in_and_out_of_cuda_graphs():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert _run_ranks(_two_gpu_rank, port) == [(rank, 0) for rank in range(WORLD)]
+def test_two_gpus_sum_as_nccl_does_in_and_out_of_cuda_graphs(tmp_path):
+    assert _run_ranks(_two_gpu_rank, str(tmp_path / "rendezvous")) == [(rank, 0) for rank in range(WORLD)]
 
 
 def _cpu_rank(rank: int, rendezvous: str, results) -> None:
     import torch.distributed as dist
 
     from fxllm.parallel import collectives
+    from fxllm.parallel.workers import init_process_group
 
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    host_group = init_process_group(dist.FileStore(rendezvous, WORLD), rank, WORLD, "cpu")
     try:
-        one_shot_bytes = collectives.use_one_shot_all_reduce(dist.new_group(backend="gloo"), torch.float32, DEVICE)
+        one_shot_bytes = collectives.use_one_shot_all_reduce(host_group, torch.float32, DEVICE)
         summed = collectives.all_reduce(torch.full((3,), float(rank + 1)))
         results.put((rank, one_shot_bytes, collectives._one_shot is None, summed.tolist()))
     finally:

@@ -382,7 +382,7 @@ def test_stopping_releases_rank_0_cuda_graphs_before_destroying_the_process_grou
                 calls.append("workers told to stop")
 
         @staticmethod
-        def release_cudagraphs():
+        def release_parallel_state():
             calls.append("graphs released")
 
     class Workers:

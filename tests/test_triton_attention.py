@@ -202,8 +202,7 @@ def test_split_decode_merges_any_number_of_splits(num_splits, write):
         triton_kernels.write_kv_cache(step.key, step.value, key_cache, value_cache, metadata.slot_mapping)
     else:
         new_kv = (step.key, step.value, metadata.slot_mapping)
-    acc_shape, stats_shape = triton_kernels.decode_scratch_shapes(3, 4, 16, num_splits)
-    scratch = [torch.empty(shape, device=DEVICE) for shape in (acc_shape, stats_shape, stats_shape)]
+    scratch = triton_kernels.empty_decode_scratch(3, 4, 16, num_splits, DEVICE)
     out = torch.zeros_like(step.query)
     triton_kernels.split_decode_attention(
         step.query, key_cache, value_cache, out, metadata.block_tables, metadata.seq_lens,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -61,19 +61,17 @@ def _time_graph(function, tensor: torch.Tensor, calls: int) -> float:
     return start.elapsed_time(end) * 1e3 / REPLAYS / calls
 
 
-def _rank_main(rank: int, port: int, sizes: list[int], calls: int, results) -> None:
+def _rank_main(rank: int, rendezvous: str, sizes: list[int], calls: int, results) -> None:
     import torch.distributed as dist
 
     from fxllm.parallel.one_shot_all_reduce import OneShotAllReduce
+    from fxllm.parallel.workers import init_process_group
 
     torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, WORLD_SIZE, is_master=rank == 0)
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=WORLD_SIZE)
+    host_group = init_process_group(dist.FileStore(rendezvous, WORLD_SIZE), rank, WORLD_SIZE, "cuda")
     try:
         dtype = torch.bfloat16
-        one_shot = OneShotAllReduce.create(
-            dist.new_group(backend="gloo"), dtype, torch.device("cuda", rank), max_bytes=max(sizes)
-        )
+        one_shot = OneShotAllReduce.create(host_group, dtype, torch.device("cuda", rank), max_bytes=max(sizes))
 
         def nccl(tensor: torch.Tensor) -> torch.Tensor:
             summed = tensor.clone()
@@ -96,6 +94,28 @@ def _rank_main(rank: int, port: int, sizes: list[int], calls: int, results) -> N
         dist.destroy_process_group()
 
 
+def _run_ranks(rendezvous: str, sizes: list[int], calls: int) -> dict[int, list[dict]]:
+    """Each rank's rows, from WORLD_SIZE spawned processes."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [
+        context.Process(target=_rank_main, args=(rank, rendezvous, sizes, calls, results)) for rank in range(WORLD_SIZE)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        return dict(results.get(timeout=RESULT_SECONDS) for _ in processes)
+    except queue.Empty:
+        raise SystemExit(f"no result within {RESULT_SECONDS} s: exit codes {[p.exitcode for p in processes]}") from None
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="bytes per all-reduce")
@@ -104,28 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if torch.cuda.device_count() < WORLD_SIZE:
         parser.error(f"needs {WORLD_SIZE} GPUs, {torch.cuda.device_count()} visible")
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    processes = [
-        context.Process(target=_rank_main, args=(rank, port, args.sizes, args.calls, results))
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        reports = dict(results.get(timeout=RESULT_SECONDS) for _ in processes)
-    except queue.Empty:
-        raise SystemExit(f"no result within {RESULT_SECONDS} s: exit codes {[p.exitcode for p in processes]}") from None
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
+    with tempfile.TemporaryDirectory(prefix="bench-all-reduce-") as scratch:
+        reports = _run_ranks(str(Path(scratch) / "rendezvous"), args.sizes, args.calls)
     rows = reports[0]  # rank 0's timings (both ranks replay in lockstep)
     print(f"{'bytes':>9} {'NCCL + copy us':>15} {'one-shot us':>12} {'multiply us':>12}   (per all-reduce, with its multiply)")
     for row in rows:

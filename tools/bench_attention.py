@@ -87,8 +87,7 @@ def run_case(batch: int, context: int, args: argparse.Namespace) -> dict:
     )
     # The split count the backend would pick for this shape.
     num_splits = triton_kernels.decode_num_splits(batch, kv_heads, blocks_per_seq, block_size, device)
-    acc_shape, stats_shape = triton_kernels.decode_scratch_shapes(batch, heads, head_dim, num_splits)
-    scratch = [torch.empty(shape, device=device) for shape in (acc_shape, stats_shape, stats_shape)]
+    scratch = triton_kernels.empty_decode_scratch(batch, heads, head_dim, num_splits, device)
     kernel_args = (
         query, kv_cache[0], kv_cache[1], out, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
         spec.scale,

@@ -79,9 +79,7 @@ class DecodeCase:
         batch, heads, head_dim = self.query.shape
         num_kv_heads = self.kv_cache.shape[3]
         splits = kernels.decode_num_splits(batch, num_kv_heads, self.max_blocks, BLOCK_SIZE, self.query.device)
-        acc_shape, stats_shape = kernels.decode_scratch_shapes(batch, heads, head_dim, splits)
-        scratch = [torch.empty(shape, dtype=torch.float32, device=self.query.device)
-                   for shape in (acc_shape, stats_shape, stats_shape)]
+        scratch = kernels.empty_decode_scratch(batch, heads, head_dim, splits, self.query.device)
         out = torch.empty_like(self.query)
 
         def run() -> torch.Tensor:

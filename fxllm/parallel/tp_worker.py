@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from fxllm.config import CompilationLevel, EngineConfig
-from fxllm.parallel.collectives import stop_one_shot_all_reduce
 from fxllm.parallel.plans import plan_for
 from fxllm.parallel.step_sync import SaveRequest
 from fxllm.parallel.workers import WorkerGroup, WorkerLinks
@@ -60,18 +59,16 @@ def run_tensor_parallel_worker(rank: int, world_size: int, links: WorkerLinks, c
                 runner.step_sync.barrier()
             else:
                 runner.execute_received(message)
-    runner.release_cudagraphs()  # before the process group is destroyed
-    stop_one_shot_all_reduce()
+    runner.release_parallel_state()  # before the process group is destroyed
 
 
 def stop_tensor_parallel(runner: "ModelRunner", workers: WorkerGroup) -> None:
     """Tell the workers to leave their loop, release rank 0's CUDA graphs (which hold its
-    collectives), then destroy the process group and join the workers (``del llm`` and
-    interpreter exit)."""
+    collectives) and one-shot all-reduce buffers, then destroy the process group and join
+    the workers (``del llm`` and interpreter exit)."""
     try:
         runner.step_sync.send_stop()
     except Exception:  # a worker already gone: shut down what is left
         pass
-    runner.release_cudagraphs()
-    stop_one_shot_all_reduce()
+    runner.release_parallel_state()
     workers.shutdown()

@@ -31,7 +31,7 @@ from fxllm.models.sharded_state import save_sharded_state
 from fxllm.runtime.attention.layer import Attention, AttentionSpec
 from fxllm.runtime.attention.backend import AttentionBackend
 from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
-from fxllm.parallel.collectives import use_one_shot_all_reduce
+from fxllm.parallel.collectives import stop_one_shot_all_reduce, use_one_shot_all_reduce
 from fxllm.parallel.step_sync import ReceivedStep, StepSync
 from fxllm.parallel.tp_config import TPLayout, tp_layout
 from fxllm.parallel.workers import WorkerLinks
@@ -335,11 +335,13 @@ class ModelRunner:
             return False
         return self.model.compile_vision_encoder()
 
-    def release_cudagraphs(self) -> None:
-        """Drop every captured graph, before shutdown: destroying a process group waits forever
-        on a communicator whose collectives a live graph still holds."""
+    def release_parallel_state(self) -> None:
+        """Under tensor parallelism, before the process group is destroyed: drop every captured
+        graph (destroying a group waits forever on a communicator whose collectives a live
+        graph still holds) and the one-shot all-reduce's buffers, set up over that group."""
         self.graphs.release()
         self.compiled.release_cudagraphs()
+        stop_one_shot_all_reduce()
 
     @staticmethod
     def _prompt_logprob_rows(step: SchedulerOutput) -> list[tuple[Request, list[int], list[int]]]:

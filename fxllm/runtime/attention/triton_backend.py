@@ -64,12 +64,7 @@ class TritonAttentionBackend:
         )
         key = (query.device, num_requests, spec.num_heads, spec.head_dim, num_splits)
         if key not in self._decode_scratch:
-            acc_shape, stats_shape = triton_kernels.decode_scratch_shapes(
-                num_requests, spec.num_heads, spec.head_dim, num_splits
-            )
-            self._decode_scratch[key] = (
-                torch.empty(acc_shape, dtype=torch.float32, device=query.device),
-                torch.empty(stats_shape, dtype=torch.float32, device=query.device),
-                torch.empty(stats_shape, dtype=torch.float32, device=query.device),
+            self._decode_scratch[key] = triton_kernels.empty_decode_scratch(
+                num_requests, spec.num_heads, spec.head_dim, num_splits, query.device
             )
         return self._decode_scratch[key]

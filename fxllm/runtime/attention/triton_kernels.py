@@ -699,12 +699,16 @@ def decode_num_splits(
     return max(1, min(wanted, MAX_DECODE_SPLITS, max_tiles))
 
 
-def decode_scratch_shapes(
-    num_requests: int, num_heads: int, head_dim: int, num_splits: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the fp32 scratch of the split decode: (acc, max and sum)."""
+def empty_decode_scratch(
+    num_requests: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fp32 scratch of the split decode, uninitialized: (partial acc, max, sum)."""
     stats = (num_requests, num_heads, num_splits)
-    return (*stats, padded_head_dim(head_dim)), stats
+    return (
+        torch.empty(*stats, padded_head_dim(head_dim), dtype=torch.float32, device=device),
+        torch.empty(stats, dtype=torch.float32, device=device),
+        torch.empty(stats, dtype=torch.float32, device=device),
+    )
 
 
 def split_decode_attention(
@@ -717,9 +721,9 @@ def split_decode_attention(
     query_start_loc: torch.Tensor,  # [B + 1] int32
     scale: float,
     sliding_window: int | None,
-    partial_acc: torch.Tensor,  # fp32, decode_scratch_shapes(...)[0]
-    partial_max: torch.Tensor,  # fp32, decode_scratch_shapes(...)[1]
-    partial_sum: torch.Tensor,  # fp32, decode_scratch_shapes(...)[1]
+    partial_acc: torch.Tensor,  # fp32, empty_decode_scratch(...)[0]
+    partial_max: torch.Tensor,  # fp32, empty_decode_scratch(...)[1]
+    partial_sum: torch.Tensor,  # fp32, empty_decode_scratch(...)[2]
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # (key, value, slot_mapping)
 ) -> None:
     """Flash-decoding; the number of splits is partial_max.shape[2] (see decode_num_splits).
