@@ -216,7 +216,6 @@ class ModelConfig:
     max_model_len: int
     hf_config: Any = field(compare=False, hash=False, repr=False)  # transformers PretrainedConfig
     generation_config: dict = field(compare=False, hash=False, repr=False)  # raw generation_config.json
-    eos_token_ids: tuple[int, ...] = ()
     runner_type: str = "generate"  # "generate" or "pooling" (see resolve_runner_type)
     pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
     multimodal: MultiModalConfig | None = None  # vision-language checkpoints only

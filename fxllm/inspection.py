@@ -51,7 +51,7 @@ def export_graph(llm: LLM, out_dir: str | Path) -> dict[str, str | int]:
 
     Returns the paths of the files written (keys: report_json, report_md, graph, pieces_graph,
     svg) and the sizes of the op graph (pieces, ops, edges)."""
-    runner = llm.pooling_runner if llm.pooling_runner is not None else llm.llm_engine.runner
+    runner = llm.llm_engine.runner
     compiled = runner.compiled
     report = compiled.report
     if compiled.split is None:

@@ -97,7 +97,7 @@ def test_async_engine_gives_the_sync_engines_outputs_under_preemption(engines):
 def _launch_order(llm: LLM, monkeypatch, params: SamplingParams) -> list[str]:
     """'launch' and 'result' in the order the engine calls them over one generate call."""
     events = []
-    real_launch, real_result = llm.llm_engine.runner.launch, step_result.LaunchedStep.result
+    real_launch, real_result = llm.llm_engine.executor.execute_model, step_result.LaunchedStep.result
 
     def launch(step, previous=None):
         events.append("launch")
@@ -107,7 +107,7 @@ def _launch_order(llm: LLM, monkeypatch, params: SamplingParams) -> list[str]:
         events.append("result")
         return real_result(self)
 
-    monkeypatch.setattr(llm.llm_engine.runner, "launch", launch)
+    monkeypatch.setattr(llm.llm_engine.executor, "execute_model", launch)
     monkeypatch.setattr(step_result.LaunchedStep, "result", result)
     llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)
     return events

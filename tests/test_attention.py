@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxllm.runtime.attention.layer import AttentionSpec
-from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
-from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.attention.layer import AttentionSpec
+from fxllm.attention.torch_backend import TorchAttentionBackend
+from fxllm.forward_context import AttentionMetadata
 
 BLOCK = 4
 

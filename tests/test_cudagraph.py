@@ -15,8 +15,8 @@ from fxllm.config import (
     EngineConfig,
     SchedulerConfig,
 )
-from fxllm.runtime.attention.layer import AttentionSpec
-from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
+from fxllm.attention.layer import AttentionSpec
+from fxllm.attention.torch_backend import TorchAttentionBackend
 from fxllm.runtime.step_inputs import PADDING_SLOT, StepInputs
 
 

@@ -34,7 +34,7 @@ def test_gguf_file_loads_directly_and_matches_the_converted_directory(llm):
 def test_eos_from_the_gguf_ends_generation(llm):
     tokenizer = llm.get_tokenizer()
     eos = tokenizer.eos_token_id
-    assert eos in llm.llm_engine_config.model.eos_token_ids
+    assert eos in llm.input_processor.eos_token_ids
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fxllm import LLM, SamplingParams
-from fxllm.runtime.attention.layer import Attention
+from fxllm.attention.layer import Attention
 from tests.tiny_models import GEMMA3_WINDOW as WINDOW
 from tests.tiny_models import VOCAB_SIZE, gemma3_text_config, hf_greedy, save_config_checkpoint
 

@@ -65,7 +65,7 @@ def test_kv_cache_fills_the_memory_left_after_profiling(llama_dir):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_triton_backend_greedy_equals_the_torch_reference_backend(arch, tiny_model_dirs):
-    from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
+    from fxllm.attention.torch_backend import TorchAttentionBackend
 
     model_dir = tiny_model_dirs[arch]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -90,7 +90,7 @@ def _compiled_variants(kernel) -> int:
 def test_start_up_builds_the_attention_kernel_of_prompt_steps_once(llama_dir):
     """The warm-up step at start-up compiles the unified attention kernel; request counts of
     later steps (1, 15, 16, 32: each a case Triton could specialize on) compile nothing more."""
-    from fxllm.runtime.attention.triton_kernels import _unified_attention_kernel
+    from fxllm.attention.triton_kernels import _unified_attention_kernel
 
     llm = LLM(model=str(llama_dir), device="cuda", dtype="bfloat16", max_model_len=256, enforce_eager=True)
     after_start_up = _compiled_variants(_unified_attention_kernel)

@@ -94,7 +94,7 @@ def _two_gpu_rank(rank: int, rendezvous: str, results) -> None:
     call, eagerly and replayed from a CUDA graph (the phases carry over between them)."""
     import torch.distributed as dist
 
-    from fxllm.parallel.workers import init_process_group
+    from fxllm.runtime.executor.workers import init_process_group
 
     torch.cuda.set_device(rank)
     host_group = init_process_group(dist.FileStore(rendezvous, WORLD), rank, WORLD, "cuda")
@@ -146,7 +146,7 @@ def _cpu_rank(rank: int, rendezvous: str, results) -> None:
     import torch.distributed as dist
 
     from fxllm.parallel import collectives
-    from fxllm.parallel.workers import init_process_group
+    from fxllm.runtime.executor.workers import init_process_group
 
     host_group = init_process_group(dist.FileStore(rendezvous, WORLD), rank, WORLD, "cpu")
     try:

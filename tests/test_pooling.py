@@ -210,7 +210,7 @@ def test_tiny_bert_pools_as_hf(tiny_bert_dir, tiny_prompts, tiny_hidden_states, 
 
 
 def test_batches_split_whole_prompts_within_the_token_budget(tiny_bert: LLM) -> None:
-    batches = tiny_bert.pooling_runner.plan_batches(TINY_PROMPT_LENGTHS)
+    batches = tiny_bert.llm_engine.runner.plan_batches(TINY_PROMPT_LENGTHS)
     assert [list(b) for b in batches] == [[0, 1], [2], [3, 4], [5]]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fxllm import LLM, SamplingParams
-from fxllm.runtime.attention.layer import Attention
+from fxllm.attention.layer import Attention
 from tests.tiny_models import CONFIGS, hf_greedy, save_config_checkpoint
 
 WINDOW = 6  # shorter than a KV block and than the prompts, so the window really cuts

@@ -28,10 +28,11 @@ from fxllm.models.weights import safetensors_files
 from fxllm.parallel.sharding import iterate_sharded_safetensors
 from fxllm.parallel.tp_config import tp_layout, tp_local_config
 from fxllm.passes import rms_norm_fusion
-from fxllm.passes.tensor_parallel import TensorParallelPass, gather_logits, placeholder_parameter_names
-from fxllm.runtime.attention.layer import Attention
-from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
-from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from fxllm.parallel.collectives import gather_logits
+from fxllm.passes.tensor_parallel import TensorParallelPass, placeholder_parameter_names
+from fxllm.attention.layer import Attention
+from fxllm.attention.torch_backend import TorchAttentionBackend
+from fxllm.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance, write_fp8
 from tests.tiny_models import CONFIGS, VOCAB_SIZE, gemma3_text_config, save_config_checkpoint, save_random_checkpoint
 
@@ -196,7 +197,7 @@ def test_an_engine_of_two_ranks_generates_the_single_device_tokens(name, tensor_
     parallel = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
     assert parallel.compile_report().passes["tensor_parallel"] > 0
     assert _tokens(parallel, prompt_logprobs=2) == expected  # one logits gather serves samples and prompt logprobs
-    pids = parallel._workers.pids
+    pids = parallel.llm_engine.executor.worker_pids
     del parallel
     gc.collect()
     assert not any(_alive(pid) for pid in pids)
@@ -241,7 +242,7 @@ def test_a_compiled_engine_of_two_ranks_generates_the_single_device_tokens(tenso
     assert _tokens(parallel) == expected
 
 
-def _fail_on_rank_1(self, step):
+def _fail_on_rank_1(self, step, pending_ids):
     if self.tp_layout.rank == 1:
         raise RuntimeError("rank 1 lost its device")
 
@@ -254,7 +255,7 @@ def test_a_worker_error_during_a_step_surfaces_with_its_rank(tensor_parallel_run
               tensor_parallel_size=2)
     with pytest.raises(RuntimeError, match="(?s)worker rank 1 failed.*rank 1 lost its device"):
         _tokens(llm)
-    pids = llm._workers.pids
+    pids = llm.llm_engine.executor.worker_pids
     del llm
     gc.collect()
     assert not any(_alive(pid) for pid in pids)
@@ -371,24 +372,24 @@ def test_scale_blocks_a_rank_would_cut_are_a_clear_error(tensor_parallel_runs, t
 def test_stopping_releases_rank_0_cuda_graphs_before_destroying_the_process_group():
     """Destroying an NCCL group waits forever while a captured CUDA graph still holds its
     collectives (as `del llm` did on two GPUs), so rank 0 releases its graphs first."""
-    from fxllm.parallel.tp_worker import stop_tensor_parallel
+    from fxllm.runtime.executor import multiproc
 
     calls = []
 
     class Runner:
-        class step_sync:
-            @staticmethod
-            def send_stop():
-                calls.append("workers told to stop")
-
         @staticmethod
-        def release_parallel_state():
+        def release_cudagraphs():
             calls.append("graphs released")
+
+    class StepSync:
+        @staticmethod
+        def send_stop():
+            calls.append("workers told to stop")
 
     class Workers:
         @staticmethod
         def shutdown():
             calls.append("process group destroyed")
 
-    stop_tensor_parallel(Runner, Workers)
+    multiproc._shut_down(Runner, Workers, StepSync)
     assert calls == ["workers told to stop", "graphs released", "process group destroyed"]

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 # Without CUDA, tests/conftest.py has switched Triton to its interpreter.
-from fxllm.runtime.attention import triton_kernels
-from fxllm.runtime.attention.layer import AttentionSpec
-from fxllm.runtime.attention.torch_backend import TorchAttentionBackend, write_kv_cache
-from fxllm.runtime.attention.triton_backend import TritonAttentionBackend
-from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.attention import triton_kernels
+from fxllm.attention.layer import AttentionSpec
+from fxllm.attention.torch_backend import TorchAttentionBackend, write_kv_cache
+from fxllm.attention.triton_backend import TritonAttentionBackend
+from fxllm.forward_context import AttentionMetadata
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOLERANCE = 1e-5

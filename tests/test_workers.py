@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fxllm.parallel.workers import WorkerGroup, WorkerLinks, choose_start_method
+from fxllm.runtime.executor.workers import WorkerGroup, WorkerLinks, choose_start_method
 
 WORLD_SIZE = 2
 
@@ -53,7 +53,7 @@ def _die_before_joining() -> None:
 
 
 def test_a_worker_that_dies_before_joining_is_reported_instead_of_awaited(monkeypatch):
-    import fxllm.parallel.workers as workers
+    import fxllm.runtime.executor.workers as workers
 
     monkeypatch.setattr(workers, "_forget_inherited_state", _die_before_joining)  # runs in the forked child
     with pytest.raises(RuntimeError, match="(?s)worker rank 1 failed.*SystemExit: 3"):
@@ -88,7 +88,7 @@ HANG_SECONDS = 60
 
 def _in_forked_rank(work, results) -> None:
     """What a worker does first (forget its inherited state), then ``work()``."""
-    import fxllm.parallel.workers as workers
+    import fxllm.runtime.executor.workers as workers
 
     workers._forget_inherited_state()
     results.put(work())

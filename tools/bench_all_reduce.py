@@ -65,7 +65,7 @@ def _rank_main(rank: int, rendezvous: str, sizes: list[int], calls: int, results
     import torch.distributed as dist
 
     from fxllm.parallel.one_shot_all_reduce import OneShotAllReduce
-    from fxllm.parallel.workers import init_process_group
+    from fxllm.runtime.executor.workers import init_process_group
 
     torch.cuda.set_device(rank)
     host_group = init_process_group(dist.FileStore(rendezvous, WORLD_SIZE), rank, WORLD_SIZE, "cuda")

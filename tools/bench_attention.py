@@ -55,10 +55,10 @@ def warm_up() -> None:
 
 
 def run_case(batch: int, context: int, args: argparse.Namespace) -> dict:
-    from fxllm.runtime.attention import triton_kernels
-    from fxllm.runtime.attention.layer import AttentionSpec
-    from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
-    from fxllm.runtime.forward_context import AttentionMetadata
+    from fxllm.attention import triton_kernels
+    from fxllm.attention.layer import AttentionSpec
+    from fxllm.attention.torch_backend import TorchAttentionBackend
+    from fxllm.forward_context import AttentionMetadata
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     heads, kv_heads, head_dim, block_size = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
@@ -128,7 +128,7 @@ def run_case(batch: int, context: int, args: argparse.Namespace) -> dict:
 
 
 def run_prefill(tokens: int, args: argparse.Namespace) -> dict:
-    from fxllm.runtime.attention import triton_kernels
+    from fxllm.attention import triton_kernels
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     heads, kv_heads, head_dim, block_size = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size

@@ -6,7 +6,7 @@ blocks), with the contexts drawn uniformly from a range as a long offline run ha
 tile, warps, pipeline stages and target programs per SM. Each setting's output is
 checked against the default setting's; on CUDA each is timed (median of
 ``triton.testing.do_bench``) and its K/V read rate given in TB/s. The defaults are the
-constants of ``fxllm.runtime.attention.triton_kernels``; the sweep sets them one setting
+constants of ``fxllm.attention.triton_kernels``; the sweep sets them one setting
 at a time and puts them back.
 
     python tools/bench_decode_settings.py                     # GPU: Qwen3-0.6B attention, batch 256 and 96
@@ -93,7 +93,7 @@ class DecodeCase:
 
 
 def sweep(args: argparse.Namespace, batch: int, device: torch.device) -> list[dict]:
-    from fxllm.runtime.attention import triton_kernels as kernels
+    from fxllm.attention import triton_kernels as kernels
 
     case = DecodeCase(args, batch, device)
     default_run, _ = case.runner(kernels)

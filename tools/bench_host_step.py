@@ -76,7 +76,7 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_sch
     runner.graphs.replay_full = timer.wrap("device work", runner.graphs.replay_full)
     runner._logits = timer.wrap("device work", runner._logits)
     runner.sampler = timer.wrap("device work", runner.sampler)
-    runner.launch = timer.wrap("launch", runner.launch)
+    engine.executor.execute_model = timer.wrap("launch", engine.executor.execute_model)
     launched_type = step_result.LaunchedStep
     original_result = launched_type.result
     launched_type.result = timer.wrap("wait for tokens", original_result)

@@ -37,7 +37,7 @@ def _step_inputs(max_requests: int, blocks: int):
 
 
 def _receive_until_stopped(rank: int, world_size: int, links, payload: tuple[int, int]) -> None:
-    from fxllm.parallel.step_sync import StepSync
+    from fxllm.runtime.executor.step_sync import StepSync
 
     sync = StepSync(_step_inputs(*payload), links)
     with torch.inference_mode():
@@ -70,8 +70,8 @@ def measure(sync, batch_size: int, blocks: int, steps: int) -> dict:
 
 
 def main() -> None:
-    from fxllm.parallel.step_sync import StepSync
-    from fxllm.parallel.workers import WorkerGroup
+    from fxllm.runtime.executor.step_sync import StepSync
+    from fxllm.runtime.executor.workers import WorkerGroup
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fxllm.config import CompilationLevel, CUDAGraphMode, EngineConfig
-from fxllm.runtime.forward_context import get_forward_context
+from fxllm.forward_context import get_forward_context
 
 # vLLM's default capture sizes: 1, 2, 4, then every 8 up to 256, then every 16, up to
 # min(2 * max_num_seqs, 512).

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 
 from fxllm.models.layers import activation
 from fxllm.models.weights import FusedShard, load_named_weights
-from fxllm.runtime.attention import Attention
+from fxllm.attention import Attention
 
 SINGLE_SENTENCE_TOKEN_TYPE = 0
 # Checkpoint tensors no sentence embedding uses: the [CLS] pooler (dense + tanh, for

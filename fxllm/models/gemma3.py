@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 from fxllm.config import MultiModalConfig
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
 from fxllm.models.layers import RotaryEmbedding, RotaryTables, apply_rotary
-from fxllm.runtime.attention import Attention
+from fxllm.attention import Attention
 
 SLIDING = "sliding_attention"
 

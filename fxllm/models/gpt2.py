@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import LMHead, activation, head_dim_of
+from fxllm.hf_config import head_dim_of
+from fxllm.models.layers import LMHead, activation
 from fxllm.models.weights import load_named_weights
-from fxllm.runtime.attention import Attention
+from fxllm.attention import Attention
 
 # HF stores these projections as Conv1D, whose weight is [in, out]: the transpose of nn.Linear's.
 _CONV1D_MODULES = ("c_attn", "c_fc", "c_proj")

@@ -13,11 +13,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 _LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
 
 
-def head_dim_of(config: PretrainedConfig) -> int:
-    """The config's head_dim, or hidden_size / heads where it names none."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()

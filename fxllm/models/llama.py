@@ -12,8 +12,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
-from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, apply_rotary, head_dim_of
-from fxllm.runtime.attention import Attention
+from fxllm.hf_config import head_dim_of
+from fxllm.models.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, apply_rotary
+from fxllm.attention import Attention
 
 
 # Qwen2 decoders (also the language models of Qwen2-VL and Qwen2.5-VL): q/k/v biases, none on o_proj.

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import LMHead, activation, head_dim_of
+from fxllm.hf_config import head_dim_of
+from fxllm.models.layers import LMHead, activation
 from fxllm.models.weights import FusedShard, load_named_weights
-from fxllm.runtime.attention import Attention
+from fxllm.attention import Attention
 
 # OPT's position table has two leading rows (a fairseq legacy): position p reads row p + 2.
 POSITION_OFFSET = 2

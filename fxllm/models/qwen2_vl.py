@@ -17,7 +17,8 @@ from transformers import PretrainedConfig
 
 from fxllm.config import MultiModalConfig
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
-from fxllm.models.layers import RMSNorm, head_dim_of
+from fxllm.hf_config import head_dim_of
+from fxllm.models.layers import RMSNorm
 from fxllm.models.llama import LlamaDecoderLayer
 from fxllm.models.mrope import MRotaryEmbedding
 from fxllm.models.qwen2_vl_vision import Grid, Qwen2VisionTransformer, Qwen25VisionTransformer, compile_regions

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from fxllm.parallel.tp_config import TPLayout
+
 if TYPE_CHECKING:  # imported where used: it needs Triton, which only GPUs use here
     from fxllm.parallel.one_shot_all_reduce import OneShotAllReduce
 
@@ -80,3 +82,10 @@ def all_gather_last_dim(tensor: torch.Tensor) -> torch.Tensor:
 @all_gather_last_dim.register_fake
 def _(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.new_empty((*tensor.shape[:-1], tensor.shape[-1] * dist.get_world_size()))
+
+
+def gather_logits(local_logits: torch.Tensor, layout: TPLayout) -> torch.Tensor:
+    """[S, local_vocab] on each rank -> [S, vocab] (the padded tail of the last shard dropped)."""
+    if layout.world_size == 1:
+        return local_logits
+    return all_gather_last_dim(local_logits)[..., : layout.vocab_size]

@@ -15,7 +15,7 @@ import torch
 
 from fxllm.parallel.plans import Split
 from fxllm.parallel.tp_config import TPLayout
-from fxllm.runtime.kv_cache import cdiv
+from fxllm.utils import cdiv
 
 
 def _output_range(split: Split, layout: TPLayout, size: int) -> tuple[int, int]:

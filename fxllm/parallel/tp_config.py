@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from fxllm.models.layers import head_dim_of
-from fxllm.models.quantization.scheme import WeightScales, resolve_quantization
+from fxllm.hf_config import head_dim_of, intermediate_size_of
 from fxllm.parallel.plans import ShardingPlan, plan_for
-from fxllm.runtime.kv_cache import cdiv
+from fxllm.utils import cdiv
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,14 @@ class TPLayout:
         return self.rank * self.local_vocab
 
 
-def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
-    """The split of ``config`` over ``world_size`` ranks; a clear error where it cannot split."""
+def tp_layout(
+    config: PretrainedConfig, rank: int, world_size: int, scale_block: tuple[int, int] | None = None
+) -> TPLayout:
+    """The split of ``config`` over ``world_size`` ranks; a clear error where it cannot split.
+    ``scale_block``: the (block_n, block_k) of a block-scaled FP8 checkpoint's weight scales."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    intermediate = _intermediate_size(config)
+    intermediate = intermediate_size_of(config)
     problems = []
     if heads % world_size:
         problems.append(f"num_attention_heads={heads} is not divisible by it")
@@ -79,20 +81,9 @@ def tp_layout(config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
             f"Choose a tensor_parallel_size that divides the attention heads and the MLP width"
         )
     plan = plan_for(config.architectures[0])
-    scheme = resolve_quantization(None, config)  # the checkpoint's own FP8 layout, if it has one
-    scale_block = scheme.weight_block if scheme is not None and scheme.weight_scales is WeightScales.BLOCK else None
     return TPLayout(
         rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size, plan, scale_block
     )
-
-
-def _intermediate_size(config: PretrainedConfig) -> int:
-    """The MLP width; GPT-2 names it n_inner, where None means 4 x hidden, OPT ffn_dim."""
-    if hasattr(config, "n_inner"):
-        return config.n_inner or 4 * config.hidden_size
-    if hasattr(config, "ffn_dim"):
-        return config.ffn_dim
-    return config.intermediate_size
 
 
 def tp_local_config(config: PretrainedConfig, layout: TPLayout) -> PretrainedConfig:

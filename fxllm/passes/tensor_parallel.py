@@ -8,7 +8,7 @@ result is here, in the graph (DESIGN.md contract 8):
   of the partial sums;
 - the vocab-parallel embedding: ids outside this rank's shard are looked up as row 0
   and their rows zeroed, then an all-reduce assembles every token's embedding.
-The logits shards are gathered where the logits are computed (``gather_logits``).
+The logits shards are gathered where the logits are computed (``collectives.gather_logits``).
 """
 
 from __future__ import annotations
@@ -104,13 +104,6 @@ def _fill_example_values(graph: fx.Graph) -> None:
             if node.op == "call_function" and "example_value" not in node.meta:
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["example_value"])
                 node.meta["example_value"] = node.target(*args, **kwargs)
-
-
-def gather_logits(local_logits: torch.Tensor, layout: TPLayout) -> torch.Tensor:
-    """[S, local_vocab] on each rank -> [S, vocab] (the padded tail of the last shard dropped)."""
-    if layout.world_size == 1:
-        return local_logits
-    return collectives.all_gather_last_dim(local_logits)[..., : layout.vocab_size]
 
 
 def placeholder_parameter_names(graph: fx.Graph, example_inputs: list, model: torch.nn.Module) -> dict[str, str]:

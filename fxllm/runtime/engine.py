@@ -1,41 +1,33 @@
-"""The engine loop: schedule, run, append tokens, finish requests."""
+"""The engine loop: schedule, launch on the executor, take the tokens, finish requests."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
+from fxllm.compiler import CompileReport
 from fxllm.config import EngineConfig
-from fxllm.outputs import Logprob
-from fxllm.parallel.workers import WorkerLinks
-from fxllm.runtime.kv_cache import KVCacheManager, cdiv
+from fxllm.runtime.executor import Executor, make_executor
+from fxllm.runtime.kv_cache import KVCacheManager
 from fxllm.runtime.request import Request
 from fxllm.runtime.runner import ModelRunner
-from fxllm.runtime.step_result import LaunchedStep, TokenLogprobs
 from fxllm.runtime.scheduler import Scheduler
+from fxllm.runtime.step_result import LaunchedStep
 
 logger = logging.getLogger(__name__)
 
+# What ``use_tqdm`` may be: a switch, or vLLM's callable that builds the progress bar.
+UseTqdm = bool | Callable[..., Any]
+
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Any, links: WorkerLinks | None = None):
+    def __init__(self, config: EngineConfig, tokenizer: Any):
         self.config = config
-        self.tokenizer = tokenizer  # decodes the tokens of logprob entries
-        self.runner = ModelRunner(config, links=links)
-        num_blocks = self.runner.agree_num_blocks(self.runner.determine_num_blocks())
-        block_size = config.cache.block_size
-        max_model_len = config.model.max_model_len
-        needed = cdiv(max_model_len, block_size)
-        if num_blocks < needed:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks ({num_blocks * block_size} tokens) but one request "
-                f"of max_model_len={max_model_len} needs {needed}: lower max_model_len, or give the cache "
-                f"more memory (gpu_memory_utilization on GPU, FXLLM_CPU_KVCACHE_SPACE on CPU, or "
-                f"num_gpu_blocks_override)"
-            )
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cudagraphs()
-        self.runner.warm_up()
+        self.tokenizer = tokenizer
+        self.executor: Executor = make_executor(config)
+        num_blocks, block_size = self.executor.num_blocks, config.cache.block_size
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.async_scheduling = config.scheduler.async_scheduling
@@ -45,11 +37,48 @@ class LLMEngine:
             num_blocks, block_size, num_blocks * self.runner.bytes_per_block() / 2**30, config.device,
         )
 
+    @property
+    def runner(self) -> ModelRunner:
+        """The runner in this process (rank 0): its model, caches and compile report."""
+        return self.executor.driver
+
+    @property
+    def compile_report(self) -> CompileReport:
+        return self.executor.compile_report
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    def run(self, requests: list[Request], use_tqdm: UseTqdm = True) -> None:
+        """Queue ``requests`` and step until every one has finished. On any exception (a Ctrl-C
+        too), queued or running, they are dropped and their blocks freed: the engine serves the
+        next call as if this one had never been made."""
+        progress = None
+        try:
+            for request in requests:
+                self.add_request(request)
+            progress = progress_bar(use_tqdm, len(requests))
+            start = time.perf_counter()
+            num_output_tokens = 0
+            while self.has_unfinished():
+                for request in self.step():
+                    if progress is not None:
+                        num_output_tokens += len(request.output_token_ids)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        progress.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} tok/s", refresh=False)
+                        progress.update(1)
+        except BaseException:
+            self.abort(requests)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
 
     def step(self) -> list[Request]:
         """Run one step; return the requests that finished in it.
@@ -66,10 +95,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         launched = None
         if step.scheduled:
-            launched = self.runner.launch(step, in_flight)
-            for scheduled in step.scheduled:
-                scheduled.request.num_computed_tokens += scheduled.num_new_tokens
-                scheduled.request.num_pending_outputs += scheduled.samples
+            launched = self.executor.execute_model(step, in_flight)
+            self.scheduler.on_launched(step)
         if in_flight is not None:
             finished += self._complete(in_flight)
         self._in_flight = launched
@@ -79,36 +106,12 @@ class LLMEngine:
         return finished
 
     def _complete(self, launched: LaunchedStep) -> list[Request]:
-        """Take a launched step's tokens: append them, record logprobs, finish requests."""
-        result = launched.result()
-        sampled = iter(zip(result.sampled, result.logprobs))
-        finished = []
-        for scheduled in launched.step.scheduled:
-            request = scheduled.request
-            if scheduled.samples:
-                token_id, logprobs = next(sampled)
-                request.num_pending_outputs -= 1
-            if request.finished:
-                continue  # finished on a token of the step before: this step's token is dropped
-            self.kv_cache.commit_full_blocks(request)
-            for position in result.prompt_logprobs.get(request, ()):
-                request.prompt_logprobs.append(self._logprob_dict(position, request))
-            if scheduled.samples:
-                request.append_output(token_id, self._logprob_dict(logprobs, request) if logprobs else None)
-                if request.finish_reason is not None:
-                    self.scheduler.finish(request)
-                    # Its text now, inside the step: under async scheduling the device is
-                    # running the next step meanwhile, so the decode costs no wall time.
-                    _ = request.text
-                    finished.append(request)
+        finished = self.scheduler.on_result(launched.step, launched.result())
+        for request in finished:
+            # Its text now, inside the step: under async scheduling the device is running the
+            # next step meanwhile, so the decode costs no wall time.
+            _ = request.text
         return finished
-
-    def _logprob_dict(self, position: TokenLogprobs, request: Request) -> dict[int, Logprob]:
-        decode = request.detokenizer is not None
-        return {
-            token_id: Logprob(logprob, rank, self.tokenizer.decode([token_id]) if decode else None)
-            for token_id, logprob, rank in zip(position.token_ids, position.logprobs, position.ranks)
-        }
 
     def abort(self, requests: list[Request]) -> None:
         """Drop unfinished requests and free their blocks (e.g. after an interrupt)."""
@@ -116,3 +119,21 @@ class LLMEngine:
         for request in requests:
             if not request.finished:
                 self.scheduler.finish(request)
+
+    def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """Run a runner method (by name) or ``method(runner, *args)`` on every rank; results in rank order."""
+        return self.executor.collective_rpc(method, args, kwargs)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def progress_bar(use_tqdm: UseTqdm, total: int) -> Any:
+    """A progress bar, or None: none asked for, or no terminal stream to draw on (pythonw, daemons)."""
+    if not use_tqdm or sys.stderr is None:
+        return None
+    if callable(use_tqdm):
+        return use_tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)

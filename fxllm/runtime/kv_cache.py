@@ -13,12 +13,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from fxllm.runtime.request import Request
+from fxllm.utils import cdiv
 
 _ROOT_HASH = 0
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVCacheManager:

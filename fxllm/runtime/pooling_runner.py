@@ -16,8 +16,8 @@ from torch import nn
 from fxllm.compiler import compile_model
 from fxllm.config import EngineConfig, PoolerConfig
 from fxllm.models.loader import build_model, weight_bytes
-from fxllm.runtime.attention.layer import Attention, AttentionSpec
-from fxllm.runtime.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from fxllm.attention.layer import Attention, AttentionSpec
+from fxllm.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from fxllm.runtime.runner import select_attention_backend
 
 NO_SLOT = -1  # slot_mapping value of a token whose K/V goes to no cache

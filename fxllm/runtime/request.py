@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxllm.outputs import Logprob
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
+from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.sampling_params import SamplingParams
 
@@ -50,9 +50,9 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text_end: int | None = None  # where a stop string cuts the text
-    logprobs: list[dict[int, Logprob]] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per output token, when asked for
     cumulative_logprob: float | None = None
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
     multimodal: MultiModalPrompt | None = None  # images, videos and M-RoPE positions of a vision-language prompt
     # Image or video index -> its embeddings [tokens, H], from the first step that computes one of its
@@ -107,12 +107,12 @@ class Request:
                 banned.append(word[-1])
         return banned
 
-    def append_output(self, token_id: int, logprobs: dict[int, Logprob] | None = None) -> None:
+    def append_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
             self.logprobs.append(logprobs)
-            self.cumulative_logprob += logprobs[token_id].logprob
+            self.cumulative_logprob += logprobs.chosen_logprob
         params = self.sampling_params
         # Only stop strings need the text now; reading it decodes the tokens so far.
         new_text_from = len(self.detokenizer.text) if self.detokenizer is not None and params.stop else 0

@@ -16,35 +16,37 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fxllm.compiler import compile_model
 from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphDispatch, GraphStep
 from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CompilationConfig, CompilationLevel, CUDAGraphMode, EngineConfig
+from fxllm.attention.layer import Attention, AttentionSpec
+from fxllm.attention.selector import select_attention_backend
+from fxllm.forward_context import ForwardContext, set_forward_context
 from fxllm.models.loader import build_model, weight_bytes
+from fxllm.models.quantization import weight_scale_block
 from fxllm.models.sharded_state import save_sharded_state
-from fxllm.runtime.attention.layer import Attention, AttentionSpec
-from fxllm.runtime.attention.backend import AttentionBackend
-from fxllm.runtime.attention.torch_backend import TorchAttentionBackend
-from fxllm.parallel.collectives import stop_one_shot_all_reduce, use_one_shot_all_reduce
-from fxllm.parallel.step_sync import ReceivedStep, StepSync
+from fxllm.parallel.collectives import gather_logits
 from fxllm.parallel.tp_config import TPLayout, tp_layout
-from fxllm.parallel.workers import WorkerLinks
-from fxllm.passes.tensor_parallel import gather_logits
 from fxllm.runtime.cudagraphs import CUDAGraphs
-from fxllm.runtime.forward_context import ForwardContext, set_forward_context
-from fxllm.runtime.kv_cache import cdiv
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
 from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
-from fxllm.runtime.step_result import LaunchedStep, TokenLogprobs
+from fxllm.runtime.logprobs import TokenLogprobs
+from fxllm.runtime.step_result import LaunchedStep
+from fxllm.utils import cdiv
+
+if TYPE_CHECKING:
+    from fxllm.runtime.executor.step_sync import ReceivedStep
 
 logger = logging.getLogger(__name__)
 
@@ -57,52 +59,88 @@ WARM_UP_REQUESTS = 2
 WARM_UP_TOKENS_PER_REQUEST = 4
 
 
-def select_attention_backend(device: torch.device) -> AttentionBackend:
-    """Triton kernels on CUDA; the torch reference elsewhere (and as the oracle)."""
-    if device.type == "cuda":
-        from fxllm.runtime.attention.triton_backend import TritonAttentionBackend
+@dataclass
+class StepPlan:
+    """A scheduled step with its inputs prepared on the host, ready to execute."""
 
-        return TritonAttentionBackend()
-    return TorchAttentionBackend()
+    step: SchedulerOutput
+    prepared: PreparedStep
+    dispatch: GraphDispatch
+    sampling: list[Request]  # the requests that sample, in row order
+    prompt_rows: list[tuple[Request, list[int], list[int]]]  # (request, rows, targets) of prompt logprobs
+
+    @property
+    def prompt_logit_rows(self) -> list[int]:
+        return [row for _, rows, _ in self.prompt_rows for row in rows]
+
+
+class RankSync(Protocol):
+    """How the ranks of a tensor-parallel engine meet during start-up (the executor's)."""
+
+    def barrier(self) -> None:
+        """Every rank waits here; a rank that failed stops the others at once."""
+
+    def min(self, value: int) -> int:
+        """The smallest ``value`` of any rank."""
+
+
+class SingleRank:
+    """One process is the whole engine: nothing to meet."""
+
+    def barrier(self) -> None:
+        pass
+
+    def min(self, value: int) -> int:
+        return value
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, rank: int = 0, links: WorkerLinks | None = None):
-        """``links``: under tensor parallelism, how this rank reaches the others (parallel/workers.py)."""
+    """One rank's model, KV cache, CUDA graphs and sampler. Under tensor parallelism every rank
+    has one; the executor owns them and carries each step to the other ranks."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0):
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
         model_config = config.model
         world_size = config.parallel.tensor_parallel_size
         # This rank's part of a tensor-parallel model; None on one device.
-        self.tp_layout = tp_layout(model_config.hf_config, rank, world_size) if world_size > 1 else None
-        self._links = links
-        load_start = time.perf_counter()
-        self.model: nn.Module = build_model(model_config, self.device, self.tp_layout)
-        load_seconds = time.perf_counter() - load_start
-        self._startup_barrier()
-        one_shot_bytes = self._start_one_shot_all_reduce()
+        self.tp_layout = (
+            tp_layout(model_config.hf_config, rank, world_size, weight_scale_block(model_config.hf_config))
+            if world_size > 1
+            else None
+        )
         self.vocab_size = model_config.vocab_size
-        self.layers: dict[str, AttentionSpec] = {
-            module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
-        }
-        self.backend = select_attention_backend(self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
+        self.backend = select_attention_backend(self.device)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
         self.graph_plan = CUDAGraphPlan.resolve(config)
+
+    def start(self, ranks: RankSync | None = None) -> int:
+        """Load and compile the model, size and allocate the KV cache, capture the CUDA graphs
+        and warm up; returns the number of KV blocks. ``ranks``: under tensor parallelism, where
+        the ranks meet after each phase and agree on the cache size."""
+        ranks = ranks or SingleRank()
+        config = self.config
+        load_start = time.perf_counter()
+        self.model: nn.Module = build_model(config.model, self.device, self.tp_layout)
+        load_seconds = time.perf_counter() - load_start
+        ranks.barrier()
+        self.layers: dict[str, AttentionSpec] = {
+            module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
+        }
         takes_embeds = getattr(self.model, "takes_inputs_embeds", False)
         self.embedder = MultiModalEmbedder(self.model) if takes_embeds else None
         self.compiled = compile_model(self.model, config, self._profile_context, self.tp_layout)
-        self._startup_barrier()
+        ranks.barrier()
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
         self.compile_report.cudagraph_mode = self.graph_plan.mode.value
         self.compile_report.load_seconds = round(load_seconds, 2)
         self.compile_report.weight_bytes = weight_bytes(self.model)
-        self.compile_report.one_shot_all_reduce_bytes = one_shot_bytes
         self.compile_report.mm_encoder_compiled = self._compile_vision_encoder(config.compilation)
         # Not a bound method: the runner holds the graphs, and a cycle back to it would keep the
         # engine (and its device memory) alive after ``del llm`` until the garbage collector ran.
@@ -113,28 +151,28 @@ class ModelRunner:
                 max_num_tokens=scheduler.max_num_batched_tokens,
                 # Graphs are captured on idle steps of one request per token.
                 max_num_requests=max((scheduler.max_num_seqs, *self.graph_plan.piecewise_sizes)),
-                max_blocks_per_seq=cdiv(model_config.max_model_len, self.block_size),
+                max_blocks_per_seq=cdiv(config.model.max_model_len, self.block_size),
                 block_size=self.block_size,
                 device=self.device,
                 mrope=getattr(self.model, "uses_mrope", False),
             )
-        self.step_sync = StepSync(self.inputs, self._links) if self._links is not None else None
-        # A worker's copy of rank 0's last sampled ids (async scheduling under tensor parallelism).
-        self._shared_sampled: torch.Tensor | None = None
+        num_blocks = ranks.min(self.determine_num_blocks())
+        self._check_cache_holds_one_request(num_blocks)
+        self.allocate_kv_cache(num_blocks)
+        self.capture_cudagraphs()
+        self.warm_up()
+        return num_blocks
 
-    def _startup_barrier(self) -> None:
-        """Under tensor parallelism every rank meets here after each start-up phase: a rank that
-        failed stops the others at once (gloo sees the closed connection), not at an NCCL timeout."""
-        if self._links is not None:
-            dist.barrier(group=self._links.host_group)
-
-    def _start_one_shot_all_reduce(self) -> int:
-        """Under tensor parallelism on GPUs, small all-reduces go through peer memory (every rank
-        sets it up, before anything runs a collective); the largest size it takes, 0 if none."""
-        config = self.config
-        if self._links is None or self.device.type != "cuda" or config.parallel.disable_custom_all_reduce:
-            return 0
-        return use_one_shot_all_reduce(self._links.host_group, config.model.dtype, self.device)
+    def _check_cache_holds_one_request(self, num_blocks: int) -> None:
+        max_model_len = self.config.model.max_model_len
+        needed = cdiv(max_model_len, self.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks ({num_blocks * self.block_size} tokens) but one request "
+                f"of max_model_len={max_model_len} needs {needed}: lower max_model_len, or give the cache "
+                f"more memory (gpu_memory_utilization on GPU, FXLLM_CPU_KVCACHE_SPACE on CPU, or "
+                f"num_gpu_blocks_override)"
+            )
 
     def _profile_context(self):
         """A forward context without attention metadata: attention is skipped (no KV cache yet)."""
@@ -226,64 +264,70 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
-        """Queue the model for the scheduled tokens and the sampling of one token per request that
-        reached its last token (prompt logprobs are gathered before it returns). ``previous``: the
+    def prepare(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> StepPlan:
+        """The host side of a step: its inputs in the persistent buffers (pending tokens not yet
+        filled in), its CUDA-graph dispatch and the rows whose logits it needs. ``previous``: the
         step still in flight (async scheduling), whose sampled ids are on the device."""
         prompt_rows = self._prompt_logprob_rows(step)
         # A FULL graph computes the logits of its own rows only, not those of prompt logprobs.
         dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled), full_allowed=not prompt_rows)
-        prepared = self.inputs.prepare(step.scheduled, dispatch, previous.sample_rows if previous else None)
+        with torch.inference_mode():
+            prepared = self.inputs.prepare(step.scheduled, dispatch, previous.sample_rows if previous else None)
         sampling = [s.request for s in step.scheduled if s.samples]
-        num_samples = len(sampling)
-        extra_rows = [row for _, rows, _ in prompt_rows for row in rows]
-        if self.step_sync is not None:
-            # Sent before the pending tokens are filled in: every rank fills its own (on CPU the
-            # host arrays are the device buffers, and would carry them otherwise).
-            rows = [] if dispatch.mode is CUDAGraphMode.FULL else self.inputs.host_sample_rows(num_samples) + extra_rows
-            self.step_sync.send(prepared, dispatch, torch.tensor(rows, dtype=torch.int64))
+        return StepPlan(step, prepared, dispatch, sampling, prompt_rows)
+
+    def worker_logit_rows(self, plan: StepPlan) -> torch.Tensor:
+        """The rows whose logits every rank joins the gather of (none in a FULL graph: inside it)."""
+        if plan.dispatch.mode is CUDAGraphMode.FULL:
+            rows: list[int] = []
+        else:
+            rows = self.inputs.host_sample_rows(len(plan.sampling)) + plan.prompt_logit_rows
+        return torch.tensor(rows, dtype=torch.int64)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the model for a prepared step and the sampling of one token per request that
+        reached its last token (prompt logprobs are gathered before it returns)."""
+        prepared, dispatch = plan.prepared, plan.dispatch
         if prepared.num_pending:
             self.inputs.fill_pending(prepared, previous.token_ids)
+        num_samples = len(plan.sampling)
+        extra_rows = plan.prompt_logit_rows
         if dispatch.mode is CUDAGraphMode.FULL:
             logits = self.graphs.replay_full(dispatch.num_tokens)[prepared.sample_rows]
         else:
-            inputs_embeds = self.embedder.inputs_embeds(step.scheduled, prepared.input_ids) if self.embedder else None
+            inputs_embeds = self.embedder.inputs_embeds(plan.step.scheduled, prepared.input_ids) if self.embedder else None
             hidden = self._forward(prepared, _graph_step(dispatch), inputs_embeds)  # [T_padded, hidden]
             rows = prepared.sample_rows
             if extra_rows:
                 rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
             # One logits computation for every row that needs one (one gather under TP).
             logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
-        launched = LaunchedStep(step, sampling)
-        if sampling:
-            batch = SamplingBatch.from_requests(sampling, self.vocab_size, self.device)
+        launched = LaunchedStep(plan.step, plan.sampling)
+        if plan.sampling:
+            batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device)
             launched.set_sampled(self.sampler(logits[:num_samples], batch))
-            if self.step_sync is not None and self.config.scheduler.async_scheduling:
-                self.step_sync.share_sampled(launched.token_ids)
         offset = num_samples
-        for request, rows_of_request, targets in prompt_rows:
+        for request, rows_of_request, targets in plan.prompt_rows:
             request_logits = logits[offset : offset + len(rows_of_request)]
             launched.prompt_logprobs[request] = self._prompt_logprobs(request_logits, targets, request)
             offset += len(rows_of_request)
         return launched
 
     @torch.inference_mode()
-    def execute_received(self, step: ReceivedStep) -> None:
+    def execute_received(self, step: ReceivedStep, pending_ids: torch.Tensor | None) -> None:
         """A tensor-parallel worker's step: the forward rank 0 sent, and its part of the
-        logits gather; sampling stays with rank 0."""
+        logits gather; sampling stays with rank 0. ``pending_ids``: rank 0's sampled ids of
+        the step before (async scheduling)."""
         dispatch, prepared = step.dispatch, step.prepared
         if prepared.num_pending:
-            self.inputs.fill_pending(prepared, self._shared_sampled)
+            self.inputs.fill_pending(prepared, pending_ids)
         if dispatch.mode is CUDAGraphMode.FULL:
             self.graphs.replay_full(dispatch.num_tokens)  # the gather is inside the graph
         else:
             hidden = self._forward(prepared, _graph_step(dispatch))
             if step.logit_rows.numel():
                 self._logits(hidden[step.logit_rows])
-        num_samples = prepared.sample_rows.numel()
-        if self.config.scheduler.async_scheduling and num_samples:
-            self._shared_sampled = self.step_sync.receive_sampled(num_samples)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return compute_logits(self.model, self.tp_layout, hidden)
@@ -293,14 +337,6 @@ class ModelRunner:
         rank = 0 if self.tp_layout is None else self.tp_layout.rank
         world_size = 1 if self.tp_layout is None else self.tp_layout.world_size
         save_sharded_state(self.model, directory, rank, world_size)
-
-    def agree_num_blocks(self, num_blocks: int) -> int:
-        """Under tensor parallelism, the fewest blocks any rank can hold (every rank holds every block)."""
-        if self._links is None:
-            return num_blocks
-        fewest = torch.tensor([num_blocks])
-        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self._links.host_group)
-        return int(fewest.item())
 
     def _forward(
         self, prepared: PreparedStep, graph_step: GraphStep | None, inputs_embeds: torch.Tensor | None = None
@@ -335,13 +371,12 @@ class ModelRunner:
             return False
         return self.model.compile_vision_encoder()
 
-    def release_parallel_state(self) -> None:
-        """Under tensor parallelism, before the process group is destroyed: drop every captured
-        graph (destroying a group waits forever on a communicator whose collectives a live
-        graph still holds) and the one-shot all-reduce's buffers, set up over that group."""
-        self.graphs.release()
-        self.compiled.release_cudagraphs()
-        stop_one_shot_all_reduce()
+    def release_cudagraphs(self) -> None:
+        """Drop every captured graph: under tensor parallelism, before the process group is
+        destroyed (which waits forever on a communicator whose collectives a live graph holds)."""
+        if hasattr(self, "graphs"):
+            self.graphs.release()
+            self.compiled.release_cudagraphs()
 
     @staticmethod
     def _prompt_logprob_rows(step: SchedulerOutput) -> list[tuple[Request, list[int], list[int]]]:
@@ -369,7 +404,7 @@ class ModelRunner:
         top_logprobs, top_ids = logprobs.topk(request.sampling_params.prompt_logprobs, dim=-1)
         top_logprobs, top_ids, target_logprobs = top_logprobs.tolist(), top_ids.tolist(), target_logprobs.tolist()
         return [
-            TokenLogprobs.with_chosen(top_ids[i], top_logprobs[i], targets[i], target_logprobs[i], ranks[i])
+            TokenLogprobs(targets[i], target_logprobs[i], ranks[i], top_ids[i], top_logprobs[i])
             for i in range(len(targets))
         ]
 

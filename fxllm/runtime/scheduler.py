@@ -14,9 +14,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from fxllm.config import SchedulerConfig
 from fxllm.runtime.kv_cache import KVCacheManager
 from fxllm.runtime.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from fxllm.runtime.step_result import StepResult
 
 
 @dataclass
@@ -83,6 +88,34 @@ class Scheduler:
             output.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return output
+
+    def on_launched(self, output: SchedulerOutput) -> None:
+        """A step's device work is queued: its tokens count as computed, its samples as pending."""
+        for scheduled in output.scheduled:
+            scheduled.request.num_computed_tokens += scheduled.num_new_tokens
+            scheduled.request.num_pending_outputs += scheduled.samples
+
+    def on_result(self, output: SchedulerOutput, result: "StepResult") -> list[Request]:
+        """A launched step's tokens reached the host: append them, record logprobs, offer full
+        blocks to the prefix cache and finish requests; returns the requests it finished."""
+        sampled = iter(zip(result.sampled, result.logprobs))
+        finished = []
+        for scheduled in output.scheduled:
+            request = scheduled.request
+            if scheduled.samples:
+                token_id, logprobs = next(sampled)
+                request.num_pending_outputs -= 1
+            if request.finished:
+                continue  # finished on a token of the step before: this step's token is dropped
+            self.kv_cache.commit_full_blocks(request)
+            if request.prompt_logprobs is not None:
+                request.prompt_logprobs.extend(result.prompt_logprobs.get(request, ()))
+            if scheduled.samples:
+                request.append_output(token_id, logprobs)
+                if request.finish_reason is not None:
+                    self.finish(request)
+                    finished.append(request)
+        return finished
 
     def finish(self, request: Request) -> None:
         """Remove a finished (or aborted) request and free its blocks."""

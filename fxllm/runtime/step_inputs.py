@@ -25,7 +25,7 @@ import torch
 
 from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.models.mrope import NUM_MROPE_ROWS
-from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.forward_context import AttentionMetadata
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import ScheduledRequest
 

@@ -13,29 +13,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.request import Request
 from fxllm.runtime.sampler import SamplerOutput
 from fxllm.runtime.scheduler import SchedulerOutput
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs at one position, on the host: the top-N, then the chosen token if not among them."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
-
-    @classmethod
-    def with_chosen(
-        cls, top_ids: list[int], top_logprobs: list[float], chosen: int, chosen_logprob: float, chosen_rank: int
-    ) -> "TokenLogprobs":
-        ids, logprobs, ranks = list(top_ids), list(top_logprobs), list(range(1, len(top_ids) + 1))
-        if chosen not in ids:
-            ids.append(chosen)
-            logprobs.append(chosen_logprob)
-            ranks.append(chosen_rank)
-        return cls(ids, logprobs, ranks)
 
 
 @dataclass
@@ -97,7 +78,7 @@ class LaunchedStep:
         for row, request in enumerate(requests):
             wanted = request.sampling_params.logprobs
             if wanted is not None:
-                result.logprobs[row] = TokenLogprobs.with_chosen(
-                    top_ids[row][:wanted], top_logprobs[row][:wanted], result.sampled[row], sampled_logprobs[row], ranks[row]
+                result.logprobs[row] = TokenLogprobs(
+                    result.sampled[row], sampled_logprobs[row], ranks[row], top_ids[row][:wanted], top_logprobs[row][:wanted]
                 )
         return result

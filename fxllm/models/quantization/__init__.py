@@ -12,6 +12,7 @@ from fxllm.models.quantization.scheme import (
     model_quantization,
     quantization_method,
     resolve_quantization,
+    weight_scale_block,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "model_quantization",
     "quantization_method",
     "resolve_quantization",
+    "weight_scale_block",
 ]

@@ -25,7 +25,7 @@ from torch import nn
 
 from fxllm.models.quantization.fp8_gemm import fp8_linear
 from fxllm.models.quantization.fp8_quant import FP8_DTYPE, quantize_per_channel
-from fxllm.runtime.kv_cache import cdiv
+from fxllm.utils import cdiv
 from fxllm.models.quantization.scheme import ActivationScheme, Fp8Scheme, WeightScales
 from fxllm.models.weights import ShardRows
 

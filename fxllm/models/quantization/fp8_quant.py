@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fxllm.runtime.kv_cache import cdiv
+from fxllm.utils import cdiv
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448

@@ -111,6 +111,13 @@ def model_quantization(method: str | None, hf_config: Any) -> Fp8Scheme | None:
     return resolve_quantization(method, hf_config)
 
 
+def weight_scale_block(hf_config: Any) -> tuple[int, int] | None:
+    """(block_n, block_k) one stored weight scale covers in a block-scaled FP8 checkpoint; None
+    otherwise (tensor parallelism keeps a rank's slices aligned to it)."""
+    scheme = resolve_quantization(None, hf_config)
+    return scheme.weight_block if scheme is not None and scheme.weight_scales is WeightScales.BLOCK else None
+
+
 def parse_quantization_config(config: Any) -> Fp8Scheme:
     if hasattr(config, "to_dict"):  # a transformers QuantizationConfigMixin
         config = config.to_dict()

@@ -1,5 +1,5 @@
 """The attention op (one opaque custom op), its layer module and its backends."""
 
-from fxllm.runtime.attention.layer import Attention, AttentionSpec
+from fxllm.attention.layer import Attention, AttentionSpec
 
 __all__ = ["Attention", "AttentionSpec"]

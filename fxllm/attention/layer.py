@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fxllm.runtime.forward_context import get_forward_context
+from fxllm.forward_context import get_forward_context
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,16 @@
 Rank 0 schedules and builds the step's inputs (``StepInputs``); the other ranks
 receive the same host arrays as one message (a header, then the arrays packed as
 bytes) on the pipe rank 0 holds to each of them, copy them into their own
-persistent buffers and run the same forward. The header says what follows; a stop
-header ends a worker's loop.
+persistent buffers and run the same forward. The header says what follows: a step,
+a remote call of a runner method (``collective_rpc``), or the stop that ends a
+worker's loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +20,11 @@ import torch.distributed as dist
 
 from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.config import CUDAGraphMode
-from fxllm.parallel.workers import WorkerLinks
+from fxllm.runtime.executor.workers import WorkerLinks
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 
 _MODES = (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL)
-STEP, STOP, SAVE = 0, 1, 2
+STEP, STOP, CALL = 0, 1, 2
 HEADER_FIELDS = 10  # command, mode, padded tokens/requests, tokens, requests, samples, blocks, logit rows, pending
 HEADER_BYTES = HEADER_FIELDS * np.dtype(np.int64).itemsize
 
@@ -34,8 +37,12 @@ class ReceivedStep:
 
 
 @dataclass
-class SaveRequest:
-    path: str
+class RemoteCall:
+    """A runner method (by name) or a function of the runner, to run on every rank."""
+
+    method: Any  # str: a ModelRunner method; else a callable taking the runner first
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
 
 
 class StepSync:
@@ -68,15 +75,12 @@ class StepSync:
     def send_stop(self) -> None:
         self.links.send(_header(STOP))
 
-    def send_save(self, path: str) -> None:
-        """Every rank writes its weights under ``path`` (save_sharded_state)."""
-        self.links.send(_header(SAVE) + path.encode())
+    def send_call(self, call: RemoteCall) -> None:
+        """Every worker runs ``call`` on its runner and replies with the result (or its error)."""
+        self.links.send(_header(CALL) + pickle.dumps(call))
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.links.host_group)
-
-    def receive(self) -> ReceivedStep | SaveRequest | None:
-        """Other ranks: the next step, in this rank's buffers, or a save request; None when rank 0 stops."""
+    def receive(self) -> ReceivedStep | RemoteCall | None:
+        """Other ranks: the next step, in this rank's buffers, or a remote call; None when rank 0 stops."""
         message = self.links.receive()
         if message is None:  # rank 0's process is gone
             return None
@@ -86,8 +90,8 @@ class StepSync:
         )
         if command == STOP:
             return None
-        if command == SAVE:
-            return SaveRequest(message[HEADER_BYTES:].decode())
+        if command == CALL:
+            return pickle.loads(message[HEADER_BYTES:])
         self.inputs.wait_for_copies()  # the host buffers are about to be overwritten
         tables = self.inputs.host_block_tables[:num_requests, :max_blocks]
         logit_rows = torch.empty(rows, dtype=torch.int64)

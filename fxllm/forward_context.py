@@ -15,8 +15,8 @@ import torch
 
 if TYPE_CHECKING:
     from fxllm.compiler.cudagraph import GraphStep
-    from fxllm.runtime.attention.backend import AttentionBackend
-    from fxllm.runtime.attention.layer import AttentionSpec
+    from fxllm.attention.backend import AttentionBackend
+    from fxllm.attention.layer import AttentionSpec
 
 
 @dataclass

@@ -4,11 +4,13 @@ Like vLLM: fork when the parent has not initialized CUDA (cheap, and no
 ``__main__`` guard needed), otherwise spawn, with a warning, since a forked child
 cannot use CUDA after its parent did. Every rank joins one default process group
 (NCCL on GPU, gloo on CPU) plus a gloo "host group" for start-up barriers, and rank 0
-has a pipe to each worker for its per-step messages. A worker's exception reaches the
-parent with its rank and traceback: rank 0 polls the rendezvous while it waits for
-workers to join, and after that a dead peer fails the next host-group collective at
-once. The group shuts down on ``shutdown()``, when its owner is collected, and at
-interpreter exit, and never leaves processes behind.
+has a pipe to each worker for its per-step messages and the workers' replies. A worker's
+exception reaches the parent with its rank and traceback: rank 0 polls the rendezvous
+while it waits for workers to join, and after that a dead peer fails the next host-group
+collective at once. Workers ignore SIGINT: a Ctrl-C in a terminal reaches the whole
+process group, and only rank 0 decides what an interrupt stops. The group shuts down on
+``shutdown()``, when its owner is collected, and at interpreter exit, and never leaves
+processes behind.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
+import signal
 import tempfile
 import traceback
 import weakref
@@ -38,8 +42,13 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 JOIN_SECONDS = 10.0  # a worker asked to stop gets this long before it is terminated
 # Rank 0 checks for dead workers this often while it waits for them to join.
 JOIN_POLL = datetime.timedelta(seconds=1)
-# How often a worker waiting for rank 0's next message checks that its parent still lives.
+# How often a worker waiting for rank 0's next message checks that its parent still lives,
+# and rank 0 waiting for a worker's reply checks that the worker does.
 PARENT_CHECK_SECONDS = 1.0
+
+
+class WorkerGone(RuntimeError):
+    """A worker's pipe closed while rank 0 waited for its reply."""
 
 
 @dataclass
@@ -47,9 +56,9 @@ class WorkerLinks:
     """What connects a rank to the others besides the default process group."""
 
     host_group: dist.ProcessGroup  # gloo, every rank: start-up barriers, host collectives
-    # Rank 0 -> each worker, one message a step: rank 0 holds a writer per worker, a worker
-    # its reader. A pipe wakes a waiting reader in microseconds, where a gloo broadcast
-    # costs a TCP round trip per call.
+    # Rank 0 <-> each worker: rank 0 holds one end per worker, a worker the other. Rank 0
+    # sends one message a step; a worker answers only remote calls. A pipe wakes a waiting
+    # reader in microseconds, where a gloo broadcast costs a TCP round trip per call.
     pipes: list[Connection]
 
     def send(self, message: bytes) -> None:
@@ -68,6 +77,21 @@ class WorkerLinks:
             return pipe.recv_bytes()
         except EOFError:
             return None
+
+    def reply(self, value: Any) -> None:
+        """A worker: answer rank 0's last remote call."""
+        (pipe,) = self.pipes
+        pipe.send_bytes(pickle.dumps(value))
+
+    def gather_replies(self) -> list[Any]:
+        """Rank 0: one reply from each worker, in rank order."""
+        replies = []
+        for rank, pipe in enumerate(self.pipes, start=1):
+            try:
+                replies.append(pickle.loads(pipe.recv_bytes()))
+            except (EOFError, OSError) as error:
+                raise WorkerGone(f"tensor-parallel worker rank {rank} closed its pipe") from error
+        return replies
 
 
 WorkerMain = Callable[[int, int, WorkerLinks, Any], None]  # (rank, world_size, links, payload)
@@ -125,14 +149,16 @@ def _forget_inherited_state() -> None:
 
 def _worker_entry(
     rank: int, world_size: int, rendezvous: str, device_type: str, main: WorkerMain, payload: Any, errors,
-    steps: Connection,
+    pipe: Connection,
 ) -> None:
     try:
+        # A terminal's Ctrl-C reaches every process of its group: rank 0 alone handles it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _forget_inherited_state()
         store = dist.FileStore(rendezvous, world_size)
         store.set(_joined_key(rank), "1")
         host_group = init_process_group(store, rank, world_size, device_type)
-        main(rank, world_size, WorkerLinks(host_group, [steps]), payload)
+        main(rank, world_size, WorkerLinks(host_group, [pipe]), payload)
     except BaseException:  # reported to the parent, whatever it was
         trace = traceback.format_exc()
         # Logged here too: the parent reads the queue only once its own rank stops.
@@ -157,22 +183,22 @@ class WorkerGroup:
         rendezvous = str(Path(self._scratch.name) / "rendezvous")
         self._errors = context.Queue()
         self._processes = []
-        self._step_writers: list[Connection] = []
+        self._pipes: list[Connection] = []
         try:
             for rank in range(1, world_size):
-                reader, writer = context.Pipe(duplex=False)
+                worker_end, own_end = context.Pipe(duplex=True)
                 process = context.Process(
                     target=_worker_entry,
-                    args=(rank, world_size, rendezvous, device_type, main, payload, self._errors, reader),
+                    args=(rank, world_size, rendezvous, device_type, main, payload, self._errors, worker_end),
                     name=f"fxllm-tp-rank{rank}",
                     daemon=True,  # never outlive the parent
                 )
                 process.start()
-                # Only the worker reads it: once the worker is gone, a send fails at once (and
-                # workers forked later do not inherit it).
-                reader.close()
+                # Only the worker holds its end: once the worker is gone, a send fails at once
+                # (and workers forked later do not inherit it).
+                worker_end.close()
                 self._processes.append(process)
-                self._step_writers.append(writer)
+                self._pipes.append(own_end)
         except RuntimeError as error:
             _stop(self._processes)
             if method == "spawn" and "bootstrapping phase" in str(error):
@@ -188,7 +214,7 @@ class WorkerGroup:
         try:
             store = dist.FileStore(rendezvous, world_size)
             self._wait_for_workers(store, world_size)
-            self.links = WorkerLinks(init_process_group(store, 0, world_size, device_type), self._step_writers)
+            self.links = WorkerLinks(init_process_group(store, 0, world_size, device_type), self._pipes)
         except BaseException:
             self._finalizer()
             self._scratch.cleanup()
@@ -225,8 +251,8 @@ class WorkerGroup:
         if dist.is_initialized():
             dist.destroy_process_group()
         self._finalizer()
-        for writer in self._step_writers:
-            writer.close()
+        for pipe in self._pipes:
+            pipe.close()
         self._scratch.cleanup()
 
     @property

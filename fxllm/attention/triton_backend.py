@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from fxllm.runtime.attention import triton_kernels
-from fxllm.runtime.attention.layer import AttentionSpec
-from fxllm.runtime.attention.torch_backend import attention_without_cache
-from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.attention import triton_kernels
+from fxllm.attention.layer import AttentionSpec
+from fxllm.attention.torch_backend import attention_without_cache
+from fxllm.forward_context import AttentionMetadata
 
 ScratchKey = tuple[torch.device, int, int, int, int]  # device, B, num_heads, head_dim, num_splits
 Scratch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # partial acc, max, sum (fp32)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fxllm.runtime.attention.layer import AttentionSpec
-from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.attention.layer import AttentionSpec
+from fxllm.forward_context import AttentionMetadata
 
 
 def write_kv_cache(

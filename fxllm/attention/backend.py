@@ -6,8 +6,8 @@ from typing import Protocol
 
 import torch
 
-from fxllm.runtime.attention.layer import AttentionSpec
-from fxllm.runtime.forward_context import AttentionMetadata
+from fxllm.attention.layer import AttentionSpec
+from fxllm.forward_context import AttentionMetadata
 
 
 class AttentionBackend(Protocol):
