@@ -7,14 +7,16 @@ sees only tensors and a layer name (DESIGN.md contract 3).
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
+from fxllm.config import CUDAGraphMode
+
 if TYPE_CHECKING:
-    from fxllm.compiler.cudagraph import GraphStep
     from fxllm.attention.backend import AttentionBackend
     from fxllm.attention.layer import AttentionSpec
 
@@ -32,34 +34,45 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
 
 
+@dataclass(frozen=True)
+class GraphDispatch:
+    """How one step runs: its CUDA-graph mode (NONE, PIECEWISE or FULL) and padded sizes."""
+
+    mode: CUDAGraphMode
+    num_tokens: int  # T after padding
+    num_requests: int  # B after padding (decode-only steps pad with empty requests)
+
+
 @dataclass
 class ForwardContext:
     attn_metadata: AttentionMetadata | None  # None in a profiling run: attention is skipped
     kv_caches: Mapping[str, torch.Tensor]  # layer_name -> [2, num_blocks, block_size, kv_heads, head_dim]
     layers: Mapping[str, "AttentionSpec"]
     backend: "AttentionBackend"
-    cudagraph: "GraphStep | None" = None  # set when this step replays or captures CUDA graphs
+    cudagraph: GraphDispatch | None = None  # the step's graph mode: wrappers of that mode replay (or capture)
+    capture_pool: Any = None  # set while capturing: the engine's graph memory pool
 
 
-_current: ForwardContext | None = None
+# Per thread: engines driven from different threads never see each other's forwards.
+_local = threading.local()
 
 
 @contextmanager
 def set_forward_context(context: ForwardContext) -> Iterator[None]:
-    global _current
-    if _current is not None:
-        raise RuntimeError("a forward context is already set: forwards cannot nest")
-    _current = context
+    if getattr(_local, "context", None) is not None:
+        raise RuntimeError("a forward context is already set in this thread: forwards cannot nest")
+    _local.context = context
     try:
         yield
     finally:
-        _current = None
+        _local.context = None
 
 
 def get_forward_context() -> ForwardContext:
-    if _current is None:
+    context = getattr(_local, "context", None)
+    if context is None:
         raise RuntimeError(
             "the attention op ran outside a forward context: call the model through "
             "fxllm's ModelRunner, which sets one around each forward"
         )
-    return _current
+    return context

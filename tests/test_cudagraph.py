@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphDispatch, default_capture_sizes, padded_size
+from fxllm.forward_context import GraphDispatch
+from fxllm.runtime.cudagraph_dispatch import CUDAGraphPlan, default_capture_sizes, padded_size
 from fxllm.config import (
     CacheConfig,
     CompilationConfig,

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fxllm import LLM, SamplingParams
-from fxllm.compiler.cudagraph import PiecewiseCUDAGraph
 
 pytestmark = pytest.mark.gpu
 
@@ -36,19 +35,18 @@ def _greedy_tokens(model_dir, mode: str) -> list[list[list[int]]]:
         compilation_config={"cudagraph_mode": mode, "cudagraph_capture_sizes": CAPTURE_SIZES},
     )
     runner = llm.llm_engine.runner
-    split = runner.compiled.split
-    pieces = [m for m in split.graph_module.modules() if isinstance(m, PiecewiseCUDAGraph)] if split else []
-    for piece in pieces:
-        piece.check_addresses = True  # a replay with moved inputs raises instead of reading stale memory
+    pieces = runner.compiled.cudagraph_pieces()
+    for wrapper in [*pieces, runner.full_graph]:
+        wrapper.check_addresses = True  # a replay with moved inputs raises instead of reading stale memory
     if mode != "NONE":
         assert llm.compile_report().cudagraph_sizes, "no graphs were captured"
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     tokens = [[o.outputs[0].token_ids for o in llm.generate(_prompts(n), params, use_tqdm=False)] for n in BATCH_SIZES]
     if "FULL" in mode:
-        assert runner.graphs.full, "FULL graphs were captured but never replayable"
+        assert runner.full_graph.graphs, "FULL graphs were captured but never replayable"
     if "PIECEWISE" in mode:
         assert pieces and all(piece.graphs for piece in pieces)
-    del llm, runner, split, pieces
+    del llm, runner, pieces
     gc.collect()
     torch.cuda.empty_cache()
     return tokens

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from fxllm import LLM, SamplingParams
-from fxllm.compiler.cudagraph import GraphDispatch
+from fxllm.forward_context import GraphDispatch
 from fxllm.config import CompilationLevel, CUDAGraphMode
 from fxllm.models.mrope import mrope_positions
 from fxllm.runtime.multimodal.cache import ProcessedInput, ProcessedInputCache

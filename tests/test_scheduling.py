@@ -87,7 +87,7 @@ def test_step_block_tables_follow_appends_and_replaced_block_lists():
 
     import torch
 
-    from fxllm.compiler.cudagraph import GraphDispatch
+    from fxllm.forward_context import GraphDispatch
     from fxllm.config import CUDAGraphMode
     from fxllm.runtime.step_inputs import StepInputs
 
@@ -115,7 +115,7 @@ def test_step_block_tables_follow_requests_that_change_rows():
 
     import torch
 
-    from fxllm.compiler.cudagraph import GraphDispatch
+    from fxllm.forward_context import GraphDispatch
     from fxllm.config import CUDAGraphMode
     from fxllm.runtime.step_inputs import StepInputs
 

@@ -37,13 +37,13 @@ def _generate(model_dir, dtype: str, tensor_parallel_size: int) -> list:
     )
     runner = llm.llm_engine.runner
     full_replays = []
-    replay_full = runner.graphs.replay_full
+    replay_full = runner.full_graph.forward
 
-    def counting_replay(size: int):
-        full_replays.append(size)
-        return replay_full(size)
+    def counting_replay(*inputs):
+        full_replays.append(inputs[0].shape[0])
+        return replay_full(*inputs)
 
-    runner.graphs.replay_full = counting_replay
+    runner.full_graph.forward = counting_replay
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP_K)
     outputs = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     assert full_replays, "decode steps did not replay FULL CUDA graphs"

@@ -73,7 +73,7 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_sch
     original_from_requests = batch_type.__dict__["from_requests"]
     batch_type.from_requests = classmethod(timer.wrap("sampling batch", original_from_requests.__func__))
     runner._forward = timer.wrap("device work", runner._forward)
-    runner.graphs.replay_full = timer.wrap("device work", runner.graphs.replay_full)
+    runner.full_graph.forward = timer.wrap("device work", runner.full_graph.forward)
     runner._logits = timer.wrap("device work", runner._logits)
     runner.sampler = timer.wrap("device work", runner.sampler)
     engine.executor.execute_model = timer.wrap("launch", engine.executor.execute_model)

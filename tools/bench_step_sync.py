@@ -46,7 +46,7 @@ def _receive_until_stopped(rank: int, world_size: int, links, payload: tuple[int
 
 
 def measure(sync, batch_size: int, blocks: int, steps: int) -> dict:
-    from fxllm.compiler.cudagraph import GraphDispatch
+    from fxllm.forward_context import GraphDispatch
     from fxllm.config import CUDAGraphMode
 
     with torch.inference_mode():

@@ -20,14 +20,14 @@ from torch import fx, nn
 from torch.fx.interpreter import Interpreter
 
 from fxllm.compiler.cache import CompileCache, engine_cache_key
-from fxllm.compiler.cudagraph import CUDAGraphPlan, PiecewiseCUDAGraph
+from fxllm.compiler.cudagraph import CUDAGraphWrapper
 from fxllm.compiler.capture import CapturedGraph, DirectCall, capture, engine_local_forward, mark_num_tokens_dynamic
 from fxllm.compiler.piecewise import PieceCompiler, SizeDispatch, find_size_argument, returns_single_value
 from fxllm.compiler.report import CompileReport
 from fxllm.compiler.split import SplitGraph, split_graph
 from fxllm.parallel.tp_config import TPLayout
 from fxllm.passes.tensor_parallel import TensorParallelPass, placeholder_parameter_names
-from fxllm.config import CompilationLevel, EngineConfig, compile_cache_disabled, fxllm_cache_dir
+from fxllm.config import CompilationLevel, CUDAGraphMode, EngineConfig, compile_cache_disabled, fxllm_cache_dir
 from fxllm.passes.manager import PassManager
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,15 @@ class CompiledModel:
     split: SplitGraph | None = None  # the captured graph as split into pieces (levels 2 and 3), for inspection
 
     def release_cudagraphs(self) -> None:
-        """Drop the pieces' CUDA graphs (see ``PiecewiseCUDAGraph.release``)."""
-        if self.split is not None:
-            for module in self.split.graph_module.modules():
-                if isinstance(module, PiecewiseCUDAGraph):
-                    module.release()
+        """Drop the pieces' CUDA graphs (see ``CUDAGraphWrapper.release``)."""
+        for piece in self.cudagraph_pieces():
+            piece.release()
+
+    def cudagraph_pieces(self) -> list[CUDAGraphWrapper]:
+        """The compiled pieces wrapped for PIECEWISE CUDA graphs (none unless asked for)."""
+        if self.split is None:
+            return []
+        return [module for module in self.split.graph_module.modules() if isinstance(module, CUDAGraphWrapper)]
 
 
 def compile_model(
@@ -56,10 +60,12 @@ def compile_model(
     config: EngineConfig,
     profile_context: Callable[[], ContextManager[None]],
     tp_layout: TPLayout | None = None,
+    piecewise_cudagraphs: bool = False,
 ) -> CompiledModel:
     """``profile_context`` sets a forward context without attention metadata (attention is skipped).
     ``tp_layout``: this rank's part of a tensor-parallel model (None on one device), whose
-    collectives a pass inserts into the captured graph (at level 0 that graph then runs eagerly)."""
+    collectives a pass inserts into the captured graph (at level 0 that graph then runs eagerly).
+    ``piecewise_cudagraphs``: wrap each compiled piece for PIECEWISE CUDA graphs (level 3)."""
     compilation = config.compilation
     report = CompileReport(level=int(compilation.level))
     if compilation.level == CompilationLevel.NO_COMPILATION and tp_layout is None:
@@ -73,7 +79,7 @@ def compile_model(
         with profile_context(), torch.inference_mode():
             compiled.forward(*dummy_inputs(model, config, CAPTURE_NUM_TOKENS))
     else:
-        compiled = _capture_and_compile(model, config, profile_context, report, tp_layout)
+        compiled = _capture_and_compile(model, config, profile_context, report, tp_layout, piecewise_cudagraphs)
     report.compile_seconds = round(time.perf_counter() - start, 2)
     logger.info(
         "compiled at level %d: %d pieces, %.1f s, %s",
@@ -159,6 +165,7 @@ def _capture_and_compile(
     profile_context: Callable[[], ContextManager[None]],
     report: CompileReport,
     tp_layout: TPLayout | None,
+    piecewise_cudagraphs: bool,
 ) -> CompiledModel:
     compilation = config.compilation
     dump_dir = Path(compilation.debug_dump_path) if compilation.debug_dump_path else None
@@ -186,10 +193,11 @@ def _capture_and_compile(
         report.inductor_compiles = compiler.inductor_compiles
         report.unique_pieces = len(compiler.artifacts)
         report.loaded_from_cache = compiler.loaded > 0 and compiler.inductor_compiles == 0
-    if CUDAGraphPlan.resolve(config).piecewise_sizes:
+    if piecewise_cudagraphs:
         for piece in split.pieces:
             if not piece.is_splitting_op:
-                setattr(split.graph_module, piece.name, PiecewiseCUDAGraph(getattr(split.graph_module, piece.name)))
+                wrapped = CUDAGraphWrapper(getattr(split.graph_module, piece.name), CUDAGraphMode.PIECEWISE)
+                setattr(split.graph_module, piece.name, wrapped)
     return CompiledModel(DirectCall(captured, split.graph_module), report, split)
 
 

@@ -18,24 +18,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 
 from fxllm.compiler import compile_model
-from fxllm.compiler.cudagraph import CUDAGraphPlan, GraphDispatch, GraphStep
+from fxllm.compiler.cudagraph import CUDAGraphWrapper
 from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CompilationConfig, CompilationLevel, CUDAGraphMode, EngineConfig
 from fxllm.attention.layer import Attention, AttentionSpec
 from fxllm.attention.selector import select_attention_backend
-from fxllm.forward_context import ForwardContext, set_forward_context
+from fxllm.forward_context import ForwardContext, GraphDispatch, set_forward_context
 from fxllm.models.loader import build_model, weight_bytes
 from fxllm.models.quantization import weight_scale_block
 from fxllm.models.sharded_state import save_sharded_state
 from fxllm.parallel.collectives import gather_logits
 from fxllm.parallel.tp_config import TPLayout, tp_layout
-from fxllm.runtime.cudagraphs import CUDAGraphs
+from fxllm.runtime.cudagraph_dispatch import CUDAGraphPlan, capture_graphs
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
 from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
@@ -134,7 +134,9 @@ class ModelRunner:
         }
         takes_embeds = getattr(self.model, "takes_inputs_embeds", False)
         self.embedder = MultiModalEmbedder(self.model) if takes_embeds else None
-        self.compiled = compile_model(self.model, config, self._profile_context, self.tp_layout)
+        self.compiled = compile_model(
+            self.model, config, self._profile_context, self.tp_layout, bool(self.graph_plan.piecewise_sizes)
+        )
         ranks.barrier()
         self.forward_fn = self.compiled.forward
         self.compile_report = self.compiled.report
@@ -142,9 +144,12 @@ class ModelRunner:
         self.compile_report.load_seconds = round(load_seconds, 2)
         self.compile_report.weight_bytes = weight_bytes(self.model)
         self.compile_report.mm_encoder_compiled = self._compile_vision_encoder(config.compilation)
-        # Not a bound method: the runner holds the graphs, and a cycle back to it would keep the
-        # engine (and its device memory) alive after ``del llm`` until the garbage collector ran.
-        self.graphs = CUDAGraphs(self.graph_plan, functools.partial(compute_logits, self.model, self.tp_layout))
+        # The whole forward and its logits, for decode-only steps. Not a bound method: the runner
+        # holds the graphs, and a cycle back to it would keep the engine (and its device memory)
+        # alive after ``del llm`` until the garbage collector ran.
+        self.full_graph = CUDAGraphWrapper(
+            functools.partial(forward_with_logits, self.forward_fn, self.model, self.tp_layout), CUDAGraphMode.FULL
+        )
         scheduler = config.scheduler
         with torch.inference_mode():  # inference tensors, like the ones the model was compiled with
             self.inputs = StepInputs(
@@ -294,10 +299,10 @@ class ModelRunner:
         num_samples = len(plan.sampling)
         extra_rows = plan.prompt_logit_rows
         if dispatch.mode is CUDAGraphMode.FULL:
-            logits = self.graphs.replay_full(dispatch.num_tokens)[prepared.sample_rows]
+            logits = self._forward(prepared, dispatch)[prepared.sample_rows]  # the graph's logits
         else:
             inputs_embeds = self.embedder.inputs_embeds(plan.step.scheduled, prepared.input_ids) if self.embedder else None
-            hidden = self._forward(prepared, _graph_step(dispatch), inputs_embeds)  # [T_padded, hidden]
+            hidden = self._forward(prepared, dispatch, inputs_embeds)  # [T_padded, hidden]
             rows = prepared.sample_rows
             if extra_rows:
                 rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
@@ -323,9 +328,9 @@ class ModelRunner:
         if prepared.num_pending:
             self.inputs.fill_pending(prepared, pending_ids)
         if dispatch.mode is CUDAGraphMode.FULL:
-            self.graphs.replay_full(dispatch.num_tokens)  # the gather is inside the graph
+            self._forward(prepared, dispatch)  # the logits gather is inside the graph
         else:
-            hidden = self._forward(prepared, _graph_step(dispatch))
+            hidden = self._forward(prepared, dispatch)
             if step.logit_rows.numel():
                 self._logits(hidden[step.logit_rows])
 
@@ -339,11 +344,17 @@ class ModelRunner:
         save_sharded_state(self.model, directory, rank, world_size)
 
     def _forward(
-        self, prepared: PreparedStep, graph_step: GraphStep | None, inputs_embeds: torch.Tensor | None = None
+        self,
+        prepared: PreparedStep,
+        dispatch: GraphDispatch | None,
+        inputs_embeds: torch.Tensor | None = None,
+        capture_pool: object = None,
     ) -> torch.Tensor:
-        context = ForwardContext(prepared.metadata, self.kv_caches, self.layers, self.backend, graph_step)
+        """Hidden states [T_padded, hidden]; for a FULL step, the logits of every row (the graph's)."""
+        context = ForwardContext(prepared.metadata, self.kv_caches, self.layers, self.backend, dispatch, capture_pool)
+        forward = self.full_graph if dispatch is not None and dispatch.mode is CUDAGraphMode.FULL else self.forward_fn
         with set_forward_context(context):
-            return self.forward_fn(prepared.input_ids if inputs_embeds is None else inputs_embeds, prepared.positions)
+            return forward(prepared.input_ids if inputs_embeds is None else inputs_embeds, prepared.positions)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -361,7 +372,11 @@ class ModelRunner:
     def capture_cudagraphs(self) -> None:
         """Capture the planned graphs (after the KV cache exists: attention runs while capturing)."""
         if self.graph_plan.enabled:
-            self.graphs.capture(self.inputs.prepare_idle, self._forward, self.compile_report)
+            capture_graphs(self.graph_plan, self._run_idle_step, self.compile_report)
+
+    def _run_idle_step(self, size: int, mode: CUDAGraphMode, capture_pool: object) -> None:
+        """A decode-only step of ``size`` empty requests in ``mode``; with a pool, its graphs capture."""
+        self._forward(self.inputs.prepare_idle(size), GraphDispatch(mode, size, size), capture_pool=capture_pool)
 
     def _compile_vision_encoder(self, compilation: CompilationConfig) -> bool:
         """Compile the vision tower's regions where ``compile_mm_encoder`` asks (they compile
@@ -374,8 +389,8 @@ class ModelRunner:
     def release_cudagraphs(self) -> None:
         """Drop every captured graph: under tensor parallelism, before the process group is
         destroyed (which waits forever on a communicator whose collectives a live graph holds)."""
-        if hasattr(self, "graphs"):
-            self.graphs.release()
+        if hasattr(self, "full_graph"):
+            self.full_graph.release()
             self.compiled.release_cudagraphs()
 
     @staticmethod
@@ -415,8 +430,8 @@ def compute_logits(model: nn.Module, tp_layout: TPLayout | None, hidden: torch.T
     return logits if tp_layout is None else gather_logits(logits, tp_layout)
 
 
-def _graph_step(dispatch: GraphDispatch) -> GraphStep | None:
-    """What the forward context tells the piece graphs: replay them for a PIECEWISE step."""
-    if dispatch.mode is CUDAGraphMode.PIECEWISE:
-        return GraphStep(dispatch.mode, dispatch.num_tokens)
-    return None
+def forward_with_logits(
+    forward: Callable[..., torch.Tensor], model: nn.Module, tp_layout: TPLayout | None, *inputs: torch.Tensor
+) -> torch.Tensor:
+    """The logits of every row of a step: what a FULL CUDA graph captures."""
+    return compute_logits(model, tp_layout, forward(*inputs))

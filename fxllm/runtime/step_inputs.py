@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.models.mrope import NUM_MROPE_ROWS
-from fxllm.forward_context import AttentionMetadata
+from fxllm.forward_context import AttentionMetadata, GraphDispatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import ScheduledRequest
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fxllm.compiler.cudagraph import GraphDispatch
 from fxllm.config import CUDAGraphMode
+from fxllm.forward_context import GraphDispatch
 from fxllm.runtime.executor.workers import WorkerLinks
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 
