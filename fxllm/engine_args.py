@@ -87,7 +87,7 @@ class EngineArgs:
         device = resolve_device(self.device)
         runner_type = resolve_runner_type(self.runner, self.task, is_pooling_checkpoint(model_dir, architecture))
         multimodal = _multimodal_config(architecture, runner_type, self.limit_mm_per_prompt, self.mm_processor_kwargs)
-        takes_embeds = getattr(model_class, "takes_inputs_embeds", False)
+        takes_embeds = model_class.takes_inputs_embeds
         if takes_embeds:
             # Image embeddings are merged into a fresh tensor each step, not a persistent buffer.
             compilation = replace(compilation, cudagraph_mode=CUDAGraphMode.NONE)

@@ -130,7 +130,7 @@ class Qwen3QueryKey(nn.Module):
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         config = CONFIGS["qwen3"]()
-        block = LlamaAttentionBlock(config, "layer", None)
+        block = LlamaAttentionBlock(config, None)
         self.qkv_proj, self.q_norm, self.k_norm = block.qkv_proj, block.q_norm, block.k_norm
         self.sizes = [block.q_size, block.kv_size, block.kv_size]
         self.heads = (block.num_heads, block.num_kv_heads, block.head_dim)

@@ -30,7 +30,7 @@ from fxllm.parallel.tp_config import tp_layout, tp_local_config
 from fxllm.passes import rms_norm_fusion
 from fxllm.parallel.collectives import gather_logits
 from fxllm.passes.tensor_parallel import TensorParallelPass, placeholder_parameter_names
-from fxllm.attention.layer import Attention
+from fxllm.models.interface import attention_layers
 from fxllm.attention.torch_backend import TorchAttentionBackend
 from fxllm.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance, write_fp8
@@ -56,7 +56,7 @@ def tp_forward(model_dir: Path, rank: int, world_size: int) -> tuple[torch.Tenso
     model = model_class(local_config, MAX_POSITIONS)
     model.load_weights(iterate_sharded_safetensors(safetensors_files(model_dir), layout))
     model.eval().requires_grad_(False)
-    specs = {m.spec.layer_name: m.spec for m in model.modules() if isinstance(m, Attention)}
+    specs = attention_layers(model)
     backend = TorchAttentionBackend()
     num_tokens = len(PROMPT)
     input_ids, positions = torch.tensor(PROMPT), torch.arange(num_tokens)

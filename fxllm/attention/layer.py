@@ -4,13 +4,14 @@
 with a fake implementation): it is the splitting op of the piecewise compiler.
 It writes the new K/V into the layer's paged cache and the result into ``out``;
 the cache and per-step metadata come from the forward context, found by
-``layer_name`` (DESIGN.md contract 2). A forward context without caches (pooling
+``layer_name``, the layer's module path (``models.interface.attention_layers`` names
+every layer of a model from ``named_modules()``). A forward context without caches (pooling
 runs whole prompts) makes attention read K/V from the op's own inputs only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -65,7 +66,6 @@ class Attention(nn.Module):
         num_kv_heads: int,
         head_dim: int,
         scale: float,
-        layer_name: str,
         sliding_window: int | None = None,
         causal: bool = True,
     ):
@@ -76,9 +76,17 @@ class Attention(nn.Module):
             )
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-        self.spec = AttentionSpec(layer_name, num_heads, num_kv_heads, head_dim, scale, sliding_window, causal)
+        self.spec = AttentionSpec("", num_heads, num_kv_heads, head_dim, scale, sliding_window, causal)
+
+    def bind_layer_name(self, name: str) -> None:
+        self.spec = replace(self.spec, layer_name=name)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if not self.spec.layer_name:
+            raise RuntimeError(
+                "an attention layer ran without a name: call fxllm.models.interface.attention_layers(model) "
+                "once after building the model, which names every layer by its module path"
+            )
         out = torch.empty_like(query)
         torch.ops.fxllm.attention(query, key, value, out, self.spec.layer_name)
         return out

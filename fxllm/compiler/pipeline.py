@@ -25,6 +25,7 @@ from fxllm.compiler.capture import CapturedGraph, DirectCall, capture, engine_lo
 from fxllm.compiler.piecewise import PieceCompiler, SizeDispatch, find_size_argument, returns_single_value
 from fxllm.compiler.report import CompileReport
 from fxllm.compiler.split import SplitGraph, split_graph
+from fxllm.models.interface import Model
 from fxllm.parallel.tp_config import TPLayout
 from fxllm.passes.tensor_parallel import TensorParallelPass, placeholder_parameter_names
 from fxllm.config import CompilationLevel, CUDAGraphMode, EngineConfig, compile_cache_disabled, fxllm_cache_dir
@@ -56,7 +57,7 @@ class CompiledModel:
 
 
 def compile_model(
-    model: nn.Module,
+    model: Model,
     config: EngineConfig,
     profile_context: Callable[[], ContextManager[None]],
     tp_layout: TPLayout | None = None,
@@ -89,15 +90,15 @@ def compile_model(
     return compiled
 
 
-def dummy_inputs(model: nn.Module, config: EngineConfig, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dummy_inputs(model: Model, config: EngineConfig, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A step of ``num_tokens`` tokens in the layout the runner passes: input_ids (or their
     embeddings), and positions (for M-RoPE, [3, T] viewed from a [T, 3] buffer: strides (1, 3))."""
     device = config.device
     input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device) % config.model.max_model_len
-    if getattr(model, "uses_mrope", False):
+    if model.uses_mrope:
         positions = positions[:, None].repeat(1, 3).t()
-    if getattr(model, "takes_inputs_embeds", False):
+    if model.takes_inputs_embeds:
         return model.embed_input_ids(input_ids), positions
     return input_ids, positions
 

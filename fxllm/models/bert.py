@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from fxllm.models.interface import Model
 from fxllm.models.layers import activation
 from fxllm.models.weights import FusedShard, load_named_weights
 from fxllm.attention import Attention
@@ -42,12 +43,12 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_name: str):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
         num_heads = config.num_attention_heads
         head_dim = config.hidden_size // num_heads
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.attn = Attention(num_heads, num_heads, head_dim, head_dim**-0.5, layer_name, causal=False)
+        self.attn = Attention(num_heads, num_heads, head_dim, head_dim**-0.5, causal=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         query, key, value = self.qkv_proj(hidden).chunk(3, dim=-1)  # each [T, hidden]
@@ -67,9 +68,9 @@ class BertResidualOutput(nn.Module):
 
 
 class BertAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_name: str):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.self = BertSelfAttention(config, layer_name)
+        self.self = BertSelfAttention(config)
         self.output = BertResidualOutput(config.hidden_size, config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,9 +88,9 @@ class BertIntermediate(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, index: int):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.attention = BertAttention(config, f"encoder.layer.{index}.attention.self.attn")
+        self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertResidualOutput(config.intermediate_size, config)
 
@@ -101,7 +102,7 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         for layer in self.layer:
@@ -109,7 +110,7 @@ class BertEncoder(nn.Module):
         return hidden
 
 
-class BertModel(nn.Module):
+class BertModel(Model):
     """Module names follow HF's, so checkpoint tensors load by name (q/k/v into one projection)."""
 
     fused_weights = {

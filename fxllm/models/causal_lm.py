@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
 from transformers import PretrainedConfig
 
+from fxllm.models.interface import Model
 from fxllm.models.layers import LMHead
 from fxllm.models.weights import FusedShard, load_named_weights
 
 
-class FusedDecoderForCausalLM(nn.Module):
+class FusedDecoderForCausalLM(Model):
     """Subclasses build ``self.model`` (with ``embed_tokens`` and layers whose ``self_attn``
     has ``q_size``/``kv_size``) and then call ``_init_lm_head``."""
 

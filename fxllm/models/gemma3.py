@@ -52,9 +52,7 @@ class Gemma3Attention(nn.Module):
         self.layer_type = config.layer_types[index]
         window = config.sliding_window if self.layer_type == SLIDING else None
         scale = config.query_pre_attn_scalar**-0.5
-        self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, scale, f"model.layers.{index}.self_attn.attn", window
-        )
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, window)
 
     def forward(self, rotary: RotaryTables, hidden: torch.Tensor) -> torch.Tensor:
         query, key, value = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from fxllm.hf_config import head_dim_of
+from fxllm.models.interface import Model
 from fxllm.models.layers import LMHead, activation
 from fxllm.models.weights import load_named_weights
 from fxllm.attention import Attention
@@ -36,7 +37,7 @@ class GPT2Attention(nn.Module):
         scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:  # as HF: 1 / (layer index + 1), a constant per layer
             scale /= float(index + 1)
-        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale, f"transformer.h.{index}.attn.attn")
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         query, key, value = self.c_attn(hidden).chunk(3, dim=-1)  # each [T, width]
@@ -84,7 +85,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(Model):
     def __init__(self, config: PretrainedConfig, max_positions: int):
         # max_positions is unused: config.py already caps max_model_len at n_positions.
         super().__init__()

@@ -34,7 +34,7 @@ def layer_sliding_window(config: PretrainedConfig, index: int) -> int | None:
 
 
 class LlamaAttentionBlock(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_name: str, sliding_window: int | None):
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -53,7 +53,7 @@ class LlamaAttentionBlock(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         # Granite replaces 1/sqrt(head_dim) with its attention_multiplier.
         scale = getattr(config, "attention_multiplier", None) or self.head_dim**-0.5
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, layer_name, sliding_window)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
 
     def forward(self, rotary: RotaryTables, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -84,9 +84,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, index: int):
         super().__init__()
-        self.self_attn = LlamaAttentionBlock(
-            config, f"model.layers.{index}.self_attn.attn", layer_sliding_window(config, index)
-        )
+        self.self_attn = LlamaAttentionBlock(config, layer_sliding_window(config, index))
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from fxllm.config import ModelConfig
+from fxllm.models.interface import Model
 from fxllm.models.quantization import construct_with_fp8_linears, model_quantization
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.sharded_state import load_sharded_state
@@ -85,7 +86,7 @@ def load_generation_config(source: str, model_dir: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLayout | None = None) -> nn.Module:
+def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLayout | None = None) -> Model:
     """The model of ``model_config`` on ``device`` with its checkpoint's weights; FP8 linears
     where the checkpoint or ``quantization`` asks for them; the vision tower of a
     vision-language architecture as its ``multimodal`` config allows. With ``tp_layout``,

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from fxllm.hf_config import head_dim_of
+from fxllm.models.interface import Model
 from fxllm.models.layers import LMHead, activation
 from fxllm.models.weights import FusedShard, load_named_weights
 from fxllm.attention import Attention
@@ -29,7 +30,7 @@ def _layer_norm(config: PretrainedConfig) -> nn.LayerNorm:
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_name: str):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
         hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -42,7 +43,7 @@ class OPTAttention(nn.Module):
         width = self.num_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden_size, 3 * width, bias=config.enable_bias)
         self.out_proj = nn.Linear(width, hidden_size, bias=config.enable_bias)
-        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5, layer_name)
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         query, key, value = self.qkv_proj(hidden).chunk(3, dim=-1)  # each [T, hidden]
@@ -51,9 +52,9 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, index: int):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.self_attn = OPTAttention(config, f"model.decoder.layers.{index}.self_attn.attn")
+        self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = _layer_norm(config)
         self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
@@ -79,7 +80,7 @@ class OPTDecoder(nn.Module):
         self.project_out = nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False) if projected else None
         has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = _layer_norm(config) if has_final_norm else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, word_embed_proj_dim]
@@ -104,7 +105,7 @@ class OPTModel(nn.Module):
         return self.decoder(input_ids, positions)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(Model):
     # HF checkpoint name -> (our fused parameter, shard index)
     fused_weights = {
         "q_proj": FusedShard("qkv_proj", 0),

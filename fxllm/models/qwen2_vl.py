@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from fxllm.config import MultiModalConfig
 from fxllm.models.causal_lm import FusedDecoderForCausalLM
 from fxllm.hf_config import head_dim_of
+from fxllm.models.interface import Model
 from fxllm.models.layers import RMSNorm
 from fxllm.models.llama import LlamaDecoderLayer
 from fxllm.models.mrope import MRotaryEmbedding
@@ -62,7 +63,7 @@ class Qwen2VLLanguageModel(FusedDecoderForCausalLM):
         return self.lm_head(hidden)
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
+class Qwen2VLForConditionalGeneration(Model):
     takes_inputs_embeds = True  # the runner embeds tokens and merges images before the graph
     uses_mrope = True  # positions are [3, T]
     vision_tower: type[nn.Module] = Qwen2VisionTransformer

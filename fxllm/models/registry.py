@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from fxllm.models.bert import BertModel
 from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from fxllm.models.gpt2 import GPT2LMHeadModel
+from fxllm.models.interface import ModelClass
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.opt import OPTForCausalLM
 from fxllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+MODEL_REGISTRY: dict[str, ModelClass] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
@@ -40,7 +39,7 @@ def supported_architectures() -> list[str]:
     return sorted(MODEL_REGISTRY)
 
 
-def resolve_architecture(architectures: list[str] | None, source: str) -> tuple[str, type[nn.Module]]:
+def resolve_architecture(architectures: list[str] | None, source: str) -> tuple[str, ModelClass]:
     """The first supported architecture of a config, or a clear error."""
     if not architectures:
         raise ValueError(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from fxllm.models.interface import Model
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -95,7 +97,7 @@ def load_named_weights(
     their tensors themselves. Every parameter must be written exactly once per shard.
     """
     params = dict(model.named_parameters())
-    fused_weights: dict[str, FusedShard] = getattr(model, "fused_weights", {})
+    fused_weights: Mapping[str, FusedShard] = model.fused_weights if isinstance(model, Model) else {}
     own_loaders = {name: m for name, m in model.named_modules() if isinstance(m, LoadsCheckpointTensors)}
     pending = {name: _num_shards(model, name, fused_weights) for name in params}
     for name, tensor in weights:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fxllm.compiler import compile_model
 from fxllm.config import EngineConfig, PoolerConfig
+from fxllm.models.interface import Model, attention_layers
 from fxllm.models.loader import build_model, weight_bytes
-from fxllm.attention.layer import Attention, AttentionSpec
+from fxllm.attention.layer import AttentionSpec
 from fxllm.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from fxllm.runtime.runner import select_attention_backend
 
@@ -30,10 +30,8 @@ class PoolingRunner:
         self.config = config
         self.pooler_config: PoolerConfig = model_config.pooler_config
         self.device = config.device
-        self.model: nn.Module = build_model(model_config, self.device)
-        self.layers: dict[str, AttentionSpec] = {
-            module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
-        }
+        self.model: Model = build_model(model_config, self.device)
+        self.layers: dict[str, AttentionSpec] = attention_layers(self.model)
         self.backend = select_attention_backend(self.device)
         self.compiled = compile_model(self.model, config, self._context_without_metadata)
         self.forward_fn = self.compiled.forward

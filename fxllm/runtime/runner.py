@@ -27,9 +27,10 @@ from fxllm.compiler import compile_model
 from fxllm.compiler.cudagraph import CUDAGraphWrapper
 from fxllm.compiler.pipeline import dummy_inputs
 from fxllm.config import CompilationConfig, CompilationLevel, CUDAGraphMode, EngineConfig
-from fxllm.attention.layer import Attention, AttentionSpec
+from fxllm.attention.layer import AttentionSpec
 from fxllm.attention.selector import select_attention_backend
 from fxllm.forward_context import ForwardContext, GraphDispatch, set_forward_context
+from fxllm.models.interface import Model, attention_layers
 from fxllm.models.loader import build_model, weight_bytes
 from fxllm.models.quantization import weight_scale_block
 from fxllm.models.sharded_state import save_sharded_state
@@ -126,14 +127,11 @@ class ModelRunner:
         ranks = ranks or SingleRank()
         config = self.config
         load_start = time.perf_counter()
-        self.model: nn.Module = build_model(config.model, self.device, self.tp_layout)
+        self.model: Model = build_model(config.model, self.device, self.tp_layout)
         load_seconds = time.perf_counter() - load_start
         ranks.barrier()
-        self.layers: dict[str, AttentionSpec] = {
-            module.spec.layer_name: module.spec for module in self.model.modules() if isinstance(module, Attention)
-        }
-        takes_embeds = getattr(self.model, "takes_inputs_embeds", False)
-        self.embedder = MultiModalEmbedder(self.model) if takes_embeds else None
+        self.layers: dict[str, AttentionSpec] = attention_layers(self.model)
+        self.embedder = MultiModalEmbedder(self.model) if self.model.takes_inputs_embeds else None
         self.compiled = compile_model(
             self.model, config, self._profile_context, self.tp_layout, bool(self.graph_plan.piecewise_sizes)
         )
@@ -159,7 +157,7 @@ class ModelRunner:
                 max_blocks_per_seq=cdiv(config.model.max_model_len, self.block_size),
                 block_size=self.block_size,
                 device=self.device,
-                mrope=getattr(self.model, "uses_mrope", False),
+                mrope=self.model.uses_mrope,
             )
         num_blocks = ranks.min(self.determine_num_blocks())
         self._check_cache_holds_one_request(num_blocks)
@@ -382,7 +380,7 @@ class ModelRunner:
         """Compile the vision tower's regions where ``compile_mm_encoder`` asks (they compile
         on the first image, outside start-up); whether it did."""
         wanted = compilation.compile_mm_encoder and compilation.level > CompilationLevel.NO_COMPILATION
-        if not (wanted and compilation.use_inductor and hasattr(self.model, "compile_vision_encoder")):
+        if not (wanted and compilation.use_inductor):
             return False
         return self.model.compile_vision_encoder()
 

@@ -49,7 +49,7 @@ def _checkpoint_shards(model: nn.Module, name: str, out_features: int) -> list[t
     prefix, _, leaf = name.rpartition(".")
     parts = sorted(
         (shard.index, checkpoint_leaf)
-        for checkpoint_leaf, shard in getattr(model, "fused_weights", {}).items()
+        for checkpoint_leaf, shard in model.fused_weights.items()
         if shard.fused_name == leaf
     )
     if not parts:
