@@ -6,7 +6,7 @@ step is launched, and once its sampled tokens reach the host each request takes 
 token (detokenizing, stop checks, freeing). Synchronously these phases add to every
 step; under async scheduling (the default on CUDA) they overlap the device's work on
 the next step, and "wait for tokens" is where the host waits for the device. This
-tool times each phase with a wrapper and the model + sampler as one ("device work":
+tool times each phase through the engine's step observer, with the model + sampler as one ("device work":
 on a CPU it is the model itself; on a GPU the time to queue it), over decode steps of
 --batch-sizes requests of a tiny random model.
 
@@ -20,7 +20,6 @@ import gc
 import json
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,65 +35,34 @@ PHASES = ("schedule", "inputs", "sampling batch", "device work", "rest of launch
 
 
 class PhaseTimer:
-    """Seconds spent in wrapped callables, by phase."""
+    """A step observer (fxllm.runtime.step_observer): seconds spent in each phase, and steps."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
 
-    def wrap(self, phase: str, function):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.seconds[phase] += time.perf_counter() - start
+    def on_phase(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
 
-        return timed
+    def on_step_end(self, scheduled, seconds: float) -> None:
+        self.steps += 1
 
 
 def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_scheduling: bool | None) -> dict:
     from fxllm import LLM, SamplingParams
-    from fxllm.runtime import runner as runner_module
-    from fxllm.runtime import step_result
 
     llm = LLM(
         model=str(model_dir), device=device, dtype=dtype, enforce_eager=True, max_num_seqs=batch_size,
         max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8, enable_prefix_caching=False, async_scheduling=async_scheduling,
     )
-    engine, timer = llm.llm_engine, PhaseTimer()
-    runner = engine.runner
     prompts = [{"prompt_token_ids": [2 + (i + j) % 200 for j in range(PROMPT_TOKENS)]} for i in range(batch_size)]
     params = SamplingParams(temperature=0.6, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-
-    engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
-    runner.inputs.prepare = timer.wrap("inputs", runner.inputs.prepare)
-    batch_type = runner_module.SamplingBatch
-    original_from_requests = batch_type.__dict__["from_requests"]
-    batch_type.from_requests = classmethod(timer.wrap("sampling batch", original_from_requests.__func__))
-    runner._forward = timer.wrap("device work", runner._forward)
-    runner.full_graph.forward = timer.wrap("device work", runner.full_graph.forward)
-    runner._logits = timer.wrap("device work", runner._logits)
-    runner.sampler = timer.wrap("device work", runner.sampler)
-    engine.executor.execute_model = timer.wrap("launch", engine.executor.execute_model)
-    launched_type = step_result.LaunchedStep
-    original_result = launched_type.result
-    launched_type.result = timer.wrap("wait for tokens", original_result)
-    step = engine.step
-    steps = 0
-
-    def counted_step():
-        nonlocal steps
-        steps += 1
-        return step()
-
-    engine.step = timer.wrap("step", counted_step)
-    try:
-        llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        batch_type.from_requests = original_from_requests
-        launched_type.result = original_result
-    seconds = timer.seconds
+    timer = PhaseTimer()
+    llm.llm_engine.add_step_observer(timer)
+    llm.generate(prompts, params, use_tqdm=False)
+    llm.llm_engine.remove_step_observer(timer)
+    seconds, steps = timer.seconds, timer.steps
     per_step = {
         "schedule": seconds["schedule"],
         "inputs": seconds["inputs"],
@@ -114,8 +82,7 @@ def measure(model_dir: Path, device: str, dtype: str, batch_size: int, async_sch
 
 
 def release_engines() -> None:
-    """The timing wrappers hold the engine's bound methods, a cycle: collect it before the next
-    batch size's engine sizes its KV cache from free memory."""
+    """Free the last engine before the next batch size's engine sizes its KV cache from free memory."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

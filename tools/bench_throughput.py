@@ -117,34 +117,23 @@ class StepRecord:
 
 def run_with_step_log(llm: LLM, workload: Workload) -> tuple[dict, list[StepRecord]]:
     """The workload, with one record per engine step that scheduled anything."""
-    engine = llm.llm_engine
-    scheduler = engine.scheduler
-    real_schedule, real_step = scheduler.schedule, engine.step
     records: list[StepRecord] = []
-    scheduled = []
 
-    def logged_schedule():
-        output = real_schedule()
-        scheduled.append(output)
-        return output
+    class StepLog:
+        def on_phase(self, phase: str, seconds: float) -> None:
+            pass
 
-    def logged_step():
-        start = time.perf_counter()
-        scheduled.clear()
-        try:
-            return real_step()
-        finally:
-            for output in scheduled:
-                if output.scheduled:
-                    context = sum(s.request.num_computed_tokens for s in output.scheduled)  # already advanced
-                    records.append(StepRecord(len(output.scheduled), output.num_tokens, context,
-                                              time.perf_counter() - start))
+        def on_step_end(self, scheduled, seconds: float) -> None:
+            if scheduled.scheduled:
+                context = sum(s.request.num_computed_tokens for s in scheduled.scheduled)  # already advanced
+                records.append(StepRecord(len(scheduled.scheduled), scheduled.num_tokens, context, seconds))
 
-    scheduler.schedule, engine.step = logged_schedule, logged_step
+    observer = StepLog()
+    llm.llm_engine.add_step_observer(observer)
     try:
         result = bench_fxllm(llm, workload)
     finally:
-        del scheduler.schedule, engine.step  # the class's methods again (no cycle through the engine)
+        llm.llm_engine.remove_step_observer(observer)
     return result, records
 
 
@@ -182,28 +171,28 @@ def profile_steps(llm: LLM, workload: Workload, skip: int, steps: int, top: int)
     profiler (device kernels on a GPU, operators on a CPU), per step."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    engine = llm.llm_engine
     on_gpu = llm.llm_engine_config.device.type == "cuda"
-    real_step, walls = engine.step, []
+    walls: list[float] = []
 
-    def profiled_step():
-        start = time.perf_counter()
-        try:
-            return real_step()
-        finally:
+    class StepProfiler:
+        def on_phase(self, phase: str, seconds: float) -> None:
+            pass
+
+        def on_step_end(self, scheduled, seconds: float) -> None:
             if first_active <= profiler.step_num < first_active + steps:
-                walls.append(time.perf_counter() - start)
+                walls.append(seconds)
             profiler.step()
 
     activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
     first_active = skip + PROFILER_WARMUP_STEPS
     plan = schedule(wait=skip, warmup=PROFILER_WARMUP_STEPS, active=steps, repeat=1)
+    observer = StepProfiler()
     with profile(activities=[activity], schedule=plan) as profiler:
-        engine.step = profiled_step
+        llm.llm_engine.add_step_observer(observer)
         try:
             bench_fxllm(llm, workload)
         finally:
-            del engine.step  # the class's method again (and no cycle through the engine)
+            llm.llm_engine.remove_step_observer(observer)
     if not walls:
         raise ValueError(f"the workload ran out before step {first_active + 1}: lower --profile-after")
     per_kernel = kernel_ms(profiler, on_gpu, per=len(walls))
@@ -318,14 +307,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
 def _run_with_torch_sampler(args: argparse.Namespace, model_dir: Path, workload: Workload) -> dict:
     """The workload on a fresh engine whose sampler takes its torch path for every batch
     (on a GPU, plain temperature sampling otherwise runs as one Triton pass)."""
-    from fxllm.runtime import sampler
-
-    one_pass = sampler._samples_in_one_pass
-    sampler._samples_in_one_pass = lambda logits, batch: False
-    try:
-        return bench_fxllm(_engine(args, model_dir, args.pass_config), workload)
-    finally:
-        sampler._samples_in_one_pass = one_pass
+    llm = _engine(args, model_dir, args.pass_config)
+    llm.llm_engine.runner.sampler.one_pass_kernel = False
+    return bench_fxllm(llm, workload)
 
 
 def _release(on_gpu: bool) -> None:

@@ -13,8 +13,9 @@ from fxllm.runtime.executor import Executor, make_executor
 from fxllm.runtime.kv_cache import KVCacheManager
 from fxllm.runtime.request import Request
 from fxllm.runtime.runner import ModelRunner
-from fxllm.runtime.scheduler import Scheduler
-from fxllm.runtime.step_result import LaunchedStep
+from fxllm.runtime.scheduler import Scheduler, SchedulerOutput
+from fxllm.runtime.step_observer import StepObserver, StepPhases
+from fxllm.runtime.step_result import LaunchedStep, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any):
         self.config = config
         self.tokenizer = tokenizer
-        self.executor: Executor = make_executor(config)
+        self.phases = StepPhases()  # timed only while an observer is attached
+        self.executor: Executor = make_executor(config, self.phases)
         num_blocks, block_size = self.executor.num_blocks, config.cache.block_size
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet taken (async scheduling)
+        self._last_scheduled = SchedulerOutput()  # what the last step scheduled, for observers
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB) on %s",
             num_blocks, block_size, num_blocks * self.runner.bytes_per_block() / 2**30, config.device,
@@ -80,6 +83,13 @@ class LLMEngine:
             if progress is not None:
                 progress.close()
 
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """Report each step's phases and end to ``observer`` (see runtime/step_observer.py)."""
+        self.phases.observers.append(observer)
+
+    def remove_step_observer(self, observer: StepObserver) -> None:
+        self.phases.observers.remove(observer)
+
     def step(self) -> list[Request]:
         """Run one step; return the requests that finished in it.
 
@@ -87,15 +97,27 @@ class LLMEngine:
         host: the host's work for the two (scheduling, inputs, bookkeeping) overlaps the
         device's. A request that finishes on a token still in flight may already have a step
         launched for it; that step's token is dropped."""
+        if not self.phases.observers:
+            return self._step()
+        start = time.perf_counter()
+        with self.phases("step"):
+            finished = self._step()
+        for observer in self.phases.observers:
+            observer.on_step_end(self._last_scheduled, time.perf_counter() - start)
+        return finished
+
+    def _step(self) -> list[Request]:
         finished = []
         in_flight = self._in_flight
         if in_flight is not None and in_flight.needs_outputs:
             finished += self._complete(in_flight)
             in_flight = self._in_flight = None
-        step = self.scheduler.schedule()
+        with self.phases("schedule"):
+            step = self._last_scheduled = self.scheduler.schedule()
         launched = None
         if step.scheduled:
-            launched = self.executor.execute_model(step, in_flight)
+            with self.phases("launch"):
+                launched = self.executor.execute_model(step, in_flight)
             self.scheduler.on_launched(step)
         if in_flight is not None:
             finished += self._complete(in_flight)
@@ -106,7 +128,9 @@ class LLMEngine:
         return finished
 
     def _complete(self, launched: LaunchedStep) -> list[Request]:
-        finished = self.scheduler.on_result(launched.step, launched.result())
+        with self.phases("wait for tokens"):
+            result: StepResult = launched.result()
+        finished = self.scheduler.on_result(launched.step, result)
         for request in finished:
             # Its text now, inside the step: under async scheduling the device is running the
             # next step meanwhile, so the decode costs no wall time.

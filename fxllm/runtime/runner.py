@@ -43,6 +43,7 @@ from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
 from fxllm.runtime.logprobs import TokenLogprobs
+from fxllm.runtime.step_observer import StepPhases
 from fxllm.runtime.step_result import LaunchedStep
 from fxllm.utils import cdiv
 
@@ -99,8 +100,9 @@ class ModelRunner:
     """One rank's model, KV cache, CUDA graphs and sampler. Under tensor parallelism every rank
     has one; the executor owns them and carries each step to the other ranks."""
 
-    def __init__(self, config: EngineConfig, rank: int = 0):
+    def __init__(self, config: EngineConfig, rank: int = 0, phases: StepPhases | None = None):
         self.config = config
+        self.phases = phases or StepPhases()
         self.device = config.device
         self.block_size = config.cache.block_size
         model_config = config.model
@@ -274,7 +276,7 @@ class ModelRunner:
         prompt_rows = self._prompt_logprob_rows(step)
         # A FULL graph computes the logits of its own rows only, not those of prompt logprobs.
         dispatch = self.graph_plan.dispatch(step.num_tokens, len(step.scheduled), full_allowed=not prompt_rows)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.phases("inputs"):
             prepared = self.inputs.prepare(step.scheduled, dispatch, previous.sample_rows if previous else None)
         sampling = [s.request for s in step.scheduled if s.samples]
         return StepPlan(step, prepared, dispatch, sampling, prompt_rows)
@@ -297,19 +299,24 @@ class ModelRunner:
         num_samples = len(plan.sampling)
         extra_rows = plan.prompt_logit_rows
         if dispatch.mode is CUDAGraphMode.FULL:
-            logits = self._forward(prepared, dispatch)[prepared.sample_rows]  # the graph's logits
+            with self.phases("device work"):
+                logits = self._forward(prepared, dispatch)[prepared.sample_rows]  # the graph's logits
         else:
             inputs_embeds = self.embedder.inputs_embeds(plan.step.scheduled, prepared.input_ids) if self.embedder else None
-            hidden = self._forward(prepared, dispatch, inputs_embeds)  # [T_padded, hidden]
-            rows = prepared.sample_rows
-            if extra_rows:
-                rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
-            # One logits computation for every row that needs one (one gather under TP).
-            logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
+            with self.phases("device work"):
+                hidden = self._forward(prepared, dispatch, inputs_embeds)  # [T_padded, hidden]
+                rows = prepared.sample_rows
+                if extra_rows:
+                    rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
+                # One logits computation for every row that needs one (one gather under TP).
+                logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
         launched = LaunchedStep(plan.step, plan.sampling)
         if plan.sampling:
-            batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device)
-            launched.set_sampled(self.sampler(logits[:num_samples], batch))
+            with self.phases("sampling batch"):
+                batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device)
+            with self.phases("device work"):
+                sampled = self.sampler(logits[:num_samples], batch)
+            launched.set_sampled(sampled)
         offset = num_samples
         for request, rows_of_request, targets in plan.prompt_rows:
             request_logits = logits[offset : offset + len(rows_of_request)]

@@ -167,8 +167,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, generator: torch.Generator, one_pass_kernel: bool = True):
         self.generator = generator  # for requests without a seed
+        # Plain temperature sampling on a GPU as one Triton pass (sampling_kernels.py); False
+        # keeps every batch on the torch path (the comparison bench_throughput makes).
+        self.one_pass_kernel = one_pass_kernel
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # [B, V] in the model's dtype: fp32 where a step needs it, the one-pass sampler reads
@@ -192,7 +195,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """One token per row from softmax(logits / temperature), after min_p, top-k and top-p."""
-        if _samples_in_one_pass(logits, batch):
+        if self.one_pass_kernel and _samples_in_one_pass(logits, batch):
             from fxllm.runtime.sampling_kernels import draw_seeds, gumbel_max_sample  # Triton: CUDA only
 
             seeds = draw_seeds(logits.shape[0], batch.generators, self.generator, logits.device)

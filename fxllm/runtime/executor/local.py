@@ -8,12 +8,13 @@ from fxllm.config import EngineConfig
 from fxllm.runtime.executor.base import Executor, RemoteMethod, call_on_runner
 from fxllm.runtime.runner import ModelRunner
 from fxllm.runtime.scheduler import SchedulerOutput
+from fxllm.runtime.step_observer import StepPhases
 from fxllm.runtime.step_result import LaunchedStep
 
 
 class LocalExecutor(Executor):
-    def __init__(self, config: EngineConfig):
-        self.driver = ModelRunner(config)
+    def __init__(self, config: EngineConfig, phases: StepPhases | None = None):
+        self.driver = ModelRunner(config, phases=phases)
         self.num_blocks = self.driver.start()
 
     def execute_model(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:

@@ -29,6 +29,7 @@ from fxllm.runtime.executor.step_sync import RemoteCall, StepSync
 from fxllm.runtime.executor.workers import WorkerGone, WorkerGroup, WorkerLinks
 from fxllm.runtime.runner import ModelRunner
 from fxllm.runtime.scheduler import SchedulerOutput
+from fxllm.runtime.step_observer import StepPhases
 from fxllm.runtime.step_result import LaunchedStep
 
 
@@ -71,13 +72,15 @@ class HostGroupSync:
         return int(fewest.item())
 
 
-def start_rank(config: EngineConfig, rank: int, links: WorkerLinks) -> tuple[ModelRunner, int]:
+def start_rank(
+    config: EngineConfig, rank: int, links: WorkerLinks, phases: StepPhases | None = None
+) -> tuple[ModelRunner, int]:
     """One rank's start-up, the same on every rank: the one-shot all-reduce (on GPUs, before
     any collective runs), then the runner. Returns the runner and the agreed KV blocks."""
     one_shot_bytes = 0
     if config.device.type == "cuda" and not config.parallel.disable_custom_all_reduce:
         one_shot_bytes = use_one_shot_all_reduce(links.host_group, config.model.dtype, config.device)
-    runner = ModelRunner(config, rank)
+    runner = ModelRunner(config, rank, phases)
     num_blocks = runner.start(HostGroupSync(links.host_group))
     runner.compile_report.one_shot_all_reduce_bytes = one_shot_bytes
     return runner, num_blocks
@@ -115,13 +118,13 @@ def _run_call(runner: ModelRunner, call: RemoteCall) -> tuple[bool, Any]:
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, phases: StepPhases | None = None):
         check_tensor_parallel_support(config)
         size = config.parallel.tensor_parallel_size
         # Workers start first and build their shards while rank 0 (this process) builds its own.
         self._workers = WorkerGroup(size, config.device.type, run_worker, config, config.parallel.worker_multiproc_method)
         try:
-            self.driver, self.num_blocks = self._raising_worker_errors(start_rank, config, 0, self._workers.links)
+            self.driver, self.num_blocks = self._raising_worker_errors(start_rank, config, 0, self._workers.links, phases)
         except BaseException:
             self._workers.shutdown()
             raise
