@@ -66,7 +66,7 @@ def _workload(stop_tokens: list[int]) -> tuple[list[dict], list[SamplingParams]]
             # Stops on a token it generates mid-output: a step for it is already in flight.
             SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tokens[index]]),
             SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens // 2, stop_token_ids=[stop_tokens[index]]),
-            # Penalties read the outputs so far: the engine takes the tokens before the next launch.
+            # Penalties count the outputs so far on the device, the token in flight included.
             SamplingParams(temperature=0, max_tokens=max_tokens, repetition_penalty=1.3, ignore_eos=True),
             SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=1, ignore_eos=True),
         ]
@@ -144,10 +144,17 @@ def test_a_request_is_detokenized_in_the_step_that_finishes_it(engines, mode):
     assert finished == [(0, 7), (0, 7)]
 
 
-def test_a_request_whose_sampling_reads_its_outputs_is_run_step_by_step(engines, monkeypatch):
+def test_a_request_whose_sampling_reads_its_outputs_on_the_host_is_run_step_by_step(engines, monkeypatch):
     overlapped = engines[1]
-    params = SamplingParams(temperature=0, max_tokens=4, frequency_penalty=0.5, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=4, bad_words=["zzz"], ignore_eos=True)
     assert _launch_order(overlapped, monkeypatch, params) == ["launch", "result"] * 4
+
+
+def test_penalties_count_tokens_on_the_device_so_their_steps_overlap(engines, monkeypatch):
+    overlapped = engines[1]
+    max_tokens = 4
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, frequency_penalty=0.5, ignore_eos=True)
+    assert _launch_order(overlapped, monkeypatch, params) == ["launch"] + ["launch", "result"] * (max_tokens - 1) + ["result"]
 
 
 def test_async_scheduling_defaults_to_cuda_engines_that_support_it():

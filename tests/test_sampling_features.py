@@ -10,6 +10,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from fxllm import LLM, SamplingParams
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.request import Request
+from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.sampler import Penalties, SamplingBatch, _apply_min_p
 from fxllm.sampling_params import BeamSearchParams
 
@@ -38,6 +39,10 @@ class _NoTokenizer:
         return ""
 
 
+def _penalty_state() -> PenaltyState:
+    return PenaltyState(max_rows=4, vocab_size=VOCAB, device=torch.device("cpu"))
+
+
 def _request(prompt: list[int], output: list[int], **params) -> Request:
     request = Request(
         request_id="r", prompt=None, prompt_token_ids=prompt, sampling_params=SamplingParams(**params),
@@ -58,7 +63,7 @@ def test_presence_frequency_and_repetition_penalties_follow_their_formulas():
         _request([1, 2], [3, 3, 4], presence_penalty=0.5, frequency_penalty=0.25),
         _request([1, 2], [3, 3, 4], repetition_penalty=1.5),
     ]
-    penalties = Penalties.from_requests(requests, VOCAB, torch.device("cpu"))
+    penalties = Penalties.from_requests(requests, _penalty_state())
     got = penalties.apply(logits)
     expected = logits[0].clone()
     for token, count in {3: 2, 4: 1}.items():  # generated tokens only
@@ -66,6 +71,41 @@ def test_presence_frequency_and_repetition_penalties_follow_their_formulas():
     torch.testing.assert_close(got[0], expected)
     hf = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([[1, 2, 3, 3, 4]]), logits[1:].clone())
     torch.testing.assert_close(got[1:], hf)
+
+
+@pytest.mark.parametrize(
+    "penalties", [{"repetition_penalty": 1.8}, {"presence_penalty": 1.5, "frequency_penalty": 0.7}],
+    ids=["repetition", "presence_frequency"],
+)
+def test_penalties_kept_on_the_device_match_a_reference_loop_over_a_whole_generation(llm, hf_model, penalties):
+    """The counts grow token by token on the device (runtime/penalty_state.py); a loop over HF's
+    logits applying the formulas to the whole history each step gives the same greedy tokens,
+    whatever else shares the batch."""
+    prompt_ids = llm.get_tokenizer().encode(PROMPT)
+    max_tokens = 24
+    ids, expected = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = hf_model(torch.tensor([ids])).logits[0, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[ids] = True
+            counts = torch.zeros_like(logits)
+            for token in expected:
+                counts[token] += 1
+            if "repetition_penalty" in penalties:
+                penalty = penalties["repetition_penalty"]
+                logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+            else:
+                logits = logits - penalties["presence_penalty"] * (counts > 0) - penalties["frequency_penalty"] * counts
+            expected.append(int(logits.argmax()))
+            ids.append(expected[-1])
+    params = [
+        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **penalties),
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),  # shares the batch, without penalties
+    ]
+    outputs = llm.generate([PROMPT, "Other"], params, use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == expected
+    assert len(set(expected)) > max_tokens // 3  # the penalties took effect: no single token repeats throughout
 
 
 def test_min_p_keeps_tokens_within_a_fraction_of_the_top_probability():
@@ -85,7 +125,7 @@ def test_min_tokens_and_bad_words_ban_the_right_next_tokens():
     words = _request([1], [5, 6])
     words.bad_word_ids = [[6, 3], [5, 3], [4]]  # only the first completes after ... 6
     assert sorted(words.banned_next_tokens()) == [3, 4]
-    batch = SamplingBatch.from_requests([early, words], VOCAB, torch.device("cpu"))
+    batch = SamplingBatch.from_requests([early, words], VOCAB, torch.device("cpu"), _penalty_state())
     rows, tokens = batch.banned
     assert sorted(zip(rows.tolist(), tokens.tolist())) == [(0, 2), (0, 7), (1, 3), (1, 4)]
 
@@ -97,13 +137,13 @@ def test_per_row_settings_shared_by_the_batch_are_filled_on_the_device(monkeypat
     made_from_lists = []
     tensor = torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made_from_lists.append(args) or tensor(*args, **kwargs))
-    batch = SamplingBatch.from_requests(uniform, VOCAB, torch.device("cpu"))
+    batch = SamplingBatch.from_requests(uniform, VOCAB, torch.device("cpu"), _penalty_state())
     assert made_from_lists == []  # no host list copied to the device
     assert batch.temperature.tolist() == pytest.approx([0.7] * 3) and batch.top_k.tolist() == [5] * 3
     assert batch.top_p.tolist() == pytest.approx([0.9] * 3) and batch.min_p.tolist() == pytest.approx([0.1] * 3)
     assert batch.temperature.dtype == torch.float32 and batch.top_k.dtype == torch.long
     # Rows that differ still get their own values, from the list.
-    assert SamplingBatch.from_requests(mixed, VOCAB, torch.device("cpu")).temperature.tolist() == pytest.approx([0.7, 0.3])
+    assert SamplingBatch.from_requests(mixed, VOCAB, torch.device("cpu"), _penalty_state()).temperature.tolist() == pytest.approx([0.7, 0.3])
     assert ([0.7, 0.3],) in made_from_lists
 
 

@@ -64,7 +64,7 @@ def tp_forward(model_dir: Path, rank: int, world_size: int) -> tuple[torch.Tenso
         with set_forward_context(ForwardContext(None, {}, specs, backend)):
             captured = capture(model, torch.zeros_like(input_ids), positions.clone())  # ids valid on every shard
         tp_pass = TensorParallelPass(layout, placeholder_parameter_names(captured.graph_module.graph, captured.example_inputs, model))
-        matches = tp_pass(captured.graph_module.graph) if tp_pass.applies(None) else 0
+        matches = tp_pass(captured.graph_module.graph) if world_size > 1 else 0
         captured.graph_module.recompile()
         blocks = -(-num_tokens // BLOCK_SIZE)
         kv_caches = {

@@ -1,4 +1,6 @@
-"""What every pass is: a name, a stable uuid, ``applies(num_tokens)`` and ``__call__(graph) -> matches``."""
+"""What every pass is: a name, a stable uuid and ``__call__(graph) -> matches``.
+
+Passes run once, on the captured graph that serves every T, before it is split."""
 
 from __future__ import annotations
 
@@ -14,10 +16,6 @@ class GraphPass(Protocol):
     name: str
 
     def uuid(self) -> str: ...
-
-    def applies(self, num_tokens: int | None) -> bool:
-        """Whether the pass runs on the graph for ``num_tokens`` (None: the graph for every T)."""
-        ...
 
     def __call__(self, graph: fx.Graph) -> int:
         """Rewrite ``graph`` in place; return the number of matches rewritten."""

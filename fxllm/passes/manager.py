@@ -1,7 +1,7 @@
 """The pass manager: runs the enabled passes on the captured graph in a fixed order.
 
 Each pass is a small class with a ``name``, a stable ``uuid`` (source + config),
-``applies(num_tokens)`` and ``__call__(graph) -> matches`` (passes/graph_pass.py).
+and ``__call__(graph) -> matches`` (passes/graph_pass.py).
 The manager's uuid goes into the compile-cache key, and the match counts into the
 compile report. No-op elimination runs first, so fusions see the graph without it.
 """
@@ -41,9 +41,8 @@ class PassManager:
 
     def __call__(self, graph_module: fx.GraphModule) -> dict[str, int]:
         # Passes run once, before splitting, on the graph that serves every T.
-        passes = [p for p in self.passes if p.applies(None)]
-        matches = {p.name: p(graph_module.graph) for p in passes}
-        if passes:
+        matches = {p.name: p(graph_module.graph) for p in self.passes}
+        if self.passes:
             graph_module.graph.lint()
             graph_module.recompile()
         return matches

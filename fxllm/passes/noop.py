@@ -32,9 +32,6 @@ class NoOpElimination:
     def uuid(self) -> str:
         return source_uuid(sys.modules[__name__])
 
-    def applies(self, num_tokens: int | None) -> bool:
-        return True
-
     def __call__(self, graph: fx.Graph) -> int:
         removed = 0
         for node in list(graph.nodes):

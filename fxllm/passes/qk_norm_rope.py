@@ -49,9 +49,6 @@ class QKNormRopeFusion:
     def uuid(self) -> str:
         return source_uuid(sys.modules[__name__], qk_norm_rope_op)
 
-    def applies(self, num_tokens: int | None) -> bool:
-        return True
-
     def __call__(self, graph: fx.Graph) -> int:
         matches = [match for node in graph.nodes if (match := match_norm_rope(node)) is not None]
         order = {node: index for index, node in enumerate(graph.nodes)}

@@ -51,9 +51,6 @@ class RMSNormFusion:
     def uuid(self) -> str:
         return f"{source_uuid(sys.modules[__name__], rms_norm_op)}-{','.join(self.device_types)}"
 
-    def applies(self, num_tokens: int | None) -> bool:
-        return True
-
     def __call__(self, graph: fx.Graph) -> int:
         fused = 0
         # A match erases only its norm's ops and add, all before its output: no node still

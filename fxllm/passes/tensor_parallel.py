@@ -48,9 +48,6 @@ class TensorParallelPass:
         modules = source_uuid(inspect.getmodule(TensorParallelPass), sharding, plans, collectives)
         return f"{modules}-tp{self.layout.world_size}-rank{self.layout.rank}"
 
-    def applies(self, num_tokens: int | None) -> bool:
-        return self.layout.world_size > 1
-
     def _split_of(self, weight: fx.Node) -> Split:
         return self.layout.plan.split_of(self.parameter_names.get(weight.name, ""))
 

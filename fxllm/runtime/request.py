@@ -77,9 +77,10 @@ class Request:
 
     @property
     def samples_from_output(self) -> bool:
-        """Whether sampling its next token reads the tokens it generated (penalties, bad words),
-        so a step cannot be launched for it while one of them is still on the device."""
-        return self.sampling_params.uses_penalties or bool(self.bad_word_ids)
+        """Whether sampling its next token reads the tokens it generated on the host (bad words),
+        so a step cannot be launched for it while one of them is still on the device. (Penalties
+        count tokens on the device: runtime/penalty_state.py.)"""
+        return bool(self.bad_word_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

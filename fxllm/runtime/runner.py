@@ -38,6 +38,7 @@ from fxllm.parallel.collectives import gather_logits
 from fxllm.parallel.tp_config import TPLayout, tp_layout
 from fxllm.runtime.cudagraph_dispatch import CUDAGraphPlan, capture_graphs
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
+from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
@@ -117,6 +118,7 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
+        self.penalty_state = PenaltyState(config.scheduler.max_num_seqs, self.vocab_size, self.device)
         self.backend = select_attention_backend(self.device)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
@@ -313,7 +315,7 @@ class ModelRunner:
         launched = LaunchedStep(plan.step, plan.sampling)
         if plan.sampling:
             with self.phases("sampling batch"):
-                batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device)
+                batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device, self.penalty_state)
             with self.phases("device work"):
                 sampled = self.sampler(logits[:num_samples], batch)
             launched.set_sampled(sampled)

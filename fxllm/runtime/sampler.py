@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.request import Request
 
 
@@ -43,7 +44,9 @@ class SamplingBatch:
         return any(x is not None for x in (self.allowed, self.banned, self.bias, self.penalties))
 
     @classmethod
-    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "SamplingBatch":
+    def from_requests(
+        cls, requests: list[Request], vocab_size: int, device: torch.device, penalty_state: PenaltyState
+    ) -> "SamplingBatch":
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
         sampled = [not g for g in greedy]
@@ -74,7 +77,7 @@ class SamplingBatch:
             allowed=_allowed_mask(requests, vocab_size, device),
             banned=_banned_tokens(requests, device),
             bias=_logit_bias(requests, device),
-            penalties=Penalties.from_requests(requests, vocab_size, device),
+            penalties=Penalties.from_requests(requests, penalty_state),
             num_logprobs=max(asked) if asked else None,
         )
 
@@ -84,40 +87,35 @@ class Penalties:
     presence: torch.Tensor  # [B, 1]
     frequency: torch.Tensor  # [B, 1]
     repetition: torch.Tensor  # [B, 1]
-    output_counts: torch.Tensor  # [B, V] occurrences of each token in the output
-    seen: torch.Tensor  # [B, V] bool: token in prompt or output (repetition penalty)
+    rows: torch.Tensor  # [B] each request's row of the penalty state
+    state: PenaltyState
 
     @classmethod
-    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> "Penalties | None":
+    def from_requests(cls, requests: list[Request], state: PenaltyState) -> "Penalties | None":
         if not any(r.sampling_params.uses_penalties for r in requests):
             return None
         params = [r.sampling_params for r in requests]
-        column = lambda values: torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+        column = lambda values: torch.tensor(values, dtype=torch.float32).to(state.device, non_blocking=True)[:, None]
         return cls(
             presence=column([p.presence_penalty for p in params]),
             frequency=column([p.frequency_penalty for p in params]),
             repetition=column([p.repetition_penalty for p in params]),
-            output_counts=_token_counts([r.output_token_ids for r in requests], vocab_size, device),
-            seen=_token_counts([r.all_token_ids for r in requests], vocab_size, device) > 0,
+            rows=state.rows(requests),
+            state=state,
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        output_counts = self.state.counts[self.rows]  # [B, V] occurrences of each token in the output
+        seen = self.state.seen[self.rows]  # [B, V] token in prompt or output (repetition penalty)
         # Repetition as HF's processor: divide positive logits, multiply negative ones.
         repeated = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
-        logits = torch.where(self.seen, repeated, logits)
+        logits = torch.where(seen, repeated, logits)
         # Presence and frequency as OpenAI defines them, over generated tokens only.
-        return logits - self.presence * (self.output_counts > 0) - self.frequency * self.output_counts
+        return logits - self.presence * (output_counts > 0) - self.frequency * output_counts
 
-
-def _token_counts(sequences: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[B, V] counts of each token id per row (one scatter over a padded [B, L] tensor)."""
-    width = max((len(s) for s in sequences), default=0)
-    padded = torch.full((len(sequences), max(width, 1)), vocab_size, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    counts = torch.zeros(len(sequences), vocab_size + 1, device=device)  # last column catches padding
-    counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
-    return counts[:, :vocab_size]
+    def record(self, token_ids: torch.Tensor) -> None:
+        """The step's sampled tokens join their requests' counts."""
+        self.state.record(self.rows, token_ids)
 
 
 def _allowed_mask(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
@@ -186,6 +184,8 @@ class Sampler:
         else:
             sampled = self._sample(logits, batch)
             tokens = torch.where(batch.greedy, greedy_tokens, sampled) if batch.any_greedy else sampled
+        if batch.penalties is not None:
+            batch.penalties.record(tokens)
         output = SamplerOutput(tokens)
         if raw_logprobs is not None:
             output.sampled_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
