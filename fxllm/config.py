@@ -79,6 +79,7 @@ def _fields_from_dict(cls: type, value: dict, argument: str) -> Any:
 # Defaults (vLLM's where it has one).
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_LOGPROBS = 20
 DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU = 8192
 # Smaller steps on CPU keep prefill chunks' attention temporaries small.
 DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU = 2048
@@ -221,6 +222,8 @@ class ModelConfig:
     multimodal: MultiModalConfig | None = None  # vision-language checkpoints only
     quantization: str | None = None  # "fp8" or "compressed-tensors" (vLLM's names); None: full precision
     load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most logprobs a request may ask for (-1: the vocabulary)
+    chat_template: str | None = field(default=None, compare=False, hash=False, repr=False)  # chat()'s default
 
     @property
     def vocab_size(self) -> int:

@@ -16,6 +16,7 @@ from fxllm.config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU,
     DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU,
+    DEFAULT_MAX_LOGPROBS,
     DEFAULT_MAX_NUM_SEQS,
     LOAD_FORMATS,
     CacheConfig,
@@ -73,6 +74,7 @@ class EngineArgs:
     limit_mm_per_prompt: dict[str, int] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     async_scheduling: bool | None = None
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
     def create_engine_config(self) -> EngineConfig:
         """Check every argument, read the checkpoint's configs and resolve the engine's settings."""
@@ -107,6 +109,7 @@ class EngineArgs:
             multimodal=multimodal,
             quantization=quantization,
             load_format=self.load_format,
+            max_logprobs=self.max_logprobs,
         )
         max_num_seqs, max_num_batched_tokens = self._batch_limits(runner_type == "pooling", max_model_len, device)
         config = EngineConfig(

@@ -53,7 +53,6 @@ IGNORED_VLLM_ARGUMENTS = frozenset(
         "disable_async_output_proc",
         "worker_use_ray",
         "distributed_executor_backend",
-        "max_logprobs",
         "served_model_name",
     }
 )

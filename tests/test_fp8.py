@@ -83,11 +83,11 @@ def engines(llama_dir, checkpoint_dirs):
     def get(variant: str) -> LLM:
         if variant not in built:
             if variant == QUANTIZE_ON_LOAD:
-                built[variant] = LLM(model=str(llama_dir), quantization="fp8", enforce_eager=True)
+                built[variant] = LLM(model=str(llama_dir), quantization="fp8", enforce_eager=True, max_logprobs=-1)
             elif variant == "full":
-                built[variant] = LLM(model=str(llama_dir), enforce_eager=True)
+                built[variant] = LLM(model=str(llama_dir), enforce_eager=True, max_logprobs=-1)
             else:
-                built[variant] = LLM(model=str(checkpoint_dirs[variant]), enforce_eager=True)
+                built[variant] = LLM(model=str(checkpoint_dirs[variant]), enforce_eager=True, max_logprobs=-1)
         return built[variant]
 
     return get
@@ -95,7 +95,7 @@ def engines(llama_dir, checkpoint_dirs):
 
 def engine_logprobs(llm: LLM) -> tuple[list[int], torch.Tensor]:
     """Prompt ids and the log-softmax [len - 1, vocab] of every position that predicts a prompt token."""
-    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=VOCAB_SIZE)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=-1)  # the whole vocabulary
     output = llm.generate(PROMPT, params, use_tqdm=False)[0]
     rows = torch.empty(len(output.prompt_token_ids) - 1, VOCAB_SIZE)
     for row, position in enumerate(output.prompt_logprobs[1:]):

@@ -112,7 +112,7 @@ class KVCacheManager:
         hashes, size = request.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             start, end = len(hashes) * size, (len(hashes) + 1) * size
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            parent = hashes[-1] if hashes else hash((_ROOT_HASH, request.cache_salt))
             tokens = tuple(request.all_token_ids[start:end])
             contents = request.multimodal.content_hashes(start, end) if request.multimodal is not None else ()
             hashes.append(hash((parent, tokens, contents) if contents else (parent, tokens)))

@@ -55,6 +55,7 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
     multimodal: MultiModalPrompt | None = None  # images, videos and M-RoPE positions of a vision-language prompt
+    cache_salt: str | None = None  # hashed into its first prefix-cache block: other salts never share its blocks
     # Image or video index -> its embeddings [tokens, H], from the first step that computes one of its
     # tokens to the step that computes its last (see runtime/multimodal/embedder.py).
     encoder_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -94,6 +95,8 @@ class Request:
     def text(self) -> str:
         if self.detokenizer is None:
             return ""
+        if self.finish_reason is not None:
+            return self.detokenizer.final_text[: self.text_end]
         return self.detokenizer.text[: self.text_end]
 
     def banned_next_tokens(self) -> list[int]:
@@ -115,15 +118,19 @@ class Request:
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs.chosen_logprob
         params = self.sampling_params
+        stops_here = len(self.output_token_ids) >= params.min_tokens and token_id in self.stop_token_ids
+        if stops_here:
+            # The stop token stays in token_ids; its text joins the output only when asked (as vLLM).
+            if self.detokenizer is not None and params.include_stop_str_in_output:
+                self.detokenizer.add(token_id)
+            self.finish_reason = "stop"
+            self.stop_reason = token_id if token_id in params.stop_token_ids else None
+            return
         # Only stop strings need the text now; reading it decodes the tokens so far.
         new_text_from = len(self.detokenizer.text) if self.detokenizer is not None and params.stop else 0
         if self.detokenizer is not None:
             self.detokenizer.add(token_id)
         if len(self.output_token_ids) >= params.min_tokens:
-            if token_id in self.stop_token_ids:
-                self.finish_reason = "stop"
-                self.stop_reason = token_id if token_id in params.stop_token_ids else None
-                return
             if params.stop:
                 found = find_stop_string(self.detokenizer.text, new_text_from, params.stop)
                 if found is not None:
