@@ -160,9 +160,9 @@ def test_unknown_keyword_is_named(llama_dir):
         LLM(model=str(llama_dir), not_a_vllm_argument=1)
 
 
-def test_ignored_vllm_arguments_warn_once(llama_dir):
-    with pytest.warns(UserWarning, match="ignores these vLLM arguments: swap_space, trust_remote_code"):
-        LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, trust_remote_code=True, swap_space=4)
+def test_vllm_arguments_that_change_nothing_here_warn_once_naming_each(llama_dir):
+    with pytest.warns(UserWarning, match="change nothing in fxllm: swap_space .*; trust_remote_code"):
+        LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, trust_remote_code=True, swap_space=8)
 
 
 def test_disable_custom_all_reduce_is_taken_not_ignored(llama_dir):

@@ -7,7 +7,7 @@ import pytest
 from fxllm import LLM, SamplingParams
 from fxllm.attention.layer import Attention
 from tests.tiny_models import GEMMA3_WINDOW as WINDOW
-from tests.tiny_models import VOCAB_SIZE, gemma3_text_config, hf_greedy, save_config_checkpoint
+from tests.tiny_models import gemma3_text_config, hf_greedy, save_config_checkpoint
 
 PROMPTS = ["Once upon a time there was a tiny model that learned to count: one two three", "Hello world", "The quick brown fox"]
 NEW_TOKENS = 12

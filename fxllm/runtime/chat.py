@@ -44,7 +44,7 @@ def render_conversation(
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if template is None:
         raise ValueError(
-            f"the tokenizer has no chat template: pass chat_template=... (a Jinja string) to chat() or to LLM(...)"
+            "the tokenizer has no chat template: pass chat_template=... (a Jinja string) to chat() or to LLM(...)"
         )
     if content_format == "auto":
         content_format = "openai" if template_loops_over_content(template) else "string"

@@ -21,6 +21,7 @@ from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.runtime.multimodal.processor import MultiModalProcessor, check_mm_data
 from fxllm.runtime.request import Request
 from fxllm.sampling_params import ALL_LOGPROBS, SamplingParams
+from fxllm.validation import check_bool, check_int
 
 
 @dataclass
@@ -67,6 +68,19 @@ def tokenize_bad_words(tokenizer: Any, bad_words: list[str]) -> list[list[int]]:
     return sequences
 
 
+# tokenization_kwargs fxllm reads (vLLM's names).
+TOKENIZATION_KWARGS = ("truncate_prompt_tokens", "add_special_tokens")
+
+
+@dataclass
+class CallOptions:
+    """What one generate()/chat()/embed() call asks of all its prompts."""
+
+    priorities: list[int] | None = None  # one per prompt (scheduling_policy="priority")
+    truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool = True
+
+
 class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer: Any):
         self.config = config
@@ -85,6 +99,47 @@ class InputProcessor:
 
     def next_request_id(self) -> str:
         return str(next(self._request_counter))
+
+    def call_options(
+        self,
+        lora_request: Any,
+        priority: list[int] | None,
+        tokenization_kwargs: dict[str, Any] | None,
+        mm_processor_kwargs: dict[str, Any] | None,
+        num_prompts: int | None = None,
+    ) -> CallOptions:
+        """The call-wide keywords of vLLM's methods, checked."""
+        if lora_request is not None and lora_request != [] and not (
+            isinstance(lora_request, (list, tuple)) and all(r is None for r in lora_request)
+        ):
+            raise ValueError("lora_request: LoRA adapters are not supported yet; pass lora_request=None")
+        if mm_processor_kwargs:
+            raise ValueError(
+                "mm_processor_kwargs per call are not supported yet; pass them to LLM(mm_processor_kwargs=...)"
+            )
+        options = CallOptions()
+        if priority is not None:
+            if self.config.scheduler.policy != "priority":
+                raise ValueError('priority needs LLM(..., scheduling_policy="priority")')
+            if not isinstance(priority, (list, tuple)) or not all(isinstance(p, int) and not isinstance(p, bool) for p in priority):
+                raise TypeError(f"priority must be a list of ints, one per prompt, got {priority!r}")
+            if num_prompts is not None and len(priority) != num_prompts:
+                raise ValueError(f"got {len(priority)} priorities for {num_prompts} prompts: pass one per prompt")
+            options.priorities = list(priority)
+        kwargs = dict(tokenization_kwargs or {})
+        if not isinstance(tokenization_kwargs or {}, dict):
+            raise TypeError(f"tokenization_kwargs must be a dict, got {type(tokenization_kwargs).__name__}")
+        unknown = sorted(set(kwargs) - set(TOKENIZATION_KWARGS))
+        if unknown:
+            raise ValueError(f"tokenization_kwargs has keys fxllm does not read: {unknown}; known: {', '.join(TOKENIZATION_KWARGS)}")
+        if "truncate_prompt_tokens" in kwargs and kwargs["truncate_prompt_tokens"] is not None:
+            keep = kwargs["truncate_prompt_tokens"]
+            if keep != -1:
+                check_int("tokenization_kwargs['truncate_prompt_tokens']", keep, minimum=1)
+            options.truncate_prompt_tokens = keep
+        if "add_special_tokens" in kwargs:
+            options.add_special_tokens = check_bool("tokenization_kwargs['add_special_tokens']", kwargs["add_special_tokens"])
+        return options
 
     # ---- prompts ------------------------------------------------------------------------
 
@@ -258,16 +313,23 @@ class InputProcessor:
         return params
 
     def default_sampling_params(self) -> SamplingParams:
-        """SamplingParams from the model's generation_config.json (vLLM's generation_config="auto")."""
-        return SamplingParams.from_generation_config(self.config.model.generation_config)
+        """SamplingParams from the model's generation_config.json (vLLM's generation_config="auto"),
+        under ``override_generation_config``."""
+        model_config = self.config.model
+        return SamplingParams.from_generation_config(model_config.generation_config, model_config.override_generation_config)
 
     # ---- requests -----------------------------------------------------------------------
 
-    def make_requests(self, prompts: list[ProcessedPrompt], params_list: list[SamplingParams]) -> list[Request]:
+    def make_requests(
+        self, prompts: list[ProcessedPrompt], params_list: list[SamplingParams], options: CallOptions | None = None
+    ) -> list[Request]:
         """The requests of a whole call, every one validated before any is returned."""
+        options = options or CallOptions()
         requests = []
         for index, (prompt, params) in enumerate(zip(prompts, params_list)):
-            requests.extend(self._requests_of(prompt, params, index))
+            keep = params.truncate_prompt_tokens if params.truncate_prompt_tokens is not None else options.truncate_prompt_tokens
+            priority = 0 if options.priorities is None else options.priorities[index]
+            requests.extend(self._requests_of(prompt, params, index, keep, priority))
         return requests
 
     def _truncated(self, prompt: ProcessedPrompt, keep: int | None, index: int) -> list[int]:
@@ -279,9 +341,11 @@ class InputProcessor:
         keep = self.max_model_len if keep == -1 else keep
         return prompt.token_ids[-keep:]
 
-    def _requests_of(self, prompt: ProcessedPrompt, params: SamplingParams, index: int) -> list[Request]:
+    def _requests_of(
+        self, prompt: ProcessedPrompt, params: SamplingParams, index: int, keep: int | None, priority: int
+    ) -> list[Request]:
         """The ``n`` requests of one prompt, validated against this model."""
-        token_ids, max_model_len = self._truncated(prompt, params.truncate_prompt_tokens, index), self.max_model_len
+        token_ids, max_model_len = self._truncated(prompt, keep, index), self.max_model_len
         if len(token_ids) >= max_model_len:
             raise ValueError(
                 f"prompt {index} has {len(token_ids)} tokens but max_model_len is {max_model_len}; a prompt must "
@@ -298,6 +362,11 @@ class InputProcessor:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
+        if self.tokenizer is None and (params.bad_words or params.stop):
+            raise ValueError(
+                f"sampling params of prompt {index}: bad_words and stop strings need a tokenizer, but this engine "
+                f"was built with skip_tokenizer_init=True"
+            )
         bad_word_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [])
         _check_some_token_allowed(params, bad_word_ids, stop_ids, self.vocab_size, index)
         requests = []
@@ -308,7 +377,9 @@ class InputProcessor:
                 generator = torch.Generator(device=self.config.device)
                 generator.manual_seed(params.seed + completion)
             detokenizer = (
-                IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) if params.detokenize else None
+                IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+                if params.detokenize and self.tokenizer is not None
+                else None
             )
             requests.append(
                 Request(
@@ -325,6 +396,7 @@ class InputProcessor:
                     bad_word_ids=bad_word_ids,
                     multimodal=prompt.multimodal,
                     cache_salt=prompt.cache_salt,
+                    priority=priority,
                 )
             )
         return requests

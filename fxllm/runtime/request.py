@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fxllm.metrics import RequestStateStats
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
@@ -56,6 +57,10 @@ class Request:
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
     multimodal: MultiModalPrompt | None = None  # images, videos and M-RoPE positions of a vision-language prompt
     cache_salt: str | None = None  # hashed into its first prefix-cache block: other salts never share its blocks
+    priority: int = 0  # under scheduling_policy="priority": lower values are scheduled first
+    arrival_index: int = 0  # order of arrival: ties of priority, and FCFS
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
+    stats: RequestStateStats = field(default_factory=RequestStateStats)
     # Image or video index -> its embeddings [tokens, H], from the first step that computes one of its
     # tokens to the step that computes its last (see runtime/multimodal/embedder.py).
     encoder_outputs: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -120,6 +120,10 @@ class MultiModalProcessor:
         self.video_kwargs = self._video_kwargs() if self.video_processor is not None else {}
         self.cache = ProcessedInputCache(config.input_cache_bytes)
 
+    def clear_cache(self) -> None:
+        """Drop every processed image and video kept for reuse (LLM.reset_mm_cache)."""
+        self.cache = ProcessedInputCache(self.config.input_cache_bytes)
+
     def process(self, token_ids: list[int], multi_modal_data: Any, index: int) -> MultiModalPrompt:
         given = check_mm_data(multi_modal_data, self.config, index)
         _check_images(given.get("image", []), index)
