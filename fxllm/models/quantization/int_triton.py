@@ -113,7 +113,7 @@ def _finish_tile(
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _int_gemv_kernel(
     x_ptr,  # [K]
     qweight_ptr,  # [N, K / PACK] int32
@@ -181,7 +181,7 @@ def _int_gemv_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _int_gemm_kernel(
     x_ptr,  # [M, K]
     qweight_ptr,  # [N, K / PACK] int32
