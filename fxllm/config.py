@@ -223,7 +223,7 @@ class ModelConfig:
     runner_type: str = "generate"  # "generate" or "pooling" (see resolve_runner_type)
     pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
     multimodal: MultiModalConfig | None = None  # vision-language checkpoints only
-    quantization: str | None = None  # "fp8" or "compressed-tensors" (vLLM's names); None: full precision
+    quantization: str | None = None  # "fp8", "compressed-tensors", "gptq" or "awq" (vLLM's names); None: full precision
     load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank
     max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most logprobs a request may ask for (-1: the vocabulary)
     chat_template: str | None = field(default=None, compare=False, hash=False, repr=False)  # chat()'s default

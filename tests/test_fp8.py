@@ -346,7 +346,7 @@ def test_gemm_is_chosen_by_device_step_size_and_scale_layout():
 # ---- errors ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["int8", "FP8", "awq", 8])
+@pytest.mark.parametrize("value", ["int8", "FP8", "bitsandbytes", 8])
 def test_unsupported_quantization_argument_says_what_is_supported(value, llama_dir):
     with pytest.raises(ValueError, match="not supported; supported: None, quantization='fp8'.*compressed-tensors"):
         LLM(model=str(llama_dir), quantization=value, enforce_eager=True)
@@ -378,7 +378,7 @@ def _ct_weights(**changes) -> dict:
 
 
 MALFORMED = {
-    "unknown method": ({"quant_method": "awq", "bits": 4}, "quant_method='awq' is not supported"),
+    "unknown method": ({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes' is not supported"),
     "per-tensor fp8": ({"quant_method": "fp8", "activation_scheme": "static"}, "without weight_block_size"),
     "block of one int": ({"quant_method": "fp8", "weight_block_size": [128]}, "two positive ints"),
     "static block-wise": (
@@ -386,7 +386,7 @@ MALFORMED = {
         "only 'dynamic' is",
     ),
     "two groups": (_ct(config_groups={"a": {}, "b": {}}), "exactly one group, got 2"),
-    "int8 weights": (_ct_weights(type="int"), "8-bit symmetric floats"),
+    "int weights, float format": (_ct_weights(type="int"), "format 'float-quantized' with int weights"),
     "group strategy": (_ct_weights(strategy="group", group_size=128), "strategy 'group'"),
     "packed format": (_ct(format="pack-quantized"), "format 'pack-quantized'"),
     "static per token": (

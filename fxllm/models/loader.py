@@ -14,7 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from fxllm.config import ModelConfig
 from fxllm.models.interface import Model
-from fxllm.models.quantization import construct_with_fp8_linears, model_quantization
+from fxllm.models.quantization import construct_with_quantized_linears, model_quantization
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.sharded_state import load_sharded_state
 from fxllm.parallel.sharding import iterate_sharded_safetensors
@@ -87,7 +87,7 @@ def load_generation_config(source: str, model_dir: Path) -> dict:
 
 
 def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLayout | None = None) -> Model:
-    """The model of ``model_config`` on ``device`` with its checkpoint's weights; FP8 linears
+    """The model of ``model_config`` on ``device`` with its checkpoint's weights; quantized linears
     where the checkpoint or ``quantization`` asks for them; the vision tower of a
     vision-language architecture as its ``multimodal`` config allows. With ``tp_layout``,
     this rank's part: built from the TP-local config, reading only its weight slices."""
@@ -104,7 +104,7 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
     torch.set_default_dtype(model_config.dtype)
     try:
         with torch.device(device), _skip_parameter_init():
-            model = construct() if quantization is None else construct_with_fp8_linears(construct, quantization)
+            model = construct() if quantization is None else construct_with_quantized_linears(construct, quantization)
     finally:
         torch.set_default_dtype(previous)
     if model_config.load_format == "sharded_state":
