@@ -85,7 +85,7 @@ def engines(checkpoint_dirs):
 
     def get(name: str) -> LLM:
         if name not in built:
-            built[name] = LLM(model=str(checkpoint_dirs(name)), enforce_eager=True, max_model_len=128)
+            built[name] = LLM(model=str(checkpoint_dirs(name)), enforce_eager=True, max_model_len=128, max_logprobs=-1)
         return built[name]
 
     return get
@@ -240,7 +240,8 @@ def test_two_ranks_split_packed_weights_scales_and_zeros_and_give_the_single_dev
     """Both sides dequantize the same packed weights with the same scales: only the order of the
     partial sums differs. Each rank's slice of o_proj (32 inputs) and down_proj (64) is whole
     32-wide groups."""
-    llm = LLM(model=str(checkpoint_dirs(variant)), enforce_eager=True, max_model_len=128, tensor_parallel_size=2)
+    llm = LLM(model=str(checkpoint_dirs(variant)), enforce_eager=True, max_model_len=128, tensor_parallel_size=2,
+              max_logprobs=-1)
     assert llm.compile_report().passes["tensor_parallel"] == 2 * 2 + 1  # o and down per layer, the embedding
     torch.testing.assert_close(_prompt_logprobs(llm), _prompt_logprobs(engines(variant)), rtol=0, atol=1e-4)
 

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fxllm.models.quantization.int_pack import pack, pack_awq, pack_factor
+from fxllm.models.quantization.int_pack import pack, pack_awq
 from fxllm.models.weights import SAFETENSORS_INDEX, safetensors_files
 
 FORMATS = ("gptq", "awq", "compressed-tensors")

@@ -14,11 +14,16 @@ from transformers import AutoConfig, PretrainedConfig
 
 from fxllm.config import ModelConfig
 from fxllm.models.interface import Model
-from fxllm.models.quantization import construct_with_quantized_linears, model_quantization
+from fxllm.models.quantization import (
+    construct_with_quantized_linears,
+    model_quantization,
+    packed_tensor_splits,
+    weight_scale_block,
+)
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.sharded_state import load_sharded_state
 from fxllm.parallel.sharding import iterate_sharded_safetensors
-from fxllm.parallel.tp_config import TPLayout, tp_local_config
+from fxllm.parallel.tp_config import TPLayout, tp_layout, tp_local_config
 from fxllm.models.weights import iterate_safetensors, safetensors_files
 
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None
@@ -84,6 +89,14 @@ def load_generation_config(source: str, model_dir: Path) -> dict:
             raise FileNotFoundError(f"generation_config={source!r}: no generation_config.json in {folder}")
         return {}
     return json.loads(file.read_text())
+
+
+def model_tp_layout(hf_config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
+    """Rank ``rank``'s part of a model split over ``world_size`` ranks, its quantized tensors
+    included; a clear error where the model cannot split that way."""
+    return tp_layout(
+        hf_config, rank, world_size, weight_scale_block(hf_config), packed_tensor_splits(hf_config, world_size)
+    )
 
 
 def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLayout | None = None) -> Model:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxllm.models.quantization.int_gemm import MIN_BLOCK_N, MIN_DOT, SMALL_STEP_MAX_ROWS
+from fxllm.models.quantization.int_gemm import MIN_DOT, SMALL_STEP_MAX_ROWS
 from fxllm.models.quantization.int_pack import pack_factor
 
 # 2**23 as float32 bits: a value below 2**23 OR-ed into its mantissa reads as 2**23 + value.

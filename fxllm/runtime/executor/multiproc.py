@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 
 from fxllm.config import CompilationLevel, EngineConfig
-from fxllm.models.quantization import packed_tensor_splits, weight_scale_block
+from fxllm.models.loader import model_tp_layout
 from fxllm.parallel.collectives import stop_one_shot_all_reduce, use_one_shot_all_reduce
 from fxllm.parallel.plans import plan_for
-from fxllm.parallel.tp_config import tp_layout
 from fxllm.runtime.executor.base import Executor, RemoteMethod, call_on_runner
 from fxllm.runtime.executor.interrupts import interrupts_deferred
 from fxllm.runtime.executor.step_sync import RemoteCall, StepSync
@@ -54,8 +53,7 @@ def check_tensor_parallel_support(config: EngineConfig) -> None:
             f"set CUDA_VISIBLE_DEVICES or lower tensor_parallel_size"
         )
     # Heads, KV heads and MLP width must split over the ranks: a clear error here, not in a worker.
-    hf_config = model_config.hf_config
-    tp_layout(hf_config, 0, size, weight_scale_block(hf_config), packed_tensor_splits(hf_config, size))
+    model_tp_layout(model_config.hf_config, 0, size)
 
 
 class HostGroupSync:
