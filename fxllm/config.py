@@ -208,7 +208,7 @@ def resolve_runner_type(runner: str, task: str | None, is_pooling_model: bool) -
     return runner
 
 
-LOAD_FORMATS = ("auto", "safetensors", "sharded_state")
+LOAD_FORMATS = ("auto", "safetensors", "sharded_state", "dummy")
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,8 @@ class ModelConfig:
     pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
     multimodal: MultiModalConfig | None = None  # vision-language checkpoints only
     quantization: str | None = None  # "fp8", "compressed-tensors", "gptq" or "awq" (vLLM's names); None: full precision
-    load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank
+    # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank; "dummy": random weights
+    load_format: str = "auto"
     max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most logprobs a request may ask for (-1: the vocabulary)
     chat_template: str | None = field(default=None, compare=False, hash=False, repr=False)  # chat()'s default
     # Sampling defaults over generation_config.json's (vLLM's override_generation_config).
@@ -277,14 +278,38 @@ class CompilationLevel(enum.IntEnum):
     PIECEWISE = 3  # capture once, split at attention, compile each piece (default)
 
 
+class CompilationMode(enum.IntEnum):
+    """vLLM's current names for the levels (``compilation_config={"mode": ...}``)."""
+
+    NONE = 0
+    STOCK_TORCH_COMPILE = 1
+    DYNAMO_TRACE_ONCE = 2
+    VLLM_COMPILE = 3
+
+
 class CUDAGraphMode(enum.Enum):
+    """Which steps replay CUDA graphs. FULL: the whole forward, attention included, for
+    decode-only steps (fxllm's attention kernels take mixed steps only outside a graph, so
+    FULL and FULL_DECODE_ONLY are the same here: other steps run without graphs);
+    PIECEWISE: the compiled pieces between attention ops, for any step; FULL_AND_PIECEWISE:
+    FULL for decode-only steps, PIECEWISE for the rest."""
+
     NONE = "NONE"
     PIECEWISE = "PIECEWISE"
     FULL = "FULL"
+    FULL_DECODE_ONLY = "FULL_DECODE_ONLY"
     FULL_AND_PIECEWISE = "FULL_AND_PIECEWISE"
 
 
 ATTENTION_OP = "fxllm.attention"
+
+
+# vLLM's passes fxllm does not have: accepted off (False or None), refused on.
+VLLM_ONLY_PASSES = frozenset({
+    "fuse_norm_quant", "fuse_act_quant", "fuse_attn_quant", "enable_sp", "fuse_gemm_comms", "fuse_allreduce_rms",
+    "fuse_minimax_qk_norm", "fuse_act_padding", "fuse_mla_dual_rms_norm", "fuse_rope_kvcache",
+    "enable_sequence_parallelism", "enable_async_tp", "enable_fi_allreduce_fusion", "enable_attn_fusion",
+})
 
 
 @dataclass(frozen=True)
@@ -315,6 +340,12 @@ class PassConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
+            value = dict(value)
+            if "eliminate_noops" in value:  # vLLM's current name
+                value["enable_noop"] = value.pop("eliminate_noops")
+            for name in sorted(set(value) & VLLM_ONLY_PASSES):
+                if value.pop(name) not in (None, False):
+                    raise ValueError(f"pass_config.{name}: fxllm has no such pass; its passes: {sorted(cls.__dataclass_fields__)}")
             return _fields_from_dict(cls, value, "pass_config")
         raise TypeError(f"pass_config must be a PassConfig or a dict, got {type(value).__name__}")
 
@@ -353,6 +384,8 @@ class CompilationConfig:
                 raise ValueError(f"splitting_ops must be a list of op names like {ATTENTION_OP!r}, got {self.splitting_ops!r}")
             object.__setattr__(self, "splitting_ops", tuple(self.splitting_ops))
         object.__setattr__(self, "compile_sizes", _positive_ints("compile_sizes", self.compile_sizes))
+        if self.max_cudagraph_capture_size is not None:
+            _positive_ints("max_cudagraph_capture_size", [self.max_cudagraph_capture_size])
         if self.cudagraph_capture_sizes is not None:
             sizes = _positive_ints("cudagraph_capture_sizes", self.cudagraph_capture_sizes)
             object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(sizes))))
@@ -363,6 +396,13 @@ class CompilationConfig:
                 modes = ", ".join(m.value for m in CUDAGraphMode)
                 raise ValueError(f"cudagraph_mode must be one of {modes}, got {self.cudagraph_mode!r}") from None
         object.__setattr__(self, "pass_config", PassConfig.from_user(self.pass_config))
+        for name in ("debug_dump_path", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise TypeError(f"compilation_config {name} must be a path (str), got {value!r}")
+        for name in ("use_inductor", "compile_mm_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"compilation_config {name} must be True or False, got {getattr(self, name)!r}")
 
     def eager(self) -> "CompilationConfig":
         """This config at level 0 without CUDA graphs (``enforce_eager=True``)."""
@@ -383,10 +423,29 @@ class CompilationConfig:
         if isinstance(value, int):
             return cls(level=value)
         if isinstance(value, dict):
-            return _fields_from_dict(cls, value, "compilation_config")
+            return _fields_from_dict(cls, _vllm_compilation_names(value), "compilation_config")
         raise TypeError(
             f"compilation_config must be a CompilationConfig, a dict or an int level, got {type(value).__name__}"
         )
+
+
+# compilation_config["backend"] (vLLM's) -> use_inductor.
+_BACKENDS = {"inductor": True, "eager": False, "": True}
+
+
+def _vllm_compilation_names(value: dict) -> dict:
+    """vLLM's newer spellings: ``mode`` for ``level``, ``backend`` for ``use_inductor``."""
+    value = dict(value)
+    if "mode" in value:
+        if "level" in value:
+            raise ValueError("compilation_config has both 'mode' and 'level' (one setting, two names): keep one")
+        value["level"] = value.pop("mode")
+    if "backend" in value:
+        backend = value.pop("backend")
+        if backend not in _BACKENDS:
+            raise ValueError(f"compilation_config backend must be 'inductor' or 'eager', got {backend!r}")
+        value.setdefault("use_inductor", _BACKENDS[backend])
+    return value
 
 
 def _positive_ints(name: str, values: Any) -> tuple[int, ...]:

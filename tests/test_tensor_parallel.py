@@ -322,7 +322,7 @@ def test_sharded_state_round_trip_reads_one_file_per_rank(tensor_parallel_runs, 
 
 
 def test_an_unknown_load_format_is_a_clear_error():
-    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, sharded_state, got 'pt'"):
+    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, sharded_state, dummy, got 'pt'"):
         LLM(model="unused", load_format="pt")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,16 +80,29 @@ def load_hf_config(model_dir: Path, hf_overrides: HfOverrides) -> PretrainedConf
 
 
 def load_generation_config(source: str, model_dir: Path) -> dict:
-    """vLLM's ``generation_config``: "auto" reads the model's file, "vllm" ignores it, else a folder."""
+    """vLLM's ``generation_config``: "auto" reads the model's file, "vllm" ignores it, else a folder.
+    A file that is not valid JSON gives the defaults, with a warning naming it (as vLLM)."""
+    if not isinstance(source, str):
+        raise TypeError(f"generation_config must be 'auto', 'vllm' or a folder path, got {type(source).__name__}")
     if source == "vllm":
         return {}
-    folder = model_dir if source == "auto" else Path(source)
+    folder = model_dir if source == "auto" else Path(source).expanduser()
+    if source != "auto" and not folder.is_dir():
+        raise FileNotFoundError(f"generation_config={source!r}: no such folder")
     file = folder / "generation_config.json"
     if not file.exists():
         if source != "auto":
             raise FileNotFoundError(f"generation_config={source!r}: no generation_config.json in {folder}")
         return {}
-    return json.loads(file.read_text())
+    try:
+        values = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        warnings.warn(f"{file} is not valid JSON ({error}): sampling defaults are vLLM's", UserWarning, stacklevel=2)
+        return {}
+    if not isinstance(values, dict):
+        warnings.warn(f"{file} does not hold a JSON object: sampling defaults are vLLM's", UserWarning, stacklevel=2)
+        return {}
+    return values
 
 
 def model_tp_layout(hf_config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
@@ -123,10 +137,34 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
     if model_config.load_format == "sharded_state":
         rank, world_size = (0, 1) if tp_layout is None else (tp_layout.rank, tp_layout.world_size)
         load_sharded_state(model, model_dir, rank, world_size)
+    elif model_config.load_format == "dummy":
+        _fill_dummy_weights(model)
     else:
         files = safetensors_files(model_dir)
         model.load_weights(iterate_sharded_safetensors(files, tp_layout) if sharded else iterate_safetensors(files))
     return model.eval().requires_grad_(False)
+
+
+# vLLM's load_format="dummy": small uniform weights, the same on every run.
+DUMMY_WEIGHT_BOUND = 1e-3
+DUMMY_WEIGHT_SEED = 0
+
+
+@torch.no_grad()
+def _fill_dummy_weights(model: nn.Module) -> None:
+    """Random weights of the checkpoint's shapes, nothing read from disk (benchmarks without
+    weights)."""
+    generator = torch.Generator(device="cpu").manual_seed(DUMMY_WEIGHT_SEED)
+    for name, parameter in model.named_parameters():
+        if not parameter.dtype.is_floating_point:
+            raise ValueError(
+                f"load_format='dummy' fills floating-point weights only, and {name} is {parameter.dtype} (an "
+                f"integer-quantized checkpoint): load its weights (load_format='auto')"
+            )
+        values = torch.empty(parameter.shape, dtype=torch.float32).uniform_(
+            -DUMMY_WEIGHT_BOUND, DUMMY_WEIGHT_BOUND, generator=generator
+        )
+        parameter.copy_(values.to(parameter.dtype))
 
 
 @contextlib.contextmanager

@@ -31,20 +31,34 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.phases = StepPhases()  # timed only while an observer is attached
-        self.executor: Executor = make_executor(config, self.phases)
-        num_blocks, block_size = self.executor.num_blocks, config.cache.block_size
-        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.stats = EngineStats(config.model.model)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.stats)
+        self._start_executor()
         self._arrivals = itertools.count()
         self._profiler: Any = None
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet taken (async scheduling)
         self._last_scheduled = SchedulerOutput()  # what the last step scheduled, for observers
+
+    def _start_executor(self) -> None:
+        """The executor and the KV-cache bookkeeping of its blocks."""
+        config = self.config
+        self.executor: Executor = make_executor(config, self.phases)
+        num_blocks, block_size = self.executor.num_blocks, config.cache.block_size
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.stats)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB) on %s",
             num_blocks, block_size, num_blocks * self.runner.bytes_per_block() / 2**30, config.device,
         )
+
+    def _restart_if_out_of_step(self) -> None:
+        """After a step failed half-way under tensor parallelism the ranks may disagree on what
+        runs next: start them afresh (the compile cache makes it quick) before the next call."""
+        if not self.executor.needs_restart:
+            return
+        logger.warning("restarting the tensor-parallel workers: the last step failed before every rank finished it")
+        self.executor.shutdown()
+        self._start_executor()
 
     @property
     def runner(self) -> ModelRunner:
@@ -71,6 +85,7 @@ class LLMEngine:
         too), queued or running, they are dropped and their blocks freed: the engine serves the
         next call as if this one had never been made."""
         progress = None
+        self._restart_if_out_of_step()
         try:
             for request in requests:
                 self.add_request(request)
@@ -187,6 +202,7 @@ class LLMEngine:
 
     def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
         """Run a runner method (by name) or ``method(runner, *args)`` on every rank; results in rank order."""
+        self._restart_if_out_of_step()
         return self.executor.collective_rpc(method, args, kwargs)
 
     def shutdown(self) -> None:

@@ -191,6 +191,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
+        if cache.kv_cache_memory_bytes is not None:
+            return cache.kv_cache_memory_bytes // self.bytes_per_block()
         if self.device.type == "cpu":
             # Host memory is shared with everything else: take no more than the scheduler
             # could ever fill (every sequence at max_model_len).
