@@ -242,7 +242,7 @@ class EngineArgs(_VllmOnlyArgs):
 
     def _config_overrides(self) -> Any:
         """``hf_overrides``, with vLLM 0.11's ``rope_scaling`` / ``rope_theta`` folded in."""
-        extra = {name: getattr(self, name) for name in ("rope_scaling", "rope_theta") if getattr(self, name) is not None}
+        extra = {name: getattr(self, name) for name in ("rope_scaling", "rope_theta") if getattr(self, name) not in (None, {})}
         if not extra:
             return self.hf_overrides or None
         if callable(self.hf_overrides):
