@@ -28,6 +28,21 @@ class FusedShard:
 
 
 @dataclass(frozen=True)
+class ExpertShard:
+    """Where a checkpoint tensor of one expert (``...experts.<expert>.<name>.weight``) goes: into
+    that expert's slice of the stacked parameter ``...experts.<stacked_name>`` [experts, rows,
+    cols], at the rows of part ``index`` of equal parts (gate and up halves), or all of them
+    where ``index`` is None."""
+
+    stacked_name: str
+    index: int | None = None
+
+
+# The module whose children are a checkpoint's experts, numbered: ``experts.0``, ``experts.1``, ...
+EXPERTS_MODULE = "experts"
+
+
+@dataclass(frozen=True)
 class ShardRows:
     """The output rows (dim 0) of a layer that one checkpoint tensor fills: a fused shard's."""
 
@@ -93,15 +108,24 @@ def load_named_weights(
     """Copy checkpoint tensors into ``model`` by HF name, filling fused parameters.
 
     The model declares ``fused_weights`` (checkpoint module name -> FusedShard) and
-    ``fused_shard_sizes(fused_name)``. Layers that are ``LoadsCheckpointTensors`` take
-    their tensors themselves. Every parameter must be written exactly once per shard.
+    ``fused_shard_sizes(fused_name)``, and for MoE layers ``expert_weights`` (an expert's
+    checkpoint module name -> ExpertShard). Layers that are ``LoadsCheckpointTensors`` take
+    their tensors themselves. Every parameter must be written exactly once per shard (and
+    per expert).
     """
     params = dict(model.named_parameters())
     fused_weights: Mapping[str, FusedShard] = model.fused_weights if isinstance(model, Model) else {}
+    expert_weights: Mapping[str, ExpertShard] = model.expert_weights if isinstance(model, Model) else {}
     own_loaders = {name: m for name, m in model.named_modules() if isinstance(m, LoadsCheckpointTensors)}
     pending = {name: _num_shards(model, name, fused_weights) for name in params}
+    pending.update(_expert_writes(params, expert_weights))
     for name, tensor in weights:
         if name in skip or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        expert = _resolve_expert(name, expert_weights)
+        if expert is not None:
+            _load_expert_tensor(name, tensor, params, *expert, expert_weights)
+            pending[expert[0]] -= 1
             continue
         target, shard = _resolve(name, fused_weights)
         layer_name, _, leaf = target.rpartition(".")
@@ -135,6 +159,63 @@ def load_named_weights(
     missing = sorted(name for name, count in pending.items() if count > 0)
     if missing:
         raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _resolve_expert(name: str, expert_weights: Mapping[str, ExpertShard]) -> tuple[str, int, ExpertShard] | None:
+    """(stacked parameter, expert, shard) of a checkpoint tensor ``...experts.<expert>.<module>.weight``;
+    None for any other tensor."""
+    parts = name.split(".")
+    if len(parts) < 4:
+        return None
+    *scope, experts, expert, module, leaf = parts
+    if experts != EXPERTS_MODULE or not expert.isdigit() or module not in expert_weights or leaf != "weight":
+        return None
+    shard = expert_weights[module]
+    return ".".join([*scope, experts, shard.stacked_name]), int(expert), shard
+
+
+def _expert_shard_count(stacked_name: str, expert_weights: Mapping[str, ExpertShard]) -> int:
+    return sum(1 for shard in expert_weights.values() if shard.stacked_name == stacked_name)
+
+
+def _expert_writes(params: Mapping[str, torch.Tensor], expert_weights: Mapping[str, ExpertShard]) -> dict[str, int]:
+    """Checkpoint tensors each stacked expert parameter takes: one per expert and shard."""
+    stacked_names = {shard.stacked_name for shard in expert_weights.values()}
+    writes = {}
+    for name, param in params.items():
+        module, _, leaf = name.rpartition(".")
+        if module.rpartition(".")[2] == EXPERTS_MODULE and leaf in stacked_names:
+            writes[name] = param.shape[0] * _expert_shard_count(leaf, expert_weights)
+    return writes
+
+
+def _load_expert_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    target: str,
+    expert: int,
+    shard: ExpertShard,
+    expert_weights: Mapping[str, ExpertShard],
+) -> None:
+    if target not in params:
+        raise ValueError(
+            f"checkpoint tensor {name!r} has no matching parameter in the model ({target!r}); "
+            f"is the config's architecture right for these weights?"
+        )
+    stacked = params[target]
+    if expert >= stacked.shape[0]:
+        raise ValueError(
+            f"checkpoint tensor {name!r} is of expert {expert}, but the config has {stacked.shape[0]} experts; "
+            f"the config.json does not match these weights"
+        )
+    part = stacked[expert]  # [rows, cols]
+    if shard.index is not None:
+        rows = part.shape[0] // _expert_shard_count(shard.stacked_name, expert_weights)
+        part = part.narrow(0, shard.index * rows, rows)
+    _check_shape(name, part.shape, tensor.shape)
+    with torch.no_grad():
+        part.copy_(tensor)
 
 
 def _shard_rows(model: nn.Module, shard: FusedShard | None) -> ShardRows | None:
