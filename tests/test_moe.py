@@ -139,3 +139,145 @@ def test_torch_path_equals_the_per_token_reference(num_tokens, num_experts, top_
 def test_a_top_k_beyond_the_expert_count_is_a_clear_error():
     with pytest.raises(ValueError, match="num_experts_per_tok=9 must be between 1 and the number of experts \\(8\\)"):
         SparseMoeBlock(hidden_size=16, num_experts=8, intermediate_size=8, top_k=9, renormalize=False)
+
+
+# ---- the Triton path (under TRITON_INTERPRET=1 without CUDA) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, top_k, block_tokens",
+    [(1, 4, 1, None), (7, 8, 2, 2), (33, 6, 3, 4), (20, 16, 8, None), (50, 128, 8, 8)],
+)
+def test_sorting_groups_every_entry_once_by_expert_in_blocks(num_tokens, num_experts, top_k, block_tokens):
+    """Several routing chunks where block_tokens is small: each chunk's entries land after the
+    earlier chunks' entries of the same expert."""
+    from fxllm.models.moe.routing import select_experts
+    from fxllm.models.moe.triton_routing import max_sorted_blocks, sort_by_expert
+
+    block_m = 16
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(num_tokens)) * 2
+    sort = sort_by_expert(logits, top_k, True, block_m, block_tokens)
+    weights, expert_ids = select_experts(logits, top_k, True)
+    assert torch.equal(sort.expert_ids.long(), expert_ids)
+    torch.testing.assert_close(sort.weights, weights)
+    num_entries = num_tokens * top_k
+    num_rows = int(sort.num_rows)
+    assert num_rows % block_m == 0 and sort.max_blocks == max_sorted_blocks(num_entries, num_experts, block_m)
+    assert num_rows <= sort.max_blocks * block_m
+    rows = sort.sorted_entries[:num_rows]
+    assert sorted(rows[rows < num_entries].tolist()) == list(range(num_entries))
+    for block in range(num_rows // block_m):
+        entries = rows[block * block_m : (block + 1) * block_m]
+        entries = entries[entries < num_entries]
+        assert entries.numel() > 0  # no block of padding alone
+        assert (expert_ids.flatten()[entries.long()] == sort.block_experts[block]).all()
+        assert (entries.diff() > 0).all()  # in entry order within an expert
+
+
+@pytest.mark.parametrize(
+    "num_tokens, hidden, intermediate, num_experts, top_k",
+    [(1, 32, 24, 4, 1), (7, 64, 48, 8, 2), (33, 48, 40, 6, 3), (20, 64, 32, 16, 8)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_equals_the_torch_path(num_tokens, hidden, intermediate, num_experts, top_k, dtype):
+    from fxllm.models.moe.triton_experts import triton_fused_moe
+
+    inputs = random_moe_inputs(num_tokens, hidden, intermediate, num_experts, dtype=dtype)
+    for renormalize in (False, True):
+        out = triton_fused_moe(*inputs, top_k, renormalize)
+        assert out.shape == (num_tokens, hidden) and out.dtype == dtype
+        reference = torch_fused_moe(*inputs, top_k, renormalize)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+        else:  # the kernel rounds to bf16 once per projection, the torch path once per op
+            torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------
+
+# Qwen3-30B-A3B's experts: 128 of hidden 2048 and width 768.
+GPU_HIDDEN, GPU_INTERMEDIATE, GPU_EXPERTS = 2048, 768, 128
+# bf16 rounds each projection's output: the error relative to float32 stays near its precision.
+BF16_RELATIVE_ERROR = 1e-2
+
+
+@pytest.fixture(scope="module")
+def gpu_expert_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(GPU_EXPERTS, 2 * GPU_INTERMEDIATE, GPU_HIDDEN, device="cuda", generator=generator) * GPU_HIDDEN**-0.5
+    w2 = torch.randn(GPU_EXPERTS, GPU_HIDDEN, GPU_INTERMEDIATE, device="cuda", generator=generator) * GPU_INTERMEDIATE**-0.5
+    return w13.bfloat16(), w2.bfloat16()
+
+
+def _gpu_step(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(num_tokens, GPU_HIDDEN, device="cuda", generator=generator).bfloat16()
+    logits = (torch.randn(num_tokens, GPU_EXPERTS, device="cuda", generator=generator) * 2).bfloat16()
+    return hidden, logits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 257, 4096])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+def test_triton_kernel_on_gpu_matches_float32_in_bf16(num_tokens, top_k, gpu_expert_weights):
+    from fxllm.models.moe.triton_experts import triton_fused_moe
+
+    w13, w2 = gpu_expert_weights
+    hidden, logits = _gpu_step(num_tokens, seed=num_tokens)
+    out = triton_fused_moe(hidden, logits, w13, w2, top_k, renormalize=True)
+    reference = torch_fused_moe(hidden.float(), logits.float(), w13.float(), w2.float(), top_k, renormalize=True)
+    assert out.dtype == torch.bfloat16 and out.shape == hidden.shape
+    assert ((out.float() - reference).norm() / reference.norm()).item() < BF16_RELATIVE_ERROR
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 256])
+def test_the_op_replays_in_a_cuda_graph_for_new_tokens_and_routing(num_tokens, gpu_expert_weights):
+    """Captured once, the op routes and sorts each replay's tokens on the device: a graph holds it."""
+    w13, w2 = gpu_expert_weights
+    hidden, logits = _gpu_step(num_tokens, seed=1)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # compile the kernels before capturing
+        torch.ops.fxllm.fused_moe(hidden, logits, w13, w2, 8, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_out = torch.ops.fxllm.fused_moe(hidden, logits, w13, w2, 8, True)
+    new_hidden, new_logits = _gpu_step(num_tokens, seed=2)
+    hidden.copy_(new_hidden)
+    logits.copy_(new_logits)
+    graph.replay()
+    torch.testing.assert_close(captured_out, torch.ops.fxllm.fused_moe(new_hidden, new_logits, w13, w2, 8, True), rtol=0, atol=0)
+
+
+def _compiled_variants(kernel) -> int:
+    """Binaries Triton holds for a jitted kernel, over every device."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_step_sizes_of_one_tile_compile_each_kernel_once(gpu_expert_weights):
+    from fxllm.models.moe import triton_experts, triton_routing
+
+    w13, w2 = gpu_expert_weights
+    kernels = [triton_experts._gate_up_kernel, triton_experts._down_kernel, triton_routing._route_kernel,
+               triton_routing._plan_kernel, triton_routing._scatter_kernel]
+    torch.ops.fxllm.fused_moe(*_gpu_step(1, seed=0), w13, w2, 8, True)
+    variants = [_compiled_variants(kernel) for kernel in kernels]
+    for num_tokens in (2, 3, 16, 17, 32):  # every one a SMALL_TILE step with 128 experts, top-8
+        assert triton_experts.expert_tile(num_tokens * 8, GPU_EXPERTS) == triton_experts.SMALL_TILE
+        torch.ops.fxllm.fused_moe(*_gpu_step(num_tokens, seed=0), w13, w2, 8, True)
+    assert [_compiled_variants(kernel) for kernel in kernels] == variants
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_fp32_greedy_on_gpu_with_cuda_graphs_matches_hf_on_cpu(arch, moe_dirs):
+    """Decode steps replay FULL CUDA graphs that hold the Triton experts; prompt chunks replay pieces."""
+    model_dir = moe_dirs[arch]
+    llm = LLM(model=str(model_dir), device="cuda", dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=16)
+    assert llm.compile_report().cudagraph_sizes
+    tokenizer = llm.get_tokenizer()
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(model_dir, tokenizer.encode(prompt), NEW_TOKENS)
