@@ -7,14 +7,16 @@ architecture, eager and compiled, with the KV cache too small for every request 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import AutoConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from fxllm import LLM, SamplingParams
+from fxllm.models.registry import MODEL_REGISTRY
 from fxllm.models.moe.layer import SparseMoeBlock
 from fxllm.models.moe.torch_experts import torch_fused_moe
 from tests.tiny_models import VOCAB_SIZE, hf_greedy, save_config_checkpoint
@@ -281,3 +283,72 @@ def test_fp32_greedy_on_gpu_with_cuda_graphs_matches_hf_on_cpu(arch, moe_dirs):
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs):
         assert output.outputs[0].token_ids == hf_greedy(model_dir, tokenizer.encode(prompt), NEW_TOKENS)
+
+
+# ---- tensor parallelism (two ranks on CPU, gloo) -----------------------------------------------------
+
+TP_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def _row_parallel_outputs(model_dir: Path) -> int:
+    """All-reduces the TP pass inserts: o_proj per layer, down_proj per dense MLP or shared expert,
+    the experts of each sparse layer, and the embedding."""
+    config = AutoConfig.from_pretrained(model_dir)
+    model = MODEL_REGISTRY[config.architectures[0]](config, 8)
+    count = 1
+    for layer in model.model.layers:
+        count += 1
+        mlp = layer.mlp
+        count += 1 + (isinstance(mlp, SparseMoeBlock) and mlp.shared_expert is not None)
+    return count
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_dirs(moe_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Each model's directory, holding the logits both ranks computed (tests/test_tensor_parallel.py)."""
+    import torch.multiprocessing as mp
+
+    from tests.test_tensor_parallel import WORLD_SIZE, _rank_main
+
+    rendezvous = tmp_path_factory.mktemp("moe_tp") / "rendezvous"
+    dirs = [str(moe_dirs[name]) for name in TP_MODELS]
+    mp.start_processes(_rank_main, args=(WORLD_SIZE, dirs, str(rendezvous)), nprocs=WORLD_SIZE, join=True, start_method="spawn")
+    return {name: moe_dirs[name] for name in TP_MODELS}
+
+
+@pytest.mark.parametrize("arch", TP_MODELS)
+def test_two_ranks_split_each_expert_and_give_the_single_device_logits(arch, tensor_parallel_dirs):
+    from tests.test_tensor_parallel import LOGIT_TOLERANCE, WORLD_SIZE, tp_forward
+
+    model_dir = tensor_parallel_dirs[arch]
+    reference, _ = tp_forward(model_dir, rank=0, world_size=1)
+    assert json.loads((model_dir / "matches0.json").read_text()) == _row_parallel_outputs(model_dir)
+    for rank in range(WORLD_SIZE):
+        logits = torch.load(model_dir / f"logits{rank}.pt")
+        torch.testing.assert_close(logits, reference, rtol=0, atol=LOGIT_TOLERANCE)
+        assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
+def test_an_engine_of_two_ranks_generates_the_single_device_tokens(tensor_parallel_dirs):
+    model_dir = tensor_parallel_dirs["qwen2_moe"]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN).generate(PROMPTS, params, use_tqdm=False)]
+    parallel = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, tensor_parallel_size=2)
+    assert parallel.compile_report().passes["tensor_parallel"] == _row_parallel_outputs(model_dir)
+    assert [o.outputs[0].token_ids for o in parallel.generate(PROMPTS, params, use_tqdm=False)] == expected
+
+
+def test_olmoe_under_tensor_parallelism_is_a_clear_error():
+    from fxllm.parallel.tp_config import tp_layout
+
+    with pytest.raises(ValueError, match="tensor parallelism supports .* not OlmoeForCausalLM"):
+        tp_layout(CONFIGS["olmoe"](), rank=0, world_size=2)
+
+
+def test_an_expert_width_the_ranks_cannot_divide_is_a_clear_error():
+    from fxllm.parallel.tp_config import tp_layout
+
+    config = CONFIGS["qwen2_moe"]()
+    config.shared_expert_intermediate_size = 50
+    with pytest.raises(ValueError, match="shared_expert_intermediate_size=50 is not divisible by it"):
+        tp_layout(config, rank=0, world_size=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxllm.models.moe import fused_moe  # noqa: F401  (registers fxllm::fused_moe)
+from fxllm.models.moe.fused_moe import fused_moe
 
 
 class FusedMoE(nn.Module):
@@ -27,7 +27,7 @@ class FusedMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fxllm.fused_moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.renormalize)
+        return fused_moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.renormalize)
 
 
 class SparseMoeBlock(nn.Module):
