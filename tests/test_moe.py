@@ -352,3 +352,18 @@ def test_an_expert_width_the_ranks_cannot_divide_is_a_clear_error():
     config.shared_expert_intermediate_size = 50
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=50 is not divisible by it"):
         tp_layout(config, rank=0, world_size=4)
+
+
+# ---- FP8 ----------------------------------------------------------------------------------------------
+
+
+def test_fp8_leaves_routers_and_experts_in_the_model_dtype(moe_dirs):
+    from fxllm.models.quantization.fp8_linear import Fp8Linear
+
+    llm = LLM(model=str(moe_dirs["qwen2_moe"]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8")
+    block = llm.llm_engine.runner.model.model.layers[0].mlp
+    assert isinstance(block.shared_expert.down_proj, Fp8Linear)
+    assert type(block.gate) is torch.nn.Linear and type(block.shared_expert_gate) is torch.nn.Linear
+    assert block.experts.w13.dtype == block.experts.w2.dtype == torch.float32
+    output = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert len(output.outputs[0].token_ids) == 4

@@ -29,8 +29,9 @@ SUPPORTED = (
     "compressed-tensors FP8 (quant_method 'compressed-tensors', format 'float-quantized' or 'naive-quantized', "
     "8-bit float weights with strategy 'tensor' or 'channel')"
 )
-# Kept in the model dtype whatever the checkpoint says (fxllm module names).
-UNQUANTIZED_MODULES = frozenset({"lm_head"})
+# Kept in the model dtype whatever the checkpoint says (fxllm module names). MoE routers ("gate",
+# Qwen2-MoE's "shared_expert_gate") choose and weigh experts: rounding them would change which run.
+UNQUANTIZED_MODULES = frozenset({"lm_head", "gate", "shared_expert_gate"})
 
 _CT_FORMATS = ("float-quantized", "naive-quantized")
 _CT_WEIGHT_STRATEGIES = ("tensor", "channel")
