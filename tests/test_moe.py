@@ -195,6 +195,63 @@ def test_triton_kernel_equals_the_torch_path(num_tokens, hidden, intermediate, n
             torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
+def compile_kernels_for(capability: int) -> None:
+    """Compile every MoE kernel for a CUDA GPU of ``capability`` (90: Hopper), no GPU needed, at the
+    constants the op launches them with (each tile, bf16 and fp32); pointers and strides
+    16-divisible, as Triton specializes them at launch. Run without TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fxllm.models.moe import triton_experts, triton_routing
+
+    def compile_kernel(kernel, types: dict, constants: dict, tile=None) -> None:
+        signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                   if name not in constants and (name.endswith("_ptr") or name.startswith("stride"))}
+        options = {} if tile is None else {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+        triton.compile(ASTSource(kernel, signature, constants, aligned), target=GPUTarget("cuda", capability, 32), options=options)
+
+    int_pointers = {name: "*i32" for name in ("ids_ptr", "chunk_counts_ptr", "chunk_offsets_ptr", "sorted_entries_ptr",
+                                              "block_experts_ptr", "num_rows_ptr")}
+    for num_experts, top_k in ((128, 8), (6, 2)):
+        experts_pad = triton.next_power_of_2(num_experts)
+        block_tokens = triton_routing.routing_block_tokens(num_experts, top_k)
+        compile_kernel(triton_routing._route_kernel, {**int_pointers, "logits_ptr": "*bf16", "weights_ptr": "*fp32"}, dict(
+            NUM_EXPERTS=num_experts, TOP_K=top_k, RENORMALIZE=True, BLOCK_TOKENS=block_tokens, EXPERTS_PAD=experts_pad,
+            TOP_K_PAD=triton.next_power_of_2(top_k)))
+        compile_kernel(triton_routing._scatter_kernel, int_pointers, dict(
+            ENTRIES_PER_CHUNK=block_tokens * top_k, ENTRIES_PAD=triton.next_power_of_2(block_tokens * top_k),
+            EXPERTS_PAD=experts_pad))
+    for tile in (triton_experts.SMALL_TILE, triton_experts.MEDIUM_TILE, triton_experts.LARGE_TILE):
+        compile_kernel(triton_routing._plan_kernel, int_pointers, dict(
+            EXPERTS_PAD=128, BLOCK_M=tile.block_m, CHUNKS_PER_ITERATION=triton_routing.PLAN_CHUNKS_PER_ITERATION,
+            BLOCKS_PER_ITERATION=triton_routing.PLAN_BLOCKS_PER_ITERATION))
+        for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+            constants = dict(HIDDEN=2048, INTERMEDIATE=768, DOT_PRECISION=precision, DOT_IN_FP32=False,
+                             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+            pointers = {**int_pointers, "weights_ptr": "*fp32"} | {
+                name: f"*{dtype}" for name in ("hidden_ptr", "w13_ptr", "act_ptr", "w2_ptr", "partial_ptr")}
+            compile_kernel(triton_experts._gate_up_kernel, pointers, dict(constants, TOP_K=8), tile)
+            compile_kernel(triton_experts._down_kernel, pointers, constants, tile)
+
+
+def test_the_kernels_compile_for_a_hopper_gpu():
+    """The interpreter runs kernels without compiling them: compile each for sm_90, in a process
+    without TRITON_INTERPRET, to catch what only the compiler rejects."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    repository = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.test_moe import compile_kernels_for; compile_kernels_for(90)"],
+        cwd=repository, env=environment, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------------
 
 # Qwen3-30B-A3B's experts: 128 of hidden 2048 and width 768.

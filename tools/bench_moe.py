@@ -140,10 +140,25 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
             row["speedup"] = round(row["torch_us"] / row["triton_us"], 2)
             row["expert_gb_s"] = round(touched * expert_bytes / row["triton_us"] / 1e3, 1)
             if args.sweep_tiles:
-                timed = sorted((triton_us(ExpertTile(*candidate)), candidate) for candidate in SWEEP_TILES)
+                timed = []
+                for candidate in SWEEP_TILES:
+                    us = tile_us(triton_us, ExpertTile(*candidate))
+                    if us is not None:
+                        timed.append((us, candidate))
+                timed.sort()
                 row["fastest_tiles"] = [{"tile": list(candidate), "us": round(us, 1)} for us, candidate in timed[:TOP_SWEEP_TILES]]
         rows.append(row)
     return rows
+
+
+def tile_us(triton_us, tile) -> float | None:
+    """``triton_us(tile)``, or None where the tile needs more shared memory than the GPU has."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return triton_us(tile)
+    except OutOfResources:
+        return None
 
 
 def print_kernel_rows(rows: list[dict]) -> None:

@@ -31,7 +31,7 @@ from fxllm.utils import cdiv
 ROUTING_TILE_ELEMENTS = 8192
 # Chunks the plan program sums per iteration, and blocks whose expert it finds per iteration.
 PLAN_CHUNKS_PER_ITERATION = 16
-PLAN_BLOCKS_PER_ITERATION = 128
+PLAN_BLOCKS_PER_ITERATION = 32
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,7 @@ def sort_by_expert(
     block_m: int,
     block_tokens: int | None = None,  # tokens per routing chunk (tests force several chunks)
 ) -> ExpertSort:
+    router_logits = router_logits.contiguous()  # the route kernel steps along experts one element at a time
     num_tokens, num_experts = router_logits.shape
     device = router_logits.device
     block_tokens = block_tokens or routing_block_tokens(num_experts, top_k)
