@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -175,22 +176,19 @@ def print_kernel_rows(rows: list[dict]) -> None:
 # ---- (b) batch-1 decode --------------------------------------------------------------------------
 
 
-def is_sparse_layer(config: dict, index: int) -> bool:
-    """Qwen-MoE's rule (fxllm/models/moe_decoder.py)."""
-    return index not in config.get("mlp_only_layers", []) and (index + 1) % config.get("decoder_sparse_step", 1) == 0
-
-
 def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: int) -> dict[str, float]:
     """Bytes one batch-1 decode step reads: every layer's attention projections, its router and
     top-k experts (sparse layers) or its dense MLP, shared experts, lm_head and the KV cache of
     ``context_tokens``."""
+    from fxllm.models.moe_decoder import is_sparse_layer
+
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_width = config["num_attention_heads"] * head_dim
     kv_width = config["num_key_value_heads"] * head_dim
     layers = config["num_hidden_layers"]
     attention = layers * (hidden * (q_width + 2 * kv_width) + q_width * hidden)
-    sparse = sum(is_sparse_layer(config, index) for index in range(layers))
+    sparse = sum(is_sparse_layer(SimpleNamespace(**config), index) for index in range(layers))
     experts = sparse * (config["num_experts"] * hidden + config["num_experts_per_tok"] * 3 * hidden * config["moe_intermediate_size"])
     shared = sparse * 3 * hidden * config.get("shared_expert_intermediate_size", 0)
     dense = (layers - sparse) * 3 * hidden * config["intermediate_size"]
