@@ -95,6 +95,26 @@ def test_greedy_matches_hf_under_kv_pressure_and_chunked_prefill(arch, compiled,
         assert output.outputs[0].token_ids == hf_greedy(model_dir, tokenizer.encode(prompt), NEW_TOKENS)
 
 
+def test_a_checkpoint_with_more_experts_than_the_config_is_a_clear_error(moe_dirs):
+    with pytest.raises(ValueError, match="experts.4.w1.weight. is of expert 4, but the config has 4 experts"):
+        LLM(model=str(moe_dirs["mixtral"]), enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+            hf_overrides={"num_local_experts": 4})
+
+
+def test_a_checkpoint_missing_an_expert_is_a_clear_error(moe_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "missing_expert"
+    shutil.copytree(moe_dirs["qwen3_moe"], model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="checkpoint is missing weights for: model.layers.1.mlp.experts.w13"):
+        LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN)
+
+
 # ---- the op ---------------------------------------------------------------------------------------
 
 

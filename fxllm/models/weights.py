@@ -38,6 +38,20 @@ class ExpertShard:
     index: int | None = None
 
 
+@runtime_checkable
+class LoadsExpertTensors(Protocol):
+    """A layer of stacked experts (the module named ``experts``): it writes each expert's
+    checkpoint tensors into its parameters itself (as they are, or quantized)."""
+
+    def expected_expert_writes(self) -> dict[str, int]:
+        """Parameter name -> how many checkpoint tensors write into it (one per expert and shard)."""
+        ...
+
+    def load_expert_tensor(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> tuple[str, ...]:
+        """Write one expert's tensor where ``shard`` says; return the names of the parameters written."""
+        ...
+
+
 # The module whose children are a checkpoint's experts, numbered: ``experts.0``, ``experts.1``, ...
 EXPERTS_MODULE = "experts"
 
@@ -117,15 +131,25 @@ def load_named_weights(
     fused_weights: Mapping[str, FusedShard] = model.fused_weights if isinstance(model, Model) else {}
     expert_weights: Mapping[str, ExpertShard] = model.expert_weights if isinstance(model, Model) else {}
     own_loaders = {name: m for name, m in model.named_modules() if isinstance(m, LoadsCheckpointTensors)}
+    expert_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoadsExpertTensors)}
     pending = {name: _num_shards(model, name, fused_weights) for name in params}
-    pending.update(_expert_writes(params, expert_weights))
+    for layer_name, layer in expert_layers.items():
+        pending.update({f"{layer_name}.{param}": count for param, count in layer.expected_expert_writes().items()})
     for name, tensor in weights:
         if name in skip or name.endswith(_IGNORED_SUFFIXES):
             continue
         expert = _resolve_expert(name, expert_weights)
         if expert is not None:
-            _load_expert_tensor(name, tensor, params, *expert, expert_weights)
-            pending[expert[0]] -= 1
+            layer_name, index, shard = expert
+            if layer_name not in expert_layers:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} is an expert's, but {type(model).__name__} has no experts at "
+                    f"{layer_name!r}; is the config's architecture right for these weights?"
+                )
+            with torch.no_grad():
+                written = expert_layers[layer_name].load_expert_tensor(name, index, shard, tensor)
+            for param_name in written:
+                pending[f"{layer_name}.{param_name}"] -= 1
             continue
         target, shard = _resolve(name, fused_weights)
         layer_name, _, leaf = target.rpartition(".")
@@ -162,7 +186,7 @@ def load_named_weights(
 
 
 def _resolve_expert(name: str, expert_weights: Mapping[str, ExpertShard]) -> tuple[str, int, ExpertShard] | None:
-    """(stacked parameter, expert, shard) of a checkpoint tensor ``...experts.<expert>.<module>.weight``;
+    """(experts layer, expert, shard) of a checkpoint tensor ``...experts.<expert>.<module>.weight``;
     None for any other tensor."""
     parts = name.split(".")
     if len(parts) < 4:
@@ -170,52 +194,7 @@ def _resolve_expert(name: str, expert_weights: Mapping[str, ExpertShard]) -> tup
     *scope, experts, expert, module, leaf = parts
     if experts != EXPERTS_MODULE or not expert.isdigit() or module not in expert_weights or leaf != "weight":
         return None
-    shard = expert_weights[module]
-    return ".".join([*scope, experts, shard.stacked_name]), int(expert), shard
-
-
-def _expert_shard_count(stacked_name: str, expert_weights: Mapping[str, ExpertShard]) -> int:
-    return sum(1 for shard in expert_weights.values() if shard.stacked_name == stacked_name)
-
-
-def _expert_writes(params: Mapping[str, torch.Tensor], expert_weights: Mapping[str, ExpertShard]) -> dict[str, int]:
-    """Checkpoint tensors each stacked expert parameter takes: one per expert and shard."""
-    stacked_names = {shard.stacked_name for shard in expert_weights.values()}
-    writes = {}
-    for name, param in params.items():
-        module, _, leaf = name.rpartition(".")
-        if module.rpartition(".")[2] == EXPERTS_MODULE and leaf in stacked_names:
-            writes[name] = param.shape[0] * _expert_shard_count(leaf, expert_weights)
-    return writes
-
-
-def _load_expert_tensor(
-    name: str,
-    tensor: torch.Tensor,
-    params: Mapping[str, torch.Tensor],
-    target: str,
-    expert: int,
-    shard: ExpertShard,
-    expert_weights: Mapping[str, ExpertShard],
-) -> None:
-    if target not in params:
-        raise ValueError(
-            f"checkpoint tensor {name!r} has no matching parameter in the model ({target!r}); "
-            f"is the config's architecture right for these weights?"
-        )
-    stacked = params[target]
-    if expert >= stacked.shape[0]:
-        raise ValueError(
-            f"checkpoint tensor {name!r} is of expert {expert}, but the config has {stacked.shape[0]} experts; "
-            f"the config.json does not match these weights"
-        )
-    part = stacked[expert]  # [rows, cols]
-    if shard.index is not None:
-        rows = part.shape[0] // _expert_shard_count(shard.stacked_name, expert_weights)
-        part = part.narrow(0, shard.index * rows, rows)
-    _check_shape(name, part.shape, tensor.shape)
-    with torch.no_grad():
-        part.copy_(tensor)
+    return ".".join([*scope, experts]), int(expert), expert_weights[module]
 
 
 def _shard_rows(model: nn.Module, shard: FusedShard | None) -> ShardRows | None:

@@ -6,13 +6,17 @@ import torch
 from torch import nn
 
 from fxllm.models.moe.fused_moe import fused_moe
+from fxllm.models.weights import ExpertShard
 
 
 class FusedMoE(nn.Module):
     """All experts of one layer, stacked for ``fxllm::fused_moe``: ``w13`` [E, 2I, H] holds each
     expert's gate rows then its up rows, ``w2`` [E, H, I] its down projection. Checkpoints keep
-    one tensor per expert and projection; the loader writes each into its slice
-    (``Model.expert_weights``)."""
+    one tensor per expert and projection; the loader hands each to ``load_expert_tensor``
+    (``Model.expert_weights`` says which slice it fills)."""
+
+    # Checkpoint tensors per expert that each stacked parameter takes: w13 gate and up, w2 down.
+    SHARDS_PER_EXPERT = {"w13": 2, "w2": 1}
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int, renormalize: bool):
         super().__init__()
@@ -21,6 +25,7 @@ class FusedMoE(nn.Module):
                 f"num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts}); "
                 f"check the model's config.json"
             )
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.top_k = top_k
         self.renormalize = renormalize
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -28,6 +33,36 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return fused_moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.renormalize)
+
+    # ---- loading (weights.load_named_weights calls these) ----
+
+    def expected_expert_writes(self) -> dict[str, int]:
+        return {name: self.num_experts * shards for name, shards in self.SHARDS_PER_EXPERT.items()}
+
+    def load_expert_tensor(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> tuple[str, ...]:
+        self.expert_rows(checkpoint_name, expert, shard, tensor).copy_(tensor)
+        return (shard.stacked_name,)
+
+    def expert_rows(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of ``shard.stacked_name`` [rows, cols] that one expert's checkpoint tensor fills,
+        or a clear error where the checkpoint does not fit the config."""
+        if shard.stacked_name not in self.SHARDS_PER_EXPERT:
+            raise ValueError(f"{checkpoint_name!r}: the experts have no parameter {shard.stacked_name!r}")
+        if expert >= self.num_experts:
+            raise ValueError(
+                f"checkpoint tensor {checkpoint_name!r} is of expert {expert}, but the config has {self.num_experts} "
+                f"experts; the config.json does not match these weights"
+            )
+        rows = getattr(self, shard.stacked_name)[expert]  # [rows, cols]
+        if shard.index is not None:
+            size = rows.shape[0] // self.SHARDS_PER_EXPERT[shard.stacked_name]
+            rows = rows.narrow(0, shard.index * size, size)
+        if rows.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {checkpoint_name!r} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(rows.shape)}; the config.json does not match these weights"
+            )
+        return rows
 
 
 class SparseMoeBlock(nn.Module):
