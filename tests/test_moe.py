@@ -217,8 +217,9 @@ def test_triton_kernel_equals_the_torch_path(num_tokens, hidden, intermediate, n
 
 def compile_kernels_for(capability: int) -> None:
     """Compile every MoE kernel for a CUDA GPU of ``capability`` (90: Hopper), no GPU needed, at the
-    constants the op launches them with (each tile, bf16 and fp32); pointers and strides
-    16-divisible, as Triton specializes them at launch. Run without TRITON_INTERPRET."""
+    constants the op launches them with (each tile; bf16, fp32, and FP8 experts under bf16);
+    pointers and strides 16-divisible, as Triton specializes them at launch. Run without
+    TRITON_INTERPRET."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -247,11 +248,12 @@ def compile_kernels_for(capability: int) -> None:
         compile_kernel(triton_routing._plan_kernel, int_pointers, dict(
             EXPERTS_PAD=128, BLOCK_M=tile.block_m, CHUNKS_PER_ITERATION=triton_routing.PLAN_CHUNKS_PER_ITERATION,
             BLOCKS_PER_ITERATION=triton_routing.PLAN_BLOCKS_PER_ITERATION))
-        for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
-            constants = dict(HIDDEN=2048, INTERMEDIATE=768, DOT_PRECISION=precision, DOT_IN_FP32=False,
-                             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
-            pointers = {**int_pointers, "weights_ptr": "*fp32"} | {
-                name: f"*{dtype}" for name in ("hidden_ptr", "w13_ptr", "act_ptr", "w2_ptr", "partial_ptr")}
+        for dtype, weight_dtype, precision in (("bf16", "bf16", "tf32"), ("fp32", "fp32", "ieee"), ("bf16", "fp8e4nv", "tf32")):
+            constants = dict(HIDDEN=2048, INTERMEDIATE=768, HAS_SCALES=weight_dtype == "fp8e4nv", DOT_PRECISION=precision,
+                             DOT_IN_FP32=False, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+            pointers = {**int_pointers, "weights_ptr": "*fp32", "w13_scale_ptr": "*fp32", "w2_scale_ptr": "*fp32"}
+            pointers |= {name: f"*{dtype}" for name in ("hidden_ptr", "act_ptr", "partial_ptr")}
+            pointers |= {name: f"*{weight_dtype}" for name in ("w13_ptr", "w2_ptr")}
             compile_kernel(triton_experts._gate_up_kernel, pointers, dict(constants, TOP_K=8), tile)
             compile_kernel(triton_experts._down_kernel, pointers, constants, tile)
 
@@ -306,6 +308,19 @@ def test_triton_kernel_on_gpu_matches_float32_in_bf16(num_tokens, top_k, gpu_exp
     out = triton_fused_moe(hidden, logits, w13, w2, top_k, renormalize=True)
     reference = torch_fused_moe(hidden.float(), logits.float(), w13.float(), w2.float(), top_k, renormalize=True)
     assert out.dtype == torch.bfloat16 and out.shape == hidden.shape
+    assert ((out.float() - reference).norm() / reference.norm()).item() < BF16_RELATIVE_ERROR
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 64, 4096])
+def test_triton_kernel_with_fp8_experts_on_gpu_matches_float32(num_tokens, gpu_expert_weights):
+    from fxllm.models.moe.triton_experts import triton_fused_moe
+
+    w13_fp8, w2_fp8, w13_scale, w2_scale = quantize_experts(*gpu_expert_weights)
+    hidden, logits = _gpu_step(num_tokens, seed=num_tokens)
+    out = triton_fused_moe(hidden, logits, w13_fp8, w2_fp8, 8, True, w13_scale, w2_scale)
+    reference = torch_fused_moe(hidden.float(), logits.float(), _dequantized(w13_fp8, w13_scale, torch.float32),
+                                _dequantized(w2_fp8, w2_scale, torch.float32), 8, True)
     assert ((out.float() - reference).norm() / reference.norm()).item() < BF16_RELATIVE_ERROR
 
 
@@ -431,16 +446,96 @@ def test_an_expert_width_the_ranks_cannot_divide_is_a_clear_error():
         tp_layout(config, rank=0, world_size=4)
 
 
-# ---- FP8 ----------------------------------------------------------------------------------------------
+# ---- FP8 experts (quantization="fp8") -------------------------------------------------------------
+
+FP8_PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
 
 
-def test_fp8_leaves_routers_and_experts_in_the_model_dtype(moe_dirs):
+def quantize_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(w13, w2) in FP8 with their per-row float32 scales, as Fp8FusedMoE quantizes them."""
+    from fxllm.models.quantization.fp8_quant import quantize_per_channel
+
+    quantized = []
+    for stacked in (w13, w2):
+        weights, scales = zip(*(quantize_per_channel(expert) for expert in stacked))
+        quantized += [torch.stack(weights), torch.stack(scales).squeeze(-1)]
+    return quantized[0], quantized[2], quantized[1], quantized[3]  # w13, w2, w13_scale, w2_scale
+
+
+def _dequantized(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (weight.float() * scale[..., None]).to(dtype)
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 4, 1), (33, 6, 3)])
+def test_torch_path_with_fp8_experts_equals_the_reference_on_their_dequantized_weights(num_tokens, num_experts, top_k):
+    hidden, logits, w13, w2 = random_moe_inputs(num_tokens, hidden=32, intermediate=24, num_experts=num_experts)
+    w13_fp8, w2_fp8, w13_scale, w2_scale = quantize_experts(w13, w2)
+    out = torch.ops.fxllm.fused_moe(hidden, logits, w13_fp8, w2_fp8, top_k, True, w13_scale, w2_scale)
+    reference = per_token_reference(hidden, logits, _dequantized(w13_fp8, w13_scale, torch.float32),
+                                    _dequantized(w2_fp8, w2_scale, torch.float32), top_k, True)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 4, 1), (7, 8, 2), (20, 16, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_with_fp8_experts_equals_the_torch_path(num_tokens, num_experts, top_k, dtype):
+    from fxllm.models.moe.triton_experts import triton_fused_moe
+
+    hidden, logits, w13, w2 = random_moe_inputs(num_tokens, 64, 48, num_experts)
+    w13_fp8, w2_fp8, w13_scale, w2_scale = quantize_experts(w13, w2)
+    hidden, logits = hidden.to(dtype), logits.to(dtype)
+    out = triton_fused_moe(hidden, logits, w13_fp8, w2_fp8, top_k, False, w13_scale, w2_scale)
+    reference = torch_fused_moe(hidden, logits, w13_fp8, w2_fp8, top_k, False, w13_scale, w2_scale)
+    # The kernel scales each finished column; the torch path rounds each dequantized weight.
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), reference.float(), rtol=tolerance, atol=tolerance)
+
+
+def _prompt_logprobs(llm: LLM) -> torch.Tensor:
+    output = llm.generate({"prompt_token_ids": FP8_PROMPT}, SamplingParams(max_tokens=1, prompt_logprobs=VOCAB_SIZE),
+                          use_tqdm=False)[0]
+    return torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)] for entry in output.prompt_logprobs[1:]])
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_fp8_experts_stay_within_fp8_noise_of_full_precision(arch, moe_dirs):
+    """Experts in FP8 with per-row scales; routers (and lm_head) stay in the model dtype. The
+    bound is test_fp8.py's for dense layers: these random tiny models amplify weight noise."""
     from fxllm.models.quantization.fp8_linear import Fp8Linear
+    from fxllm.models.quantization.fp8_moe import Fp8FusedMoE
+    from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
 
-    llm = LLM(model=str(moe_dirs["qwen2_moe"]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8")
-    block = llm.llm_engine.runner.model.model.layers[0].mlp
-    assert isinstance(block.shared_expert.down_proj, Fp8Linear)
-    assert type(block.gate) is torch.nn.Linear and type(block.shared_expert_gate) is torch.nn.Linear
-    assert block.experts.w13.dtype == block.experts.w2.dtype == torch.float32
-    output = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
-    assert len(output.outputs[0].token_ids) == 4
+    reference = _prompt_logprobs(LLM(model=str(moe_dirs[arch]), enforce_eager=True, max_model_len=MAX_MODEL_LEN))
+    llm = LLM(model=str(moe_dirs[arch]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8")
+    for layer in llm.llm_engine.runner.model.model.layers:
+        assert isinstance(layer.self_attn.o_proj, Fp8Linear)
+        if isinstance(layer.mlp, SparseMoeBlock):
+            assert isinstance(layer.mlp.experts, Fp8FusedMoE) and layer.mlp.experts.w13.dtype == torch.float8_e4m3fn
+            assert type(layer.mlp.gate) is torch.nn.Linear and layer.mlp.gate.weight.dtype == torch.float32
+    assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_fp8_experts_on_gpu_with_cuda_graphs_stay_within_fp8_noise(arch, moe_dirs):
+    """FP8 expert kernels inside FULL decode graphs and piecewise prompt graphs."""
+    from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
+
+    engine = dict(model=str(moe_dirs[arch]), device="cuda", dtype="float32", max_model_len=MAX_MODEL_LEN,
+                  gpu_memory_utilization=0.3)
+    reference = _prompt_logprobs(LLM(**engine, enforce_eager=True))
+    llm = LLM(**engine, quantization="fp8")
+    assert llm.compile_report().cudagraph_sizes
+    assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in llm.generate(PROMPTS, params, use_tqdm=False))
+
+
+def test_fp8_experts_under_two_ranks_quantize_each_rank_slice(moe_dirs):
+    from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
+
+    model_dir = str(moe_dirs["qwen3_moe"])
+    reference = _prompt_logprobs(LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN))
+    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8", tensor_parallel_size=2)
+    assert llm.compile_report().passes["tensor_parallel"] == _row_parallel_outputs(Path(model_dir))
+    assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE

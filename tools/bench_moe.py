@@ -6,6 +6,7 @@ decode and workload T (GPU; ``--shape tiny-moe --device cpu`` for a smoke run).
     python tools/bench_moe.py throughput      # (c) workload T's requests (tools/bench_throughput.py)
     python tools/bench_moe.py kernel decode throughput --model-dir /data/qwen3-30b-a3b
     python tools/bench_moe.py kernel --sweep-tiles --rows 1 16 256 4096
+    python tools/bench_moe.py kernel decode throughput --quantization fp8   # FP8 experts and linears
     python tools/bench_moe.py kernel decode throughput --shape tiny-moe --device cpu --enforce-eager \\
         --rows 1 4 --new-tokens 8 --num-requests 4 --input-len 8 32 --output-len 4 16   # CPU smoke run
 
@@ -21,6 +22,8 @@ bound: the bytes one decode step reads (attention projections, routers, the top-
 every sparse layer and any dense or shared MLP, lm_head, and the KV cache at the mean context;
 not the embedding table, of which a step reads one row) against this device's copy bandwidth,
 measured here. ``--profile`` adds the kernels that take the most device time per step.
+``--quantization fp8`` quantizes the experts and linear layers at load (one byte per weight;
+routers, lm_head and the KV cache stay bf16), in (a) as in (b) and (c).
 
 (c) Workload T (256 requests, prompts of 100-1024 random ids, 100-1024 output tokens; see
 tools/bench_throughput.py, whose workload this runs).
@@ -58,6 +61,7 @@ EAGER_CALLS = 5
 LOGIT_STD = 2.0  # router logits spread like a trained router's: a few experts stand out
 COPY_BYTES = 1 << 30
 COPY_REPEATS = 10
+FP8_BYTES = 1
 SWEEP_TILES = [
     (block_m, block_n, block_k, warps, stages)
     for block_m in (16, 32, 64)
@@ -95,16 +99,30 @@ def eager_us(fn, device: torch.device) -> float:
 # ---- (a) the kernel ------------------------------------------------------------------------------
 
 
-def expert_weights(config: dict, device: torch.device, dtype: torch.dtype, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``copies`` random (w13 [E, 2I, H], w2 [E, H, I]) of one layer."""
+def expert_weights(config: dict, device: torch.device, dtype: torch.dtype, copies: int, fp8: bool) -> list[tuple]:
+    """``copies`` random (w13 [E, 2I, H], w2 [E, H, I]) of one layer, or with ``fp8`` (w13, w2,
+    w13_scale, w2_scale) quantized per row as Fp8FusedMoE quantizes them."""
+    from fxllm.models.quantization.fp8_quant import quantize_per_channel
+
     hidden, width, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
     generator = torch.Generator(device=device).manual_seed(0)
 
     def weight(*shape: int, fan_in: int) -> torch.Tensor:
         return (torch.randn(*shape, device=device, generator=generator) * fan_in**-0.5).to(dtype)
 
-    return [(weight(experts, 2 * width, hidden, fan_in=hidden), weight(experts, hidden, width, fan_in=width))
-            for _ in range(copies)]
+    def quantized(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, scales = zip(*(quantize_per_channel(expert) for expert in stacked))
+        return torch.stack(weights), torch.stack(scales).squeeze(-1)
+
+    layers = []
+    for _ in range(copies):
+        w13, w2 = weight(experts, 2 * width, hidden, fan_in=hidden), weight(experts, hidden, width, fan_in=width)
+        if fp8:
+            (w13, w13_scale), (w2, w2_scale) = quantized(w13), quantized(w2)
+            layers.append((w13, w2, w13_scale, w2_scale))
+        else:
+            layers.append((w13, w2))
+    return layers
 
 
 def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -117,23 +135,28 @@ def kernel_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     top_k, renormalize = config["num_experts_per_tok"], config["norm_topk_prob"]
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    copies = expert_weights(config, device, dtype, WEIGHT_COPIES if on_gpu else 1)
-    expert_bytes = 3 * hidden_size * width * dtype.itemsize
+    fp8 = args.quantization == "fp8"
+    copies = expert_weights(config, device, dtype, WEIGHT_COPIES if on_gpu else 1, fp8)
+    expert_bytes = 3 * hidden_size * width * (FP8_BYTES if fp8 else dtype.itemsize)
     rows = []
     for num_tokens in args.rows:
         generator = torch.Generator(device=device).manual_seed(num_tokens)
         hidden = torch.randn(num_tokens, hidden_size, device=device, generator=generator).to(dtype)
         logits = (torch.randn(num_tokens, experts, device=device, generator=generator) * LOGIT_STD).to(dtype)
         touched = select_experts(logits, top_k, renormalize)[1].unique().numel()
-        w13, w2 = copies[0]
+        w13, w2, *scales = copies[0]
         row = {
             "tokens": num_tokens,
             "experts_touched": touched,
-            "torch_us": round(eager_us(lambda: torch_fused_moe(hidden, logits, w13, w2, top_k, renormalize), device), 1),
+            "torch_us": round(eager_us(lambda: torch_fused_moe(hidden, logits, w13, w2, top_k, renormalize, *scales), device), 1),
         }
         if on_gpu:
             def triton_us(tile: ExpertTile | None) -> float:
-                return calls_us(lambda pair: triton_fused_moe(hidden, logits, *pair, top_k, renormalize, tile), copies)
+                def call(layer: tuple) -> torch.Tensor:
+                    w13, w2, *scales = layer
+                    return triton_fused_moe(hidden, logits, w13, w2, top_k, renormalize, *scales, tile=tile)
+
+                return calls_us(call, copies)
 
             tile = expert_tile(num_tokens * top_k, experts)
             row["tile"] = [tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages]
@@ -176,10 +199,10 @@ def print_kernel_rows(rows: list[dict]) -> None:
 # ---- (b) batch-1 decode --------------------------------------------------------------------------
 
 
-def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: int) -> dict[str, float]:
+def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: int, weight_bytes: int) -> dict[str, float]:
     """Bytes one batch-1 decode step reads: every layer's attention projections, its router and
     top-k experts (sparse layers) or its dense MLP, shared experts, lm_head and the KV cache of
-    ``context_tokens``."""
+    ``context_tokens``. Projection and expert weights take ``weight_bytes`` each (FP8: 1)."""
     from fxllm.models.moe_decoder import is_sparse_layer
 
     hidden = config["hidden_size"]
@@ -189,13 +212,15 @@ def bytes_per_decode_step(config: dict, context_tokens: float, element_bytes: in
     layers = config["num_hidden_layers"]
     attention = layers * (hidden * (q_width + 2 * kv_width) + q_width * hidden)
     sparse = sum(is_sparse_layer(SimpleNamespace(**config), index) for index in range(layers))
-    experts = sparse * (config["num_experts"] * hidden + config["num_experts_per_tok"] * 3 * hidden * config["moe_intermediate_size"])
+    routers = sparse * config["num_experts"] * hidden
+    experts = sparse * config["num_experts_per_tok"] * 3 * hidden * config["moe_intermediate_size"]
     shared = sparse * 3 * hidden * config.get("shared_expert_intermediate_size", 0)
     dense = (layers - sparse) * 3 * hidden * config["intermediate_size"]
     parts = {
-        "attention": attention * element_bytes,
-        "routers_and_active_experts": experts * element_bytes,
-        "shared_and_dense_mlps": (shared + dense) * element_bytes,
+        "attention": attention * weight_bytes,
+        "routers": routers * element_bytes,
+        "active_experts": experts * weight_bytes,
+        "shared_and_dense_mlps": (shared + dense) * weight_bytes,
         "lm_head": config["vocab_size"] * hidden * element_bytes,
         "kv": layers * 2 * kv_width * context_tokens * element_bytes,
     }
@@ -219,7 +244,7 @@ def decode_row(args: argparse.Namespace, model_dir: Path) -> dict:
     from fxllm import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), max_model_len=bench_latency.PROMPT_TOKENS + args.new_tokens, device=args.device,
-              enforce_eager=args.enforce_eager, enable_prefix_caching=False)
+              enforce_eager=args.enforce_eager, enable_prefix_caching=False, quantization=quantization(args))
     rng = random.Random(0)
     id_limit = min(bench_latency.PROMPT_ID_LIMIT, llm.llm_engine_config.model.hf_config.vocab_size)
     prompt = {"prompt_token_ids": [rng.randrange(id_limit) for _ in range(bench_latency.PROMPT_TOKENS)]}
@@ -233,11 +258,14 @@ def decode_row(args: argparse.Namespace, model_dir: Path) -> dict:
     decode_tok_s = (args.new_tokens - 1) / (total_s - first_s)
     device = llm.llm_engine_config.device
     element_bytes = llm.llm_engine_config.model.dtype.itemsize
-    step_bytes = bytes_per_decode_step(shape_config(args), bench_latency.PROMPT_TOKENS + args.new_tokens / 2, element_bytes)
+    weight_bytes = FP8_BYTES if args.quantization == "fp8" else element_bytes
+    context = bench_latency.PROMPT_TOKENS + args.new_tokens / 2
+    step_bytes = bytes_per_decode_step(shape_config(args), context, element_bytes, weight_bytes)
     copy_rate = copy_bytes_per_s(device)
     row = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(llm.llm_engine_config.model.dtype).removeprefix("torch."),
+        "quantization": args.quantization,
         "layers": shape_config(args)["num_hidden_layers"],
         "weight_gib": round(llm.compile_report().weight_bytes / 2**30, 2),
         "first_token_ms": round(first_s * 1e3, 2),
@@ -257,7 +285,8 @@ def decode_row(args: argparse.Namespace, model_dir: Path) -> dict:
 
 
 def print_decode_row(row: dict) -> None:
-    print(f"\nbatch-1 decode, {row['layers']} layers, {row['dtype']} on {row['device']}: {row['decode_tok_s']} tok/s "
+    print(f"\nbatch-1 decode, {row['layers']} layers, {row['dtype']} ({row['quantization']}) on {row['device']}: "
+          f"{row['decode_tok_s']} tok/s "
           f"({row['step_ms']} ms/step, first token {row['first_token_ms']} ms)")
     print(f"bound: {row['bytes_per_step']['total'] / 1e9:.4g} GB/step at {row['copy_gb_s']} GB/s copy = "
           f"{row['bound_tok_s']} tok/s; reached {row['fraction_of_bound']:.0%}")
@@ -276,7 +305,7 @@ def throughput_row(args: argparse.Namespace, model_dir: Path) -> dict:
 
     workload = bench_throughput.make_workload(args.num_requests, tuple(args.input_len), tuple(args.output_len))
     llm = LLM(model=str(model_dir), max_model_len=args.max_model_len, device=args.device,
-              enforce_eager=args.enforce_eager, enable_prefix_caching=False)
+              enforce_eager=args.enforce_eager, enable_prefix_caching=False, quantization=quantization(args))
     llm.generate({"prompt_token_ids": bench_throughput.WARMUP_PROMPT},
                  SamplingParams(max_tokens=bench_throughput.WARMUP_TOKENS, ignore_eos=True), use_tqdm=False)
     row = bench_throughput.bench_fxllm(llm, workload)
@@ -289,6 +318,10 @@ def print_throughput_row(row: dict) -> None:
     print(f"\nworkload T: {row['requests']} requests, {row['prompt_tokens']} prompt + {row['output_tokens']} output "
           f"tokens in {row['seconds']} s: {row['output_tok_s']} output tok/s, {row['total_tok_s']} total tok/s "
           f"({row['preemptions']} preemptions)")
+
+
+def quantization(args: argparse.Namespace) -> str | None:
+    return None if args.quantization == "none" else args.quantization
 
 
 def _release(llm) -> None:
@@ -321,6 +354,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-dir", default=None, help="where the checkpoint is kept between runs (default: a temp dir)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--enforce-eager", action="store_true", help="no compilation, no CUDA graphs (decode, throughput)")
+    parser.add_argument("--quantization", choices=("none", "fp8"), default="none",
+                        help="fp8: experts and linear layers quantized at load")
     parser.add_argument("--rows", type=int, nargs="+", default=list(DEFAULT_ROWS), help="kernel: step sizes T")
     parser.add_argument("--sweep-tiles", action="store_true", help="kernel: time SWEEP_TILES at each T (GPU)")
     parser.add_argument("--new-tokens", type=int, default=bench_latency.DEFAULT_NEW_TOKENS, help="decode: tokens after the prompt")

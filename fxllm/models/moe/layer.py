@@ -18,7 +18,15 @@ class FusedMoE(nn.Module):
     # Checkpoint tensors per expert that each stacked parameter takes: w13 gate and up, w2 down.
     SHARDS_PER_EXPERT = {"w13": 2, "w2": 1}
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int, renormalize: bool):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        top_k: int,
+        renormalize: bool,
+        weight_dtype: torch.dtype | None = None,  # None: the default dtype (the model's)
+    ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(
@@ -28,8 +36,8 @@ class FusedMoE(nn.Module):
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.top_k = top_k
         self.renormalize = renormalize
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=weight_dtype))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=weight_dtype))
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return fused_moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.renormalize)
@@ -40,12 +48,13 @@ class FusedMoE(nn.Module):
         return {name: self.num_experts * shards for name, shards in self.SHARDS_PER_EXPERT.items()}
 
     def load_expert_tensor(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> tuple[str, ...]:
-        self.expert_rows(checkpoint_name, expert, shard, tensor).copy_(tensor)
+        rows = self.expert_rows(checkpoint_name, expert, shard, tensor)
+        getattr(self, shard.stacked_name)[expert, rows].copy_(tensor)
         return (shard.stacked_name,)
 
-    def expert_rows(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> torch.Tensor:
-        """The rows of ``shard.stacked_name`` [rows, cols] that one expert's checkpoint tensor fills,
-        or a clear error where the checkpoint does not fit the config."""
+    def expert_rows(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> slice:
+        """The rows of expert ``expert``'s [rows, cols] slice of ``shard.stacked_name`` that its
+        checkpoint tensor fills, or a clear error where the checkpoint does not fit the config."""
         if shard.stacked_name not in self.SHARDS_PER_EXPERT:
             raise ValueError(f"{checkpoint_name!r}: the experts have no parameter {shard.stacked_name!r}")
         if expert >= self.num_experts:
@@ -53,14 +62,16 @@ class FusedMoE(nn.Module):
                 f"checkpoint tensor {checkpoint_name!r} is of expert {expert}, but the config has {self.num_experts} "
                 f"experts; the config.json does not match these weights"
             )
-        rows = getattr(self, shard.stacked_name)[expert]  # [rows, cols]
-        if shard.index is not None:
-            size = rows.shape[0] // self.SHARDS_PER_EXPERT[shard.stacked_name]
-            rows = rows.narrow(0, shard.index * size, size)
-        if rows.shape != tensor.shape:
+        _, num_rows, num_cols = getattr(self, shard.stacked_name).shape
+        if shard.index is None:
+            rows = slice(0, num_rows)
+        else:
+            size = num_rows // self.SHARDS_PER_EXPERT[shard.stacked_name]
+            rows = slice(shard.index * size, (shard.index + 1) * size)
+        if tuple(tensor.shape) != (rows.stop - rows.start, num_cols):
             raise ValueError(
                 f"checkpoint tensor {checkpoint_name!r} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(rows.shape)}; the config.json does not match these weights"
+                f"{(rows.stop - rows.start, num_cols)}; the config.json does not match these weights"
             )
         return rows
 

@@ -22,6 +22,8 @@ def torch_fused_moe(
     w2: torch.Tensor,  # [E, H, I]
     top_k: int,
     renormalize: bool,
+    w13_scale: torch.Tensor | None = None,  # [E, 2I] float32 where w13 is FP8
+    w2_scale: torch.Tensor | None = None,  # [E, H] float32 where w2 is FP8
 ) -> torch.Tensor:
     weights, expert_ids = select_experts(router_logits, top_k, renormalize)
     out = torch.zeros_like(hidden)  # [T, H]
@@ -29,7 +31,16 @@ def torch_fused_moe(
         tokens, slots = torch.where(expert_ids == expert)
         if tokens.numel() == 0:
             continue
-        gate, up = F.linear(hidden[tokens], w13[expert]).chunk(2, dim=-1)  # [rows, I] each
-        expert_out = F.linear(F.silu(gate) * up, w2[expert])  # [rows, H]
+        gate_up = expert_weight(w13, w13_scale, expert, hidden.dtype)
+        gate, up = F.linear(hidden[tokens], gate_up).chunk(2, dim=-1)  # [rows, I] each
+        expert_out = F.linear(F.silu(gate) * up, expert_weight(w2, w2_scale, expert, hidden.dtype))  # [rows, H]
         out.index_add_(0, tokens, (expert_out * weights[tokens, slots, None]).to(out.dtype))
     return out
+
+
+def expert_weight(stacked: torch.Tensor, scale: torch.Tensor | None, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's [rows, cols] weight in ``dtype``: an FP8 one times its per-row scales in float32,
+    rounded once (as FP8 linear layers dequantize)."""
+    if scale is None:
+        return stacked[expert]
+    return (stacked[expert].float() * scale[expert, :, None]).to(dtype)

@@ -8,7 +8,9 @@
 2. down: those rows of ``act`` times the expert's down projection, scaled by the entries'
    routing weights, written to ``partial`` [T*top_k, H].
 The top_k partial outputs of each token are summed last. No host sync and no data-dependent
-size anywhere (DESIGN.md: MoE), so a FULL CUDA graph holds the whole layer.
+size anywhere (DESIGN.md: MoE), so a FULL CUDA graph holds the whole layer. FP8 experts'
+weight tiles widen to the activation dtype in registers (exactly) and each finished column
+is multiplied by its row's scale: one byte read per weight.
 
 Tiles depend on how many rows each expert gets on average: decode steps give most experts
 a row or none, and a 16-row block wastes the least; large prefill steps fill wider blocks.
@@ -72,6 +74,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 def _gate_up_kernel(
     hidden_ptr,
     w13_ptr,
+    w13_scale_ptr,
     act_ptr,
     sorted_entries_ptr,
     block_experts_ptr,
@@ -80,10 +83,12 @@ def _gate_up_kernel(
     stride_hidden_token,
     stride_w13_expert,
     stride_w13_row,
+    stride_w13_scale_expert,
     stride_act_entry,
     HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr,
     TOP_K: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,8 +117,14 @@ def _gate_up_kernel(
             other=0.0,
         )
         weight_mask = col_valid[:, None] & k_valid[None, :]
-        gate = _dot(x, tl.load(gate_rows + ks[None, :], mask=weight_mask, other=0.0), gate, DOT_PRECISION, DOT_IN_FP32)
-        up = _dot(x, tl.load(up_rows + ks[None, :], mask=weight_mask, other=0.0), up, DOT_PRECISION, DOT_IN_FP32)
+        gate_weight = tl.load(gate_rows + ks[None, :], mask=weight_mask, other=0.0).to(x.dtype)
+        up_weight = tl.load(up_rows + ks[None, :], mask=weight_mask, other=0.0).to(x.dtype)
+        gate = _dot(x, gate_weight, gate, DOT_PRECISION, DOT_IN_FP32)
+        up = _dot(x, up_weight, up, DOT_PRECISION, DOT_IN_FP32)
+    if HAS_SCALES:
+        scales = w13_scale_ptr + expert * stride_w13_scale_expert + cols  # [BLOCK_N]
+        gate *= tl.load(scales, mask=col_valid, other=0.0)[None, :]
+        up *= tl.load(scales + INTERMEDIATE, mask=col_valid, other=0.0)[None, :]
     act = gate / (1.0 + tl.exp(-gate)) * up  # SiLU(gate) * up
     tl.store(
         act_ptr + entries[:, None].to(tl.int64) * stride_act_entry + cols[None, :],
@@ -126,6 +137,7 @@ def _gate_up_kernel(
 def _down_kernel(
     act_ptr,
     w2_ptr,
+    w2_scale_ptr,
     weights_ptr,
     partial_ptr,
     sorted_entries_ptr,
@@ -135,9 +147,11 @@ def _down_kernel(
     stride_act_entry,
     stride_w2_expert,
     stride_w2_row,
+    stride_w2_scale_expert,
     stride_partial_entry,
     HIDDEN: tl.constexpr,
     INTERMEDIATE: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -160,7 +174,9 @@ def _down_kernel(
         k_valid = ks < INTERMEDIATE
         act = tl.load(act_rows + ks[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         weight = tl.load(weight_rows + ks[None, :], mask=col_valid[:, None] & k_valid[None, :], other=0.0)
-        acc = _dot(act, weight, acc, DOT_PRECISION, DOT_IN_FP32)
+        acc = _dot(act, weight.to(act.dtype), acc, DOT_PRECISION, DOT_IN_FP32)
+    if HAS_SCALES:
+        acc *= tl.load(w2_scale_ptr + expert * stride_w2_scale_expert + cols, mask=col_valid, other=0.0)[None, :]
     acc *= tl.load(weights_ptr + entries, mask=row_valid, other=0.0)[:, None]
     tl.store(
         partial_ptr + entries[:, None].to(tl.int64) * stride_partial_entry + cols[None, :],
@@ -176,6 +192,8 @@ def triton_fused_moe(
     w2: torch.Tensor,  # [E, H, I]
     top_k: int,
     renormalize: bool,
+    w13_scale: torch.Tensor | None = None,  # [E, 2I] float32 where w13 is FP8
+    w2_scale: torch.Tensor | None = None,  # [E, H] float32 where w2 is FP8
     tile: ExpertTile | None = None,  # None: expert_tile's choice (tools compare others)
 ) -> torch.Tensor:
     num_tokens, hidden_size = hidden.shape
@@ -202,14 +220,19 @@ def triton_fused_moe(
         BLOCK_K=tile.block_k,
     )
     launch = {} if triton.knobs.runtime.interpret else dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
+    has_scales = w13_scale is not None
+    if has_scales:
+        w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
+    else:  # never read without HAS_SCALES
+        w13_scale, w2_scale = w13, w2
     _gate_up_kernel[(sort.max_blocks, triton.cdiv(intermediate, tile.block_n))](
-        hidden, w13, act, sort.sorted_entries, sort.block_experts, sort.num_rows, num_entries,
-        hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=top_k, **common, **launch,
+        hidden, w13, w13_scale, act, sort.sorted_entries, sort.block_experts, sort.num_rows, num_entries,
+        hidden.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), act.stride(0),
+        TOP_K=top_k, HAS_SCALES=has_scales, **common, **launch,
     )
     _down_kernel[(sort.max_blocks, triton.cdiv(hidden_size, tile.block_n))](
-        act, w2, sort.weights, partial, sort.sorted_entries, sort.block_experts, sort.num_rows, num_entries,
-        act.stride(0), w2.stride(0), w2.stride(1), partial.stride(0),
-        **common, **launch,
+        act, w2, w2_scale, sort.weights, partial, sort.sorted_entries, sort.block_experts, sort.num_rows, num_entries,
+        act.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), partial.stride(0),
+        HAS_SCALES=has_scales, **common, **launch,
     )
     return partial.view(num_tokens, top_k, hidden_size).sum(dim=1)
