@@ -38,10 +38,6 @@ def check_silu(config: PretrainedConfig) -> None:
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture; expected 'silu'")
 
 
-def llama_attention(config: PretrainedConfig, index: int) -> nn.Module:
-    return LlamaAttentionBlock(config, layer_sliding_window(config, index))
-
-
 class MoEDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, index: int, attention: LayerPart, mlp: LayerPart):
         super().__init__()
@@ -89,7 +85,7 @@ class MoEForCausalLM(FusedDecoderForCausalLM):
 
     @staticmethod
     def build_attention(config: PretrainedConfig, index: int) -> nn.Module:
-        return llama_attention(config, index)
+        return LlamaAttentionBlock(config, layer_sliding_window(config, index))
 
     @staticmethod
     def build_mlp(config: PretrainedConfig, index: int) -> nn.Module:
