@@ -26,7 +26,7 @@ def torch_fused_moe(
     w2_scale: torch.Tensor | None = None,  # [E, H] float32 where w2 is FP8
 ) -> torch.Tensor:
     weights, expert_ids = select_experts(router_logits, top_k, renormalize)
-    out = torch.zeros_like(hidden)  # [T, H]
+    out = hidden.new_zeros(hidden.shape)  # [T, H]
     for expert in range(w13.shape[0]):
         tokens, slots = torch.where(expert_ids == expert)
         if tokens.numel() == 0:

@@ -199,7 +199,7 @@ def triton_fused_moe(
     num_tokens, hidden_size = hidden.shape
     num_experts, _, intermediate = w2.shape
     if num_tokens == 0:
-        return torch.empty_like(hidden)
+        return hidden.new_empty(hidden.shape)
     hidden = hidden.contiguous()  # the kernels step along the last dims one element at a time
     w13, w2 = w13.contiguous(), w2.contiguous()
     num_entries = num_tokens * top_k

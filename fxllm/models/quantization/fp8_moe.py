@@ -16,6 +16,7 @@ from torch import nn
 
 from fxllm.models.moe.fused_moe import fused_moe
 from fxllm.models.moe.layer import FusedMoE
+from fxllm.models.quantization.fp8_gemm import MIN_FP8_CAPABILITY, has_fp8_gpu
 from fxllm.models.quantization.fp8_quant import FP8_DTYPE, quantize_per_channel
 from fxllm.models.weights import ExpertShard
 
@@ -26,6 +27,13 @@ class Fp8FusedMoE(FusedMoE):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int, renormalize: bool):
         super().__init__(num_experts, hidden_size, intermediate_size, top_k, renormalize, weight_dtype=FP8_DTYPE)
+        device = self.w13.device
+        if device.type == "cuda" and not has_fp8_gpu(device):
+            # The expert kernels widen FP8 tiles in registers, which Triton does from sm89 on.
+            raise ValueError(
+                f"FP8 MoE experts need a GPU of compute capability {MIN_FP8_CAPABILITY} or newer, this one is "
+                f"{torch.cuda.get_device_capability(device)}; drop quantization='fp8' for this model"
+            )
         self.w13_scale = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, dtype=torch.float32))
         self.w2_scale = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
 
