@@ -7,6 +7,8 @@ from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneratio
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.interface import ModelClass
 from fxllm.models.llama import LlamaForCausalLM
+from fxllm.models.moe_decoder import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from fxllm.models.olmoe import OlmoeForCausalLM
 from fxllm.models.opt import OPTForCausalLM
 from fxllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -16,6 +18,10 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
