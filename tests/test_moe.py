@@ -498,7 +498,7 @@ def test_triton_kernel_with_fp8_experts_equals_the_torch_path(num_tokens, num_ex
 
 
 def _prompt_logprobs(llm: LLM) -> torch.Tensor:
-    output = llm.generate({"prompt_token_ids": FP8_PROMPT}, SamplingParams(max_tokens=1, prompt_logprobs=VOCAB_SIZE),
+    output = llm.generate({"prompt_token_ids": FP8_PROMPT}, SamplingParams(max_tokens=1, prompt_logprobs=-1),
                           use_tqdm=False)[0]
     return torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)] for entry in output.prompt_logprobs[1:]])
 
@@ -511,8 +511,10 @@ def test_fp8_experts_stay_within_fp8_noise_of_full_precision(arch, moe_dirs):
     from fxllm.models.quantization.fp8_moe import Fp8FusedMoE
     from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
 
-    reference = _prompt_logprobs(LLM(model=str(moe_dirs[arch]), enforce_eager=True, max_model_len=MAX_MODEL_LEN))
-    llm = LLM(model=str(moe_dirs[arch]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8")
+    reference = _prompt_logprobs(LLM(model=str(moe_dirs[arch]), enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                                     max_logprobs=-1))
+    llm = LLM(model=str(moe_dirs[arch]), enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8",
+              max_logprobs=-1)
     for layer in llm.llm_engine.runner.model.model.layers:
         assert isinstance(layer.self_attn.o_proj, Fp8Linear)
         if isinstance(layer.mlp, SparseMoeBlock):
@@ -528,7 +530,7 @@ def test_fp8_experts_on_gpu_with_cuda_graphs_stay_within_fp8_noise(arch, moe_dir
     from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
 
     engine = dict(model=str(moe_dirs[arch]), device="cuda", dtype="float32", max_model_len=MAX_MODEL_LEN,
-                  gpu_memory_utilization=0.3)
+                  gpu_memory_utilization=0.3, max_logprobs=-1)
     reference = _prompt_logprobs(LLM(**engine, enforce_eager=True))
     llm = LLM(**engine, quantization="fp8")
     assert llm.compile_report().cudagraph_sizes
@@ -541,7 +543,8 @@ def test_fp8_experts_under_two_ranks_quantize_each_rank_slice(moe_dirs):
     from tests.test_fp8 import FULL_PRECISION_TOLERANCE, centered_distance
 
     model_dir = str(moe_dirs["qwen3_moe"])
-    reference = _prompt_logprobs(LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN))
-    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8", tensor_parallel_size=2)
+    reference = _prompt_logprobs(LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_logprobs=-1))
+    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=MAX_MODEL_LEN, quantization="fp8", tensor_parallel_size=2,
+              max_logprobs=-1)
     assert llm.compile_report().passes["tensor_parallel"] == _row_parallel_outputs(Path(model_dir))
     assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE
