@@ -445,11 +445,20 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
     return torch.bfloat16
 
 
+def _rope_scaled(hf_config: Any, limit: int | None) -> int | None:
+    """Dynamic NTK RoPE stretches a model past max_position_embeddings by its factor (as vLLM
+    allows); every other type names its full length in max_position_embeddings already."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if limit is None or params.get("rope_type") != "dynamic":
+        return limit
+    return int(limit * params["factor"])
+
+
 def derive_max_model_len(hf_config: Any, requested: int | None, sentence_max_seq_length: int | None = None) -> int:
     """The requested length, checked against the model's limit: a sentence-transformers model's
     ``max_seq_length`` (sentence_bert_config.json) where given, else config.json's."""
-    limit = sentence_max_seq_length or next(
-        (getattr(hf_config, k) for k in _MAX_LENGTH_KEYS if getattr(hf_config, k, None)), None
+    limit = sentence_max_seq_length or _rope_scaled(
+        hf_config, next((getattr(hf_config, k) for k in _MAX_LENGTH_KEYS if getattr(hf_config, k, None)), None)
     )
     source = "sentence_bert_config.json" if sentence_max_seq_length else "config.json"
     if requested is None:

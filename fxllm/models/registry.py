@@ -6,8 +6,10 @@ from fxllm.models.bert import BertModel
 from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.interface import ModelClass
+from fxllm.models.internlm2 import InternLM2ForCausalLM
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.opt import OPTForCausalLM
+from fxllm.models.phi3 import Phi3ForCausalLM
 from fxllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, ModelClass] = {
@@ -16,6 +18,8 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,

@@ -33,7 +33,9 @@ def load_tokenizer(source: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        # fxllm runs no code from checkpoints: a config.json with auto_map (InternLM2, InternVL)
+        # must not make transformers ask whether to import it.
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"could not load a tokenizer from {source}: {error}") from error
 
