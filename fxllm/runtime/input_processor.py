@@ -80,7 +80,7 @@ class InputProcessor:
         multimodal = model_config.multimodal
         self.mm_processor: MultiModalProcessor | None = None
         if multimodal is not None and multimodal.takes_any():
-            self.mm_processor = MultiModalProcessor(Path(model_config.model), model_config.hf_config, multimodal)
+            self.mm_processor = MultiModalProcessor(Path(model_config.model), model_config.hf_config, multimodal, tokenizer)
         self._request_counter = itertools.count()
 
     def next_request_id(self) -> str:
@@ -103,7 +103,7 @@ class InputProcessor:
         if self.mm_processor is None:
             check_mm_data(data, multimodal, index)  # raises unless it holds no items
             return processed
-        mm_prompt = self.mm_processor.process(processed.token_ids, data, index)
+        mm_prompt = self.mm_processor.process(processed.token_ids, data, index, processed.text)
         return ProcessedPrompt(processed.text, mm_prompt.token_ids, mm_prompt)
 
     def tokenize(self, prompt: PromptType, index: int) -> ProcessedPrompt:
