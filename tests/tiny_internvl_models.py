@@ -107,3 +107,172 @@ def hf_greedy_token_by_token(model: torch.nn.Module, prompt_ids: list[int], max_
                 ids.append(int(logits[0, -1].argmax()))
                 generated.append(ids[-1])
     return generated
+
+
+# ---- InternVL ----------------------------------------------------------------------------
+
+IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+IMG_START, IMG_END, IMG_CONTEXT = VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2  # ids after the tiny tokenizer's
+INTERNVL_VOCAB_SIZE = VOCAB_SIZE + 16
+TILE = 56
+VISION_PATCH = 14
+DOWNSAMPLE_RATIO = 0.5
+TOKENS_PER_TILE = int((TILE // VISION_PATCH) ** 2 * DOWNSAMPLE_RATIO**2)  # 4
+MAX_TILES = 6
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+INTERNVL_AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+}
+_TEXT_SHAPE = dict(
+    vocab_size=INTERNVL_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+# Vision towers of both norms, with and without q/k norms; the original layout's feature layer
+# may stop before the last block.
+_VISION_VARIANTS = {
+    "layer_norm": dict(norm_type="layer_norm", use_qk_norm=False),
+    "rms_norm_qk_norm": dict(norm_type="rms_norm", use_qk_norm=True),
+}
+# language model -> (vision variant, select_layer)
+INTERNVL_LANGUAGE_MODELS = {
+    "internlm2": ("layer_norm", -1),
+    "qwen2": ("rms_norm_qk_norm", -2),
+    "phi3": ("layer_norm", -1),
+}
+
+
+def _text_config(language_model: str) -> dict:
+    """The decoder the transformers twin holds (InternLM2 as its Llama twin)."""
+    if language_model == "internlm2":
+        twin = llama_twin_config(vocab_size=INTERNVL_VOCAB_SIZE, max_position_embeddings=512)
+        return twin.to_dict()
+    if language_model == "qwen2":
+        return dict(model_type="qwen2", max_position_embeddings=512, **_TEXT_SHAPE)
+    return dict(
+        model_type="phi3", max_position_embeddings=512, original_max_position_embeddings=512, partial_rotary_factor=0.5,
+        **_TEXT_SHAPE,
+    )
+
+
+def _vision_config(variant: str) -> dict:
+    return dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=TILE,
+        patch_size=VISION_PATCH, attention_bias=True, layer_norm_eps=1e-6, hidden_act="gelu", **_VISION_VARIANTS[variant],
+    )
+
+
+def build_internvl_tokenizer(directory: Path):
+    """The tiny tokenizer with InternVL's image tokens, named as transformers' processor reads them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS.values())})
+    tokenizer.save_pretrained(directory)
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["extra_special_tokens"] = IMAGE_TOKENS
+    config_file.write_text(json.dumps(config, indent=2))
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # config.json may name remote code
+    assert tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [IMG_START, IMG_END, IMG_CONTEXT]
+    return tokenizer
+
+
+def save_internvl_hf(directory: Path, language_model: str, feature_layer: int, pil_processor: bool, seed: int = 0):
+    """A transformers-layout InternVL checkpoint with its processor; returns the model."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, InternVLVideoProcessor
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    variant, _ = INTERNVL_LANGUAGE_MODELS[language_model]
+    config = InternVLConfig(
+        text_config=_text_config(language_model), vision_config=_vision_config(variant), image_token_id=IMG_CONTEXT,
+        image_seq_length=TOKENS_PER_TILE, downsample_ratio=DOWNSAMPLE_RATIO, vision_feature_layer=feature_layer,
+        tie_word_embeddings=False, architectures=["InternVLForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).float()
+    randomize_(model, seed)
+    model.save_pretrained(directory)
+    image_processor_class = GotOcr2ImageProcessorPil if pil_processor else GotOcr2ImageProcessor
+    image_processor = image_processor_class(
+        size={"height": TILE, "width": TILE}, max_patches=MAX_TILES, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor, tokenizer=build_internvl_tokenizer(directory),
+        video_processor=InternVLVideoProcessor(), image_seq_length=TOKENS_PER_TILE,
+    )
+    processor.save_pretrained(directory)
+    return model
+
+
+def _original_vision_name(name: str) -> str:
+    pieces = (
+        ("model.vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+        ("model.vision_tower.embeddings.patch_embeddings.projection", "vision_model.embeddings.patch_embedding"),
+        ("model.vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+        ("model.vision_tower.encoder.layer.", "vision_model.encoder.layers."),
+        (".attention.projection_layer.", ".attn.proj."), (".attention.q_norm.", ".attn.q_norm."),
+        (".attention.k_norm.", ".attn.k_norm."), (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."),
+        (".lambda_1", ".ls1"), (".lambda_2", ".ls2"),
+        ("model.multi_modal_projector.layer_norm.", "mlp1.0."), ("model.multi_modal_projector.linear_1.", "mlp1.1."),
+        ("model.multi_modal_projector.linear_2.", "mlp1.3."),
+    )
+    for old, new in pieces:
+        name = name.replace(old, new)
+    return name
+
+
+def internvl_hf_to_original(state: dict[str, torch.Tensor], language_model: str, text_config) -> dict[str, torch.Tensor]:
+    """transformers' InternVL state dict in the original layout's names."""
+    out, language = {}, {}
+    for name, tensor in state.items():
+        if name.startswith("model.language_model."):
+            language["model." + name[len("model.language_model.") :]] = tensor
+        elif name.startswith("lm_head."):
+            language[name] = tensor
+        elif ".attention.q_proj." in name:
+            parts = [state[name.replace("q_proj", piece)] for piece in ("q_proj", "k_proj", "v_proj")]
+            out[_original_vision_name(name).replace(".attention.q_proj.", ".attn.qkv.")] = torch.cat(parts)
+        elif ".attention.k_proj." not in name and ".attention.v_proj." not in name:
+            out[_original_vision_name(name)] = tensor
+    if language_model == "internlm2":
+        out.update(llama_to_internlm2(language, text_config, prefix="language_model."))
+    else:
+        out.update({"language_model." + name: tensor for name, tensor in language.items()})
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def _llm_config_json(language_model: str, text_config) -> dict:
+    if language_model == "internlm2":
+        return internlm2_config_json(vocab_size=INTERNVL_VOCAB_SIZE, max_position_embeddings=512)
+    fields = text_config.to_dict()
+    fields["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}[language_model]]
+    return fields
+
+
+def save_tiny_internvl(root: Path, language_model: str, seed: int = 0) -> tuple[Path, Path]:
+    """(original-layout InternVLChatModel checkpoint, its transformers twin with a PIL image processor)."""
+    variant, select_layer = INTERNVL_LANGUAGE_MODELS[language_model]
+    twin_dir, original_dir = root / f"twin_{language_model}", root / f"internvl_chat_{language_model}"
+    twin = save_internvl_hf(twin_dir, language_model, select_layer, pil_processor=True, seed=seed)
+    original_dir.mkdir(parents=True)
+    save_file(internvl_hf_to_original(twin.state_dict(), language_model, twin.config.text_config), str(original_dir / "model.safetensors"))
+    vision = _vision_config(variant)
+    config = dict(
+        architectures=["InternVLChatModel"], auto_map=INTERNVL_AUTO_MAP, model_type="internvl_chat",
+        downsample_ratio=DOWNSAMPLE_RATIO, dynamic_image_size=True, force_image_size=TILE, max_dynamic_patch=MAX_TILES,
+        min_dynamic_patch=1, use_thumbnail=True, ps_version="v2", select_layer=select_layer, template="internlm2-chat",
+        torch_dtype="float32", llm_config=_llm_config_json(language_model, twin.config.text_config),
+        vision_config=dict(
+            architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=vision["hidden_size"],
+            image_size=TILE, patch_size=VISION_PATCH, num_hidden_layers=vision["num_hidden_layers"],
+            num_attention_heads=vision["num_attention_heads"], intermediate_size=vision["intermediate_size"], qkv_bias=True,
+            qk_normalization=vision["use_qk_norm"], norm_type=vision["norm_type"], layer_norm_eps=1e-6, hidden_act="gelu",
+            num_channels=3,
+        ),
+    )
+    (original_dir / "config.json").write_text(json.dumps(config, indent=2))
+    build_internvl_tokenizer(original_dir)
+    return original_dir, twin_dir

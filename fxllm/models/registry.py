@@ -7,6 +7,7 @@ from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneratio
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.interface import ModelClass
 from fxllm.models.internlm2 import InternLM2ForCausalLM
+from fxllm.models.internvl import InternVLChatModel, InternVLForConditionalGeneration
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.opt import OPTForCausalLM
 from fxllm.models.phi3 import Phi3ForCausalLM
@@ -27,6 +28,8 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "InternVLChatModel": InternVLChatModel,
+    "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
 }
 # Encoders without an LM head: they only pool (embed / encode / score), never generate.
 POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
@@ -36,6 +39,8 @@ MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
     "Qwen2VLForConditionalGeneration": frozenset({"image", "video"}),
     "Qwen2_5_VLForConditionalGeneration": frozenset({"image", "video"}),
     "Gemma3ForConditionalGeneration": frozenset(),
+    "InternVLChatModel": frozenset({"image"}),
+    "InternVLForConditionalGeneration": frozenset({"image"}),
 }
 
 

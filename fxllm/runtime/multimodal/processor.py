@@ -20,12 +20,15 @@ from fxllm.config import MODALITIES, MultiModalConfig
 from fxllm.runtime.multimodal.base import ArchitectureProcessor
 from fxllm.runtime.multimodal.cache import ProcessedInput, ProcessedInputCache, content_hash
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt, VisionInput
+from fxllm.runtime.multimodal.internvl import InternVLChatProcessor, InternVLHFProcessor
 from fxllm.runtime.multimodal.qwen2_vl import Qwen2VLProcessor
 
 # Architecture (config.json) -> its part of the processing.
 ARCHITECTURE_PROCESSORS: dict[str, type[ArchitectureProcessor]] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLProcessor,
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLProcessor,
+    "InternVLChatModel": InternVLChatProcessor,
+    "InternVLForConditionalGeneration": InternVLHFProcessor,
 }
 VIDEO_ARRAY_DIMS = 4  # [frames, height, width, channels]
 
