@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fxllm.models.bert import BertModel
+from fxllm.models.fuyu import FuyuForCausalLM
 from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.interface import ModelClass
@@ -10,6 +11,7 @@ from fxllm.models.internlm2 import InternLM2ForCausalLM
 from fxllm.models.internvl import InternVLChatModel, InternVLForConditionalGeneration
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.opt import OPTForCausalLM
+from fxllm.models.persimmon import PersimmonForCausalLM
 from fxllm.models.phi3 import Phi3ForCausalLM
 from fxllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -21,6 +23,7 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "GraniteForCausalLM": LlamaForCausalLM,
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "PersimmonForCausalLM": PersimmonForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
@@ -30,6 +33,7 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "InternVLChatModel": InternVLChatModel,
     "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
+    "FuyuForCausalLM": FuyuForCausalLM,
 }
 # Encoders without an LM head: they only pool (embed / encode / score), never generate.
 POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
@@ -41,6 +45,7 @@ MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
     "Gemma3ForConditionalGeneration": frozenset(),
     "InternVLChatModel": frozenset({"image"}),
     "InternVLForConditionalGeneration": frozenset({"image"}),
+    "FuyuForCausalLM": frozenset({"image"}),
 }
 
 

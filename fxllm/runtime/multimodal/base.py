@@ -26,11 +26,13 @@ PROBE_IMAGE_SIDE = 32
 @dataclass(frozen=True)
 class Replacement:
     """The tokens that take the place of one placeholder. The vision tower's embeddings of the
-    item fill ``tokens[embed_start : embed_start + embed_length]``; the other tokens are text."""
+    item fill ``tokens[embed_start : embed_start + embed_length]`` (of those, only the tokens
+    equal to ``embed_token`` where one is given); the other tokens are text."""
 
     tokens: list[int]
     embed_start: int
     embed_length: int
+    embed_token: int | None = None
 
 
 class ArchitectureProcessor:

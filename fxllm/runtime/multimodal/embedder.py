@@ -41,8 +41,15 @@ class MultiModalEmbedder:
         self._encode_missing(slices, input_ids.device)
         for piece in slices:
             outputs = piece.request.encoder_outputs
-            embeds[piece.row : piece.row + piece.end - piece.start] = outputs[piece.item][piece.start : piece.end]
-            if piece.end == piece.request.multimodal.items[piece.item].length:
+            item = piece.request.multimodal.items[piece.item]
+            rows = embeds[piece.row : piece.row + piece.end - piece.start]
+            if item.embed_mask is None:
+                rows.copy_(outputs[piece.item][piece.start : piece.end])
+            else:  # only some of the span's tokens take embeddings, in order
+                mask = item.embed_mask[piece.start : piece.end]
+                first = int(item.embed_mask[: piece.start].sum())
+                rows[mask.to(rows.device)] = outputs[piece.item][first : first + int(mask.sum())]
+            if piece.end == item.length:
                 del outputs[piece.item]  # its last token is computed in this step
         return embeds
 

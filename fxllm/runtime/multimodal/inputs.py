@@ -25,6 +25,9 @@ class VisionInput:
     # M-RoPE temporal positions of its frames are floor(frame * time_interval): 1 for images
     # and Qwen2-VL videos; Qwen2.5-VL spaces video frames by their time.
     time_interval: float = 1.0
+    # Which of its ``length`` tokens take its embeddings, one each in order ([length] bool); the
+    # others stay text (Fuyu's row-end newlines). None: every one.
+    embed_mask: torch.Tensor | None = None
 
     @property
     def end(self) -> int:

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from fxllm.config import MODALITIES, MultiModalConfig
-from fxllm.runtime.multimodal.base import ArchitectureProcessor
+from fxllm.runtime.multimodal.base import ArchitectureProcessor, Replacement
 from fxllm.runtime.multimodal.cache import ProcessedInput, ProcessedInputCache, content_hash
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt, VisionInput
+from fxllm.runtime.multimodal.fuyu import FuyuProcessor
 from fxllm.runtime.multimodal.internvl import InternVLChatProcessor, InternVLHFProcessor
 from fxllm.runtime.multimodal.qwen2_vl import Qwen2VLProcessor
 
@@ -29,6 +30,7 @@ ARCHITECTURE_PROCESSORS: dict[str, type[ArchitectureProcessor]] = {
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLProcessor,
     "InternVLChatModel": InternVLChatProcessor,
     "InternVLForConditionalGeneration": InternVLHFProcessor,
+    "FuyuForCausalLM": FuyuProcessor,
 }
 VIDEO_ARRAY_DIMS = 4  # [frames, height, width, channels]
 
@@ -93,6 +95,13 @@ def _check_videos(videos: list[Any], index: int) -> None:
             )
 
 
+def _embed_mask(replacement: Replacement) -> torch.Tensor | None:
+    if replacement.embed_token is None:
+        return None
+    span = replacement.tokens[replacement.embed_start : replacement.embed_start + replacement.embed_length]
+    return torch.tensor(span) == replacement.embed_token
+
+
 class MultiModalProcessor:
     """Prompts with images and videos -> expanded token ids and processed items, for the
     checkpoint's architecture, with fxllm's limits, checked arguments and input cache."""
@@ -132,7 +141,7 @@ class MultiModalProcessor:
             expanded += token_ids[cursor:position]
             inputs.append(VisionInput(
                 modality, len(expanded) + replacement.embed_start, replacement.embed_length, key,
-                processed.pixel_values, processed.grid, architecture.time_interval(processed),
+                processed.pixel_values, processed.grid, architecture.time_interval(processed), _embed_mask(replacement),
             ))
             expanded += replacement.tokens
             cursor = position + 1
