@@ -163,10 +163,3 @@ class InternVisionModel(nn.Module):
             hidden = layer(hidden)
         return hidden[:, 1:]
 
-
-def compile_layers(layers: nn.ModuleList) -> None:
-    """Compile every block of a tower whose blocks see one shape per image size (whole tiles,
-    no per-image segments): the blocks share the compiled code, their parameters being graph
-    inputs, so it compiles once for the tower (and once more when the tile count varies)."""
-    for layer in layers:
-        layer.forward = torch.compile(layer.forward)

@@ -22,10 +22,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from fxllm.config import MultiModalConfig
-from fxllm.models.intern_vit import InternVisionModel, InternVisionSettings, compile_layers
+from fxllm.models.intern_vit import InternVisionModel, InternVisionSettings
 from fxllm.models.interface import Model
 from fxllm.models.internlm2 import InternLM2ForCausalLM
-from fxllm.models.layers import activation
+from fxllm.models.layers import activation, compile_layers
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.phi3 import Phi3ForCausalLM
 from fxllm.models.weights import load_named_weights
@@ -42,16 +42,20 @@ _LANGUAGE_MODEL_TYPES = {
 }
 PIXEL_SHUFFLE_VERSIONS = ("v1", "v2")
 
-# transformers' layout -> the original one, by name prefix (the vision tower's q/k/v are fused apart).
+# transformers' layout -> the original one, by name prefix (the vision tower's q/k/v are fused
+# apart). transformers saves its checkpoints without the leading "model." of its module paths
+# (and its language model as language_model.model.*, language_model.lm_head.*): both load.
 _HF_PREFIXES = (
-    ("model.vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
-    ("model.vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
-    ("model.vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
-    ("model.vision_tower.encoder.layer.", "vision_model.encoder.layers."),
-    ("model.multi_modal_projector.layer_norm.", "mlp1.0."),
-    ("model.multi_modal_projector.linear_1.", "mlp1.1."),
-    ("model.multi_modal_projector.linear_2.", "mlp1.3."),
-    ("model.language_model.", "language_model.model."),
+    ("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
+    ("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+    ("vision_tower.encoder.layer.", "vision_model.encoder.layers."),
+    ("multi_modal_projector.layer_norm.", "mlp1.0."),
+    ("multi_modal_projector.linear_1.", "mlp1.1."),
+    ("multi_modal_projector.linear_2.", "mlp1.3."),
+    ("language_model.model.", "language_model.model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 )
 _HF_LAYER_PIECES = (
@@ -198,6 +202,7 @@ class InternVLForConditionalGeneration(InternVLChatModel):
         biases) concatenated into its fused ``qkv`` once all three have come by."""
         pending: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in weights:
+            name = name.removeprefix("model.")
             for old, new in _HF_PREFIXES:
                 if name.startswith(old):
                     name = new + name[len(old) :]

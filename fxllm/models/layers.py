@@ -168,3 +168,12 @@ class LMHead(nn.Linear):
     def checkpoint_skip(self) -> set[str]:
         """Checkpoint names the model's ``load_weights`` leaves out."""
         return {"lm_head.weight"} if self.tied else set()
+
+
+def compile_layers(layers: nn.ModuleList) -> None:
+    """Compile every block of a vision tower whose blocks see one shape per image size (whole
+    tiles or images, no per-image segments): the blocks share the compiled code, their
+    parameters being graph inputs, so it compiles once for the tower (and once more when the
+    number of tiles or images varies)."""
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)

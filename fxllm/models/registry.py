@@ -10,6 +10,7 @@ from fxllm.models.interface import ModelClass
 from fxllm.models.internlm2 import InternLM2ForCausalLM
 from fxllm.models.internvl import InternVLChatModel, InternVLForConditionalGeneration
 from fxllm.models.llama import LlamaForCausalLM
+from fxllm.models.llava import LlavaForConditionalGeneration
 from fxllm.models.opt import OPTForCausalLM
 from fxllm.models.persimmon import PersimmonForCausalLM
 from fxllm.models.phi3 import Phi3ForCausalLM
@@ -34,6 +35,7 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "InternVLChatModel": InternVLChatModel,
     "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
     "FuyuForCausalLM": FuyuForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
 }
 # Encoders without an LM head: they only pool (embed / encode / score), never generate.
 POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
@@ -46,6 +48,7 @@ MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
     "InternVLChatModel": frozenset({"image"}),
     "InternVLForConditionalGeneration": frozenset({"image"}),
     "FuyuForCausalLM": frozenset({"image"}),
+    "LlavaForConditionalGeneration": frozenset({"image"}),
 }
 
 

@@ -22,6 +22,7 @@ from fxllm.runtime.multimodal.cache import ProcessedInput, ProcessedInputCache, 
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt, VisionInput
 from fxllm.runtime.multimodal.fuyu import FuyuProcessor
 from fxllm.runtime.multimodal.internvl import InternVLChatProcessor, InternVLHFProcessor
+from fxllm.runtime.multimodal.llava import LlavaProcessor
 from fxllm.runtime.multimodal.qwen2_vl import Qwen2VLProcessor
 
 # Architecture (config.json) -> its part of the processing.
@@ -31,6 +32,7 @@ ARCHITECTURE_PROCESSORS: dict[str, type[ArchitectureProcessor]] = {
     "InternVLChatModel": InternVLChatProcessor,
     "InternVLForConditionalGeneration": InternVLHFProcessor,
     "FuyuForCausalLM": FuyuProcessor,
+    "LlavaForConditionalGeneration": LlavaProcessor,
 }
 VIDEO_ARRAY_DIMS = 4  # [frames, height, width, channels]
 
