@@ -77,17 +77,7 @@ def hf_fuyu_inputs(model_dir: Path, text: str, image: Image.Image | None) -> tup
     return replacement_ids + text_ids, images["pixel_values"]
 
 
-def hf_fuyu_greedy(model_dir: Path, prompt_ids: list[int], patches: torch.Tensor | None, max_new_tokens: int) -> list[int]:
-    model = _hf_model(model_dir)
-    ids = torch.tensor([prompt_ids])
-    extra = {} if patches is None else {"pixel_values": patches[None]}
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, use_cache=False, **extra).logits
-            ids = torch.cat([ids, logits[0, -1].argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt_ids) :].tolist()
-
-
 @functools.lru_cache(maxsize=None)
-def _hf_model(model_dir: Path) -> torch.nn.Module:
+def fuyu_model(model_dir: Path) -> torch.nn.Module:
+    """The transformers oracle, loaded once per checkpoint."""
     return FuyuForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

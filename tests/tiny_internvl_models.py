@@ -276,3 +276,26 @@ def save_tiny_internvl(root: Path, language_model: str, seed: int = 0) -> tuple[
     (original_dir / "config.json").write_text(json.dumps(config, indent=2))
     build_internvl_tokenizer(original_dir)
     return original_dir, twin_dir
+
+
+def original_internvl_pixels(image, max_tiles: int = MAX_TILES, min_tiles: int = 1, use_thumbnail: bool = True) -> torch.Tensor:
+    """The oracle's pixels for the original layout, as InternVL's published preprocessing makes them:
+    the tile grid transformers' GotOcr2 picks, PIL's resize (bicubic) to it, crops row by row, a
+    thumbnail of the whole image, then torchvision's Resize / ToTensor / Normalize per tile."""
+    import torchvision.transforms as T
+    from torchvision.transforms import InterpolationMode
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    transform = T.Compose([
+        T.Resize((TILE, TILE), interpolation=InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    image = image.convert("RGB")
+    columns, rows = get_optimal_tiled_canvas((image.height, image.width), (TILE, TILE), min_tiles, max_tiles)
+    resized = image.resize((TILE * columns, TILE * rows))
+    tiles = [
+        resized.crop((i % columns * TILE, i // columns * TILE, (i % columns + 1) * TILE, (i // columns + 1) * TILE))
+        for i in range(columns * rows)
+    ]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((TILE, TILE)))
+    return torch.stack([transform(tile) for tile in tiles])
