@@ -166,3 +166,36 @@ def test_preemption_recomputes_images_and_changes_no_token(checkpoints, name):
     assert_batch_matches_transformers(llm, case, checkpoints)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
+
+
+# Checkpoint tensor names as transformers' module paths have them, from the saved (hub) layout.
+MODULE_PATHS = (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+
+
+@pytest.mark.parametrize("name", ["internvl_hf", "llava"])
+def test_module_path_and_hub_layouts_load_alike(checkpoints, name, tmp_path):
+    """The saved layout (as transformers writes it), the same tensors under transformers' module
+    paths, and for LLaVA the hub's CLIP names (vision_tower.vision_model.*) give the same tokens."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    saved = checkpoints[name][0]
+    tensors = load_file(str(saved / "model.safetensors"))
+    variants = {"module_paths": {_renamed(key, MODULE_PATHS): value for key, value in tensors.items()}}
+    if name == "llava":
+        hub = (("vision_tower.", "vision_tower.vision_model."),)
+        variants["hub"] = {_renamed(key, hub): value for key, value in tensors.items()}
+    text, images = batch(CASES[name])[1]
+    want = engine(saved).generate(request(text, images), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for variant, renamed in variants.items():
+        directory = tmp_path / variant
+        shutil.copytree(saved, directory)
+        save_file(renamed, str(directory / "model.safetensors"))
+        got = engine(directory).generate(request(text, images), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == want, variant
+
+
+def _renamed(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    return next((new + key[len(old) :] for old, new in prefixes if key.startswith(old)), key)

@@ -37,14 +37,17 @@ class VLCase:
 
 def _processor_oracle(model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
     """transformers' own processor and model (InternVL's with <IMG_CONTEXT> where fxllm reads <image>)."""
-    prompt_ids, pixel_values = _processor_inputs(model_dir, text, images)
-    return prompt_ids, greedy_with_images(_hf_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
+    prompt_ids, pixel_values = processor_inputs(model_dir, text, images)
+    return prompt_ids, greedy_with_images(hf_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
 
 
-def _processor_inputs(model_dir: Path, text: str, images: tuple[Image.Image, ...]) -> tuple[list[int], torch.Tensor | None]:
+def processor_inputs(
+    model_dir: Path, text: str, images: tuple[Image.Image, ...], **processor_kwargs
+) -> tuple[list[int], torch.Tensor | None]:
+    """Prompt ids and pixel values from the checkpoint's transformers processor."""
     processor = AutoProcessor.from_pretrained(model_dir)
     text = text.replace("<image>", "<IMG_CONTEXT>") if "internvl" in type(processor).__name__.lower() else text
-    inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    inputs = processor(text=[text], images=list(images) or None, return_tensors="pt", **processor_kwargs)
     return inputs["input_ids"][0].tolist(), inputs.get("pixel_values")
 
 
@@ -72,16 +75,16 @@ def greedy_with_images(model: torch.nn.Module, prompt_ids: list[int], pixel_valu
 
 
 @functools.lru_cache(maxsize=None)
-def _hf_model(model_dir: Path) -> torch.nn.Module:
+def hf_model(model_dir: Path) -> torch.nn.Module:
     return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def _internvl_chat_oracle(model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
     """The original layout's oracle: the transformers twin, fed the prompt ids its processor expands
     (the same tile counts) and the pixels of InternVL's own preprocessing (original_internvl_pixels)."""
-    prompt_ids, _ = _processor_inputs(model_dir, text, images)
+    prompt_ids, _ = processor_inputs(model_dir, text, images)
     pixel_values = torch.cat([original_internvl_pixels(image) for image in images]) if images else None
-    return prompt_ids, greedy_with_images(_hf_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
+    return prompt_ids, greedy_with_images(hf_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
 
 
 def _fuyu_oracle(model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
