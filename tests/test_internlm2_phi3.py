@@ -120,3 +120,11 @@ def test_dynamic_ntk_table_is_plain_rope_up_to_max_position_embeddings_then_grow
     for position in (INTERNLM2_MAX_POSITIONS, 70, max_positions - 1):
         inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=torch.tensor(position + 1))
         torch.testing.assert_close(rotary.cos[position], (position * inv_freq).cos(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [llama_twin_config, phi3_config], ids=["dynamic", "longrope"])
+def test_per_position_tables_build_on_any_device(config):
+    """Models are built under a device context (the GPU's): the tables must not mix devices."""
+    with torch.device("meta"):
+        rotary = RotaryEmbedding(config(), 16, 96)
+    assert rotary.cos.device.type == "meta" and rotary.cos.shape[0] == 96

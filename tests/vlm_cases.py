@@ -18,7 +18,7 @@ from tests.tiny_internvl_models import IMG_CONTEXT, original_internvl_pixels, sa
 from tests.tiny_llava_models import IMAGE_TOKEN_ID, save_tiny_llava
 from tests.tiny_vl_models import make_image
 
-Oracle = Callable[[Path, str, tuple[Image.Image, ...], int], tuple[list[int], list[int]]]
+InputsMaker = Callable[[Path, str, tuple[Image.Image, ...]], tuple[torch.nn.Module, list[int], torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class VLCase:
     name: str
     build: Callable[[Path], tuple[Path, Path]]  # a root folder -> (checkpoint, the oracle's checkpoint)
     placeholder: str  # what the prompt text holds per image ("" where images need none)
-    oracle: Oracle
+    oracle_inputs: InputsMaker  # (oracle checkpoint, text, images) -> (transformers model, prompt ids, pixels)
     embed_token: int  # the token whose rows take image embeddings
     max_images: int = 3  # per prompt
 
@@ -34,11 +34,28 @@ class VLCase:
         """``text`` with ``num_images`` images placed before it."""
         return "".join(f"Image-{i + 1}: {self.placeholder}\n" for i in range(num_images) if self.placeholder) + text
 
+    def oracle(self, model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
+        """(prompt ids, greedy tokens) from transformers."""
+        model, prompt_ids, pixel_values = self.oracle_inputs(model_dir, text, images)
+        return prompt_ids, greedy_with_images(model, prompt_ids, pixel_values, max_new_tokens)
 
-def _processor_oracle(model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
+
+def _processor_inputs_for(model_dir: Path, text: str, images: tuple[Image.Image, ...]):
     """transformers' own processor and model (InternVL's with <IMG_CONTEXT> where fxllm reads <image>)."""
-    prompt_ids, pixel_values = processor_inputs(model_dir, text, images)
-    return prompt_ids, greedy_with_images(hf_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
+    return (hf_model(model_dir), *processor_inputs(model_dir, text, images))
+
+
+def _internvl_chat_inputs(model_dir: Path, text: str, images: tuple[Image.Image, ...]):
+    """The original layout's oracle: the transformers twin, fed the prompt ids its processor expands
+    (the same tile counts) and the pixels of InternVL's own preprocessing (original_internvl_pixels)."""
+    prompt_ids, _ = processor_inputs(model_dir, text, images)
+    pixel_values = torch.cat([original_internvl_pixels(image) for image in images]) if images else None
+    return hf_model(model_dir), prompt_ids, pixel_values
+
+
+def _fuyu_inputs(model_dir: Path, text: str, images: tuple[Image.Image, ...]):
+    prompt_ids, patches = hf_fuyu_inputs(model_dir, text, images[0] if images else None)
+    return fuyu_model(model_dir), prompt_ids, None if patches is None else patches[None]
 
 
 def processor_inputs(
@@ -52,12 +69,21 @@ def processor_inputs(
 
 
 def greedy_with_images(model: torch.nn.Module, prompt_ids: list[int], pixel_values, max_new_tokens: int) -> list[int]:
-    """Greedy tokens of a transformers vision-language model. The prompt's embeddings are merged
-    with the image features once, as the model merges them (its placeholder mask and scatter);
-    generated tokens are then embedded as text, so a generated image token (a tiny random model
-    makes them) stays a token, as in fxllm, instead of asking for image features."""
+    """Greedy tokens of a transformers vision-language model (see ``greedy_steps``)."""
+    return [token for token, _ in greedy_steps(model, prompt_ids, pixel_values, max_new_tokens)]
+
+
+def greedy_steps(
+    model: torch.nn.Module, prompt_ids: list[int], pixel_values, max_new_tokens: int, top_k: int = 1
+) -> list[tuple[int, list[int]]]:
+    """(greedy token, the top_k tokens) of each step of a transformers vision-language model.
+    The prompt's embeddings are merged with the image features once, as the model merges them
+    (its placeholder mask and scatter); generated tokens are then embedded as text, so a
+    generated image token (a tiny random model makes them) stays a token, as in fxllm, instead
+    of asking for image features."""
     ids = torch.tensor([prompt_ids])
     embed = model.get_input_embeddings()
+    steps: list[tuple[int, list[int]]] = []
     with torch.no_grad():
         embeds = embed(ids)
         if pixel_values is not None:
@@ -66,31 +92,16 @@ def greedy_with_images(model: torch.nn.Module, prompt_ids: list[int], pixel_valu
             features = torch.cat([f.reshape(-1, embeds.shape[-1]) for f in features], dim=0)
             mask = model.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
             embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-        generated: list[int] = []
         for _ in range(max_new_tokens):
-            logits = model(inputs_embeds=embeds, use_cache=False).logits
-            generated.append(int(logits[0, -1].argmax()))
-            embeds = torch.cat([embeds, embed(torch.tensor([[generated[-1]]]))], dim=1)
-    return generated
+            logits = model(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+            steps.append((int(logits.argmax()), logits.topk(top_k).indices.tolist()))
+            embeds = torch.cat([embeds, embed(torch.tensor([[steps[-1][0]]]))], dim=1)
+    return steps
 
 
 @functools.lru_cache(maxsize=None)
 def hf_model(model_dir: Path) -> torch.nn.Module:
     return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def _internvl_chat_oracle(model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
-    """The original layout's oracle: the transformers twin, fed the prompt ids its processor expands
-    (the same tile counts) and the pixels of InternVL's own preprocessing (original_internvl_pixels)."""
-    prompt_ids, _ = processor_inputs(model_dir, text, images)
-    pixel_values = torch.cat([original_internvl_pixels(image) for image in images]) if images else None
-    return prompt_ids, greedy_with_images(hf_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
-
-
-def _fuyu_oracle(model_dir: Path, text: str, images: tuple[Image.Image, ...], max_new_tokens: int):
-    prompt_ids, patches = hf_fuyu_inputs(model_dir, text, images[0] if images else None)
-    pixel_values = None if patches is None else patches[None]
-    return prompt_ids, greedy_with_images(fuyu_model(model_dir), prompt_ids, pixel_values, max_new_tokens)
 
 
 def _internvl_hf(root: Path) -> tuple[Path, Path]:
@@ -111,13 +122,13 @@ CASES = {
     **{
         f"internvl_chat_{language_model}": VLCase(
             f"internvl_chat_{language_model}", functools.partial(save_tiny_internvl, language_model=language_model),
-            "<image>", _internvl_chat_oracle, IMG_CONTEXT,
+            "<image>", _internvl_chat_inputs, IMG_CONTEXT,
         )
         for language_model in ("internlm2", "qwen2", "phi3")
     },
-    "internvl_hf": VLCase("internvl_hf", _internvl_hf, "<image>", _processor_oracle, IMG_CONTEXT),
-    "fuyu": VLCase("fuyu", _same_dir(save_tiny_fuyu, "fuyu"), "", _fuyu_oracle, SPEAKER, max_images=1),
-    "llava": VLCase("llava", _same_dir(save_tiny_llava, "llava"), "<image>", _processor_oracle, IMAGE_TOKEN_ID),
+    "internvl_hf": VLCase("internvl_hf", _internvl_hf, "<image>", _processor_inputs_for, IMG_CONTEXT),
+    "fuyu": VLCase("fuyu", _same_dir(save_tiny_fuyu, "fuyu"), "", _fuyu_inputs, SPEAKER, max_images=1),
+    "llava": VLCase("llava", _same_dir(save_tiny_llava, "llava"), "<image>", _processor_inputs_for, IMAGE_TOKEN_ID),
 }
 
 # Sizes and aspect ratios the towers see differently: InternVL tiles the wide one 2 x 1 and the

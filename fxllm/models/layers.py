@@ -99,7 +99,8 @@ class RotaryEmbedding(nn.Module):
         if rope_type == "default":
             inv_freq, attention_scaling = default_inv_freq(params["rope_theta"], rotary_dim), 1.0
         elif rope_type in LENGTH_DEPENDENT_ROPE:
-            inv_freq, attention_scaling = per_position_inv_freq(config, params, rotary_dim, max_positions, layer_type)
+            with torch.device("cpu"):  # transformers' functions build on the host, whatever device the model is built on
+                inv_freq, attention_scaling = per_position_inv_freq(config, params, rotary_dim, max_positions, layer_type)
         elif rope_type in ROPE_INIT_FUNCTIONS:
             by_layer_type = {"layer_type": layer_type} if layer_type is not None else {}
             inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **by_layer_type)
