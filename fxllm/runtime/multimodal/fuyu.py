@@ -45,7 +45,7 @@ class FuyuProcessor(ArchitectureProcessor):
 
     def arrange(self, token_ids: list[int], counts: dict[str, int], index: int) -> tuple[list[int], list[tuple[int, str]]]:
         """BOS, the text (without a BOS the tokenizer added), ``<0x04>``; the image replaces the BOS."""
-        if not counts:
+        if not counts["image"]:
             return token_ids, []
         if counts.get("image", 0) > 1:
             raise ValueError(

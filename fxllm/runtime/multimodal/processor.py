@@ -108,7 +108,7 @@ class MultiModalProcessor:
     """Prompts with images and videos -> expanded token ids and processed items, for the
     checkpoint's architecture, with fxllm's limits, checked arguments and input cache."""
 
-    def __init__(self, model_dir: Path, hf_config: Any, config: MultiModalConfig, tokenizer: Any = None):
+    def __init__(self, model_dir: Path, hf_config: Any, config: MultiModalConfig, tokenizer: Any):
         architecture = next((name for name in hf_config.architectures or () if name in ARCHITECTURE_PROCESSORS), None)
         if architecture is None:
             raise ValueError(
@@ -127,10 +127,11 @@ class MultiModalProcessor:
         _check_images(given.get("image", []), index)
         _check_videos(given.get("video", []), index)
         architecture = self.architecture
-        counts = {modality: len(given.get(modality, [])) for modality in MODALITIES if given.get(modality)}
-        for modality in counts:
-            if modality not in architecture.placeholder_ids:
+        for modality, items in given.items():
+            if items and modality not in architecture.placeholder_ids:
                 raise ValueError(f"prompt {index}: this checkpoint has no {modality} processor or {modality} token")
+        # Every placeholder needs an item and every item a placeholder, zero of a modality included.
+        counts = {modality: len(given.get(modality, [])) for modality in architecture.placeholder_ids}
         token_ids = self._rewritten(token_ids, text)
         token_ids, places = architecture.arrange(token_ids, counts, index)
         remaining = {modality: iter(given.get(modality, [])) for modality in counts}
@@ -154,7 +155,7 @@ class MultiModalProcessor:
     def _rewritten(self, token_ids: list[int], text: str | None) -> list[int]:
         """The tokens of the architecture's rewritten text, where it rewrites the text and the
         tokens came from that text (not from the caller's own prompt_token_ids)."""
-        if text is None or self.tokenizer is None:
+        if text is None:
             return token_ids
         rewritten = self.architecture.rewrite_text(text)
         if rewritten is None or rewritten == text or self.tokenizer.encode(text) != token_ids:
