@@ -1,14 +1,21 @@
 """fxllm: a compiler-first offline LLM inference engine with vLLM's offline API."""
 
+from fxllm.config import CompilationConfig, CompilationLevel, CompilationMode, CUDAGraphMode, PoolerConfig
+from fxllm.engine_args import EngineArgs
+from fxllm.inputs import PromptType, TextPrompt, TokensPrompt
 from fxllm.llm import LLM
 from fxllm.outputs import (
     CompletionOutput,
+    EmbeddingOutput,
     EmbeddingRequestOutput,
+    PoolingOutput,
     PoolingRequestOutput,
     RequestOutput,
+    ScoringOutput,
     ScoringRequestOutput,
 )
-from fxllm.sampling_params import SamplingParams
+from fxllm.runtime.engine import LLMEngine
+from fxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 def default_model() -> str:
@@ -27,12 +34,27 @@ def default_embedding_model() -> str:
 
 __all__ = [
     "LLM",
+    "LLMEngine",
+    "EngineArgs",
     "SamplingParams",
+    "BeamSearchParams",
+    "RequestOutputKind",
+    "PromptType",
+    "TextPrompt",
+    "TokensPrompt",
     "RequestOutput",
     "CompletionOutput",
+    "EmbeddingOutput",
     "EmbeddingRequestOutput",
+    "PoolingOutput",
     "PoolingRequestOutput",
+    "ScoringOutput",
     "ScoringRequestOutput",
+    "CompilationConfig",
+    "CompilationLevel",
+    "CompilationMode",
+    "CUDAGraphMode",
+    "PoolerConfig",
     "default_model",
     "default_embedding_model",
 ]

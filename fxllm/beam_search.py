@@ -7,6 +7,7 @@ from fxllm.runtime.engine import LLMEngine
 from fxllm.runtime.input_processor import InputProcessor, ProcessedPrompt
 from fxllm.runtime.output_processor import request_outputs
 from fxllm.sampling_params import BeamSearchParams, SamplingParams
+from fxllm.validation import check_int
 
 # Candidates kept per beam and step, as a multiple of the beam width (vLLM's choice).
 CANDIDATES_PER_BEAM = 2
@@ -19,10 +20,21 @@ def beam_score(tokens: list[int], cum_logprob: float, eos_token_id: int | None, 
 
 
 def run_beam_search(
-    engine: LLMEngine, processor: InputProcessor, prompts: list[ProcessedPrompt], params: BeamSearchParams
+    engine: LLMEngine,
+    processor: InputProcessor,
+    prompts: list[ProcessedPrompt],
+    params: BeamSearchParams,
+    concurrency_limit: int | None = None,
 ) -> list[BeamSearchOutput]:
     """Each prompt's beams are what they would be alone: a prompt stops expanding at its own
-    ``max_tokens`` or ``max_model_len``, whatever the other prompts of the call do."""
+    ``max_tokens`` or ``max_model_len``, whatever the other prompts of the call do.
+    ``concurrency_limit`` (vLLM's): at most that many prompts are searched at a time."""
+    if concurrency_limit is not None:
+        check_int("concurrency_limit", concurrency_limit, minimum=1)
+        outputs = []
+        for start in range(0, len(prompts), concurrency_limit):
+            outputs += run_beam_search(engine, processor, prompts[start : start + concurrency_limit], params)
+        return outputs
     tokenizer = engine.get_tokenizer()
     eos = tokenizer.eos_token_id
     vocab_size = processor.vocab_size

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the engine is imported only by the subcommands that need it
 # Exit status for a bad model or bad generation settings: the same as argparse's usage errors.
 USAGE_ERROR = 2
 BENCHMARKS = (
-    "throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "vision", "host_step", "attention",
+    "throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "int_gemm", "vision", "host_step", "attention",
     "decode_settings", "all_reduce",
 )
 DEFAULT_INSPECT_DIR = "fxllm_inspect"
@@ -130,7 +130,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help=(
             "throughput: many requests (workload T); latency: batch-1 decode (L); startup: load + compile time (S); "
             "kernels: kernels per decoder layer; step_sync: tensor parallelism's per-step broadcast; "
-            "fp8_gemm: FP8 GEMM paths per step size (GPU); vision: the VL vision tower eager vs compiled; "
+            "fp8_gemm: FP8 GEMM paths per step size (GPU); int_gemm: INT4 / INT8 GEMMs against bf16 (GPU); vision: the VL vision tower eager vs compiled; "
             "host_step: host time of a step, phase by phase"
         ),
     )

@@ -7,6 +7,7 @@ This is the only module that reads environment variables; the documented
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "(default 4; 0 turns the cache off)",
     "FXLLM_WORKER_MULTIPROC_METHOD": "how tensor-parallel workers start: fork or spawn (default: fork unless CUDA "
     "is already initialized)",
+    "FXLLM_TORCH_PROFILER_DIR": "where LLM.start_profile() writes torch profiler traces when profiler_config names none",
 }
 
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
@@ -61,7 +63,7 @@ def _gib_from_env(name: str, default_gib: float, zero_allowed: bool) -> int:
         gib = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number of GiB (e.g. 4 or 0.5), got {raw!r}") from None
-    if gib < 0 or (gib == 0 and not zero_allowed):
+    if not math.isfinite(gib) or gib < 0 or (gib == 0 and not zero_allowed):
         bound = ">= 0 GiB (0 turns it off)" if zero_allowed else "> 0 GiB"
         raise ValueError(f"{name} must be {bound}, got {raw!r}")
     return int(gib * (1 << 30))
@@ -79,6 +81,8 @@ def _fields_from_dict(cls: type, value: dict, argument: str) -> Any:
 # Defaults (vLLM's where it has one).
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_LOGPROBS = 20
+SCHEDULING_POLICIES = ("fcfs", "priority")
 DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU = 8192
 # Smaller steps on CPU keep prefill chunks' attention temporaries small.
 DEFAULT_MAX_NUM_BATCHED_TOKENS_CPU = 2048
@@ -204,7 +208,7 @@ def resolve_runner_type(runner: str, task: str | None, is_pooling_model: bool) -
     return runner
 
 
-LOAD_FORMATS = ("auto", "safetensors", "sharded_state")
+LOAD_FORMATS = ("auto", "safetensors", "sharded_state", "dummy")
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,14 @@ class ModelConfig:
     runner_type: str = "generate"  # "generate" or "pooling" (see resolve_runner_type)
     pooler_config: PoolerConfig | None = None  # pooling models: both fields resolved
     multimodal: MultiModalConfig | None = None  # vision-language checkpoints only
-    quantization: str | None = None  # "fp8" or "compressed-tensors" (vLLM's names); None: full precision
-    load_format: str = "auto"  # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank
+    quantization: str | None = None  # "fp8", "compressed-tensors", "gptq" or "awq" (vLLM's names); None: full precision
+    # "auto"/"safetensors": the checkpoint; "sharded_state": one file per TP rank; "dummy": random weights
+    load_format: str = "auto"
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most logprobs a request may ask for (-1: the vocabulary)
+    chat_template: str | None = field(default=None, compare=False, hash=False, repr=False)  # chat()'s default
+    # Sampling defaults over generation_config.json's (vLLM's override_generation_config).
+    override_generation_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts are token ids, outputs have no text
 
     @property
     def vocab_size(self) -> int:
@@ -234,6 +244,7 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     cpu_kvcache_space_bytes: int = int(DEFAULT_CPU_KVCACHE_SPACE_GIB * (1 << 30))
+    kv_cache_memory_bytes: int | None = None  # the cache's exact size (vLLM's), instead of a share of memory
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS_GPU
     # Launch each step before the previous step's tokens reach the host (engine.py).
     async_scheduling: bool = False
+    policy: str = "fcfs"  # "fcfs", or "priority": generate(priority=[...]), lower values first
 
 
 def resolve_async_scheduling(asked: bool | None, device: torch.device, takes_embeds: bool) -> bool:
@@ -266,14 +278,38 @@ class CompilationLevel(enum.IntEnum):
     PIECEWISE = 3  # capture once, split at attention, compile each piece (default)
 
 
+class CompilationMode(enum.IntEnum):
+    """vLLM's current names for the levels (``compilation_config={"mode": ...}``)."""
+
+    NONE = 0
+    STOCK_TORCH_COMPILE = 1
+    DYNAMO_TRACE_ONCE = 2
+    VLLM_COMPILE = 3
+
+
 class CUDAGraphMode(enum.Enum):
+    """Which steps replay CUDA graphs. FULL: the whole forward, attention included, for
+    decode-only steps (fxllm's attention kernels take mixed steps only outside a graph, so
+    FULL and FULL_DECODE_ONLY are the same here: other steps run without graphs);
+    PIECEWISE: the compiled pieces between attention ops, for any step; FULL_AND_PIECEWISE:
+    FULL for decode-only steps, PIECEWISE for the rest."""
+
     NONE = "NONE"
     PIECEWISE = "PIECEWISE"
     FULL = "FULL"
+    FULL_DECODE_ONLY = "FULL_DECODE_ONLY"
     FULL_AND_PIECEWISE = "FULL_AND_PIECEWISE"
 
 
 ATTENTION_OP = "fxllm.attention"
+
+
+# vLLM's passes fxllm does not have: accepted off (False or None), refused on.
+VLLM_ONLY_PASSES = frozenset({
+    "fuse_norm_quant", "fuse_act_quant", "fuse_attn_quant", "enable_sp", "fuse_gemm_comms", "fuse_allreduce_rms",
+    "fuse_minimax_qk_norm", "fuse_act_padding", "fuse_mla_dual_rms_norm", "fuse_rope_kvcache",
+    "enable_sequence_parallelism", "enable_async_tp", "enable_fi_allreduce_fusion", "enable_attn_fusion",
+})
 
 
 @dataclass(frozen=True)
@@ -304,6 +340,12 @@ class PassConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
+            value = dict(value)
+            if "eliminate_noops" in value:  # vLLM's current name
+                value["enable_noop"] = value.pop("eliminate_noops")
+            for name in sorted(set(value) & VLLM_ONLY_PASSES):
+                if value.pop(name) not in (None, False):
+                    raise ValueError(f"pass_config.{name}: fxllm has no such pass; its passes: {sorted(cls.__dataclass_fields__)}")
             return _fields_from_dict(cls, value, "pass_config")
         raise TypeError(f"pass_config must be a PassConfig or a dict, got {type(value).__name__}")
 
@@ -321,6 +363,7 @@ class CompilationConfig:
     splitting_ops: tuple[str, ...] | None = None  # None: the attention op; () = no split
     compile_sizes: tuple[int, ...] = ()  # T values also compiled with static shapes
     cudagraph_capture_sizes: tuple[int, ...] | None = None
+    max_cudagraph_capture_size: int | None = None  # caps the default capture sizes (vLLM's)
     cudagraph_mode: CUDAGraphMode | None = None
     cache_dir: str | None = None  # on-disk compile cache (default: FXLLM_CACHE_DIR/compile)
     debug_dump_path: str | None = None  # depyf dump of the captured and split graphs
@@ -341,6 +384,8 @@ class CompilationConfig:
                 raise ValueError(f"splitting_ops must be a list of op names like {ATTENTION_OP!r}, got {self.splitting_ops!r}")
             object.__setattr__(self, "splitting_ops", tuple(self.splitting_ops))
         object.__setattr__(self, "compile_sizes", _positive_ints("compile_sizes", self.compile_sizes))
+        if self.max_cudagraph_capture_size is not None:
+            _positive_ints("max_cudagraph_capture_size", [self.max_cudagraph_capture_size])
         if self.cudagraph_capture_sizes is not None:
             sizes = _positive_ints("cudagraph_capture_sizes", self.cudagraph_capture_sizes)
             object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(sizes))))
@@ -351,6 +396,13 @@ class CompilationConfig:
                 modes = ", ".join(m.value for m in CUDAGraphMode)
                 raise ValueError(f"cudagraph_mode must be one of {modes}, got {self.cudagraph_mode!r}") from None
         object.__setattr__(self, "pass_config", PassConfig.from_user(self.pass_config))
+        for name in ("debug_dump_path", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise TypeError(f"compilation_config {name} must be a path (str), got {value!r}")
+        for name in ("use_inductor", "compile_mm_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"compilation_config {name} must be True or False, got {getattr(self, name)!r}")
 
     def eager(self) -> "CompilationConfig":
         """This config at level 0 without CUDA graphs (``enforce_eager=True``)."""
@@ -371,10 +423,29 @@ class CompilationConfig:
         if isinstance(value, int):
             return cls(level=value)
         if isinstance(value, dict):
-            return _fields_from_dict(cls, value, "compilation_config")
+            return _fields_from_dict(cls, _vllm_compilation_names(value), "compilation_config")
         raise TypeError(
             f"compilation_config must be a CompilationConfig, a dict or an int level, got {type(value).__name__}"
         )
+
+
+# compilation_config["backend"] (vLLM's) -> use_inductor.
+_BACKENDS = {"inductor": True, "eager": False, "": True}
+
+
+def _vllm_compilation_names(value: dict) -> dict:
+    """vLLM's newer spellings: ``mode`` for ``level``, ``backend`` for ``use_inductor``."""
+    value = dict(value)
+    if "mode" in value:
+        if "level" in value:
+            raise ValueError("compilation_config has both 'mode' and 'level' (one setting, two names): keep one")
+        value["level"] = value.pop("mode")
+    if "backend" in value:
+        backend = value.pop("backend")
+        if backend not in _BACKENDS:
+            raise ValueError(f"compilation_config backend must be 'inductor' or 'eager', got {backend!r}")
+        value.setdefault("use_inductor", _BACKENDS[backend])
+    return value
 
 
 def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
@@ -408,20 +479,30 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # vLLM's engine-level logits processors: classes (or their qualified names), built per engine.
+    logits_processors: tuple = field(default=(), compare=False, hash=False)
+    profiler_dir: str | None = None  # where start_profile() writes its traces
+
+
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
     # device_count() counts GPUs through NVML where it can; torch.cuda.is_available() would
     # initialize the CUDA driver, after which tensor-parallel workers can no longer be forked.
     if device == "auto":
         return torch.device("cuda" if torch.cuda.device_count() > 0 else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device.startswith("cuda") and torch.cuda.device_count() == 0:
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type not in SUPPORTED_DEVICE_TYPES:
+        raise ValueError(f"device={device!r} is not supported: fxllm runs on 'cpu' and 'cuda' devices")
+    if resolved.type == "cuda" and torch.cuda.device_count() == 0:
         raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'")
-    return torch.device(device)
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
@@ -445,22 +526,22 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
     return torch.bfloat16
 
 
-def _rope_scaled(hf_config: Any, limit: int | None) -> int | None:
-    """Dynamic NTK RoPE stretches a model past max_position_embeddings by its factor (as vLLM
-    allows); every other type names its full length in max_position_embeddings already."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    if limit is None or params.get("rope_type") != "dynamic":
-        return limit
-    return int(limit * params["factor"])
+# RoPE scalings that stretch the trained context by their factor (as vLLM derives the limit).
+_LENGTH_SCALING_ROPE = ("yarn", "linear", "dynamic")
 
 
 def derive_max_model_len(hf_config: Any, requested: int | None, sentence_max_seq_length: int | None = None) -> int:
     """The requested length, checked against the model's limit: a sentence-transformers model's
-    ``max_seq_length`` (sentence_bert_config.json) where given, else config.json's."""
-    limit = sentence_max_seq_length or _rope_scaled(
-        hf_config, next((getattr(hf_config, k) for k in _MAX_LENGTH_KEYS if getattr(hf_config, k, None)), None)
+    ``max_seq_length`` (sentence_bert_config.json) where given, else config.json's (times the
+    factor of a YaRN / linear / dynamic RoPE scaling). None or -1 asks for the limit itself."""
+    limit = sentence_max_seq_length or next(
+        (getattr(hf_config, k) for k in _MAX_LENGTH_KEYS if getattr(hf_config, k, None)), None
     )
     source = "sentence_bert_config.json" if sentence_max_seq_length else "config.json"
+    if limit is not None and not sentence_max_seq_length:
+        limit = _rope_scaled_limit(hf_config, int(limit))
+    if requested == -1:
+        requested = None
     if requested is None:
         if limit is None:
             raise ValueError("the model config names no maximum length; pass max_model_len=...")
@@ -473,3 +554,33 @@ def derive_max_model_len(hf_config: Any, requested: int | None, sentence_max_seq
             f"({source}); pass max_model_len <= {limit}"
         )
     return requested
+
+
+def _rope_scaled_limit(hf_config: Any, limit: int) -> int:
+    scaling = getattr(hf_config, "rope_scaling", None) or getattr(hf_config, "rope_parameters", None)
+    if not isinstance(scaling, dict):
+        return limit
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = scaling.get("factor")
+    if kind not in _LENGTH_SCALING_ROPE or not isinstance(factor, (int, float)) or factor <= 1:
+        return limit
+    # YaRN's factor stretches the original context; the others stretch max_position_embeddings.
+    base = scaling.get("original_max_position_embeddings", limit) if kind == "yarn" else limit
+    return max(limit, int(base * factor))
+
+
+def torch_profiler_dir(profiler_config: dict | None) -> str | None:
+    """vLLM's ``profiler_config={"profiler": "torch", "torch_profiler_dir": ...}``, else
+    ``FXLLM_TORCH_PROFILER_DIR``; None when neither names a directory."""
+    if profiler_config is not None:
+        if not isinstance(profiler_config, dict):
+            raise TypeError(f"profiler_config must be a dict, got {type(profiler_config).__name__}")
+        profiler = profiler_config.get("profiler", "torch")
+        if profiler not in (None, "torch"):
+            raise ValueError(f"profiler_config: fxllm profiles with the torch profiler only, got profiler={profiler!r}")
+        unknown = sorted(set(profiler_config) - {"profiler", "torch_profiler_dir"})
+        if unknown:
+            raise ValueError(f"profiler_config has keys fxllm does not read: {unknown}; it reads torch_profiler_dir")
+        if profiler_config.get("torch_profiler_dir"):
+            return str(profiler_config["torch_profiler_dir"])
+    return os.environ.get("FXLLM_TORCH_PROFILER_DIR") or None

@@ -30,13 +30,23 @@ class TokensPrompt(TypedDict):
 PromptType = str | TextPrompt | TokensPrompt | dict[str, Any]
 
 
+def is_token_list(value: Any) -> bool:
+    """A non-empty list of token ids (ints): one prompt, as vLLM reads it."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
+
+
 def as_prompt_list(prompts: Any) -> list[PromptType]:
+    """One prompt or a list of them; a list of ints is one prompt of token ids."""
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if is_token_list(prompts):
+        return [{"prompt_token_ids": list(prompts)}]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise ValueError("no prompts given: pass a string or a non-empty list of prompts")
-        return list(prompts)
+        return [{"prompt_token_ids": list(p)} if is_token_list(p) else p for p in prompts]
     raise TypeError(
         f"prompts must be a string, a dict (TokensPrompt/TextPrompt) or a list of them, got {type(prompts).__name__}"
     )

@@ -3,10 +3,12 @@ for pooling models ``PoolingRequestOutput`` (``EmbeddingRequestOutput``, ``Scori
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
+
+from fxllm.metrics import RequestStateStats
 
 
 @dataclass
@@ -45,7 +47,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    metrics: dict = field(default_factory=dict)
+    metrics: RequestStateStats | None = None  # the first completion's timeline
+    lora_request: Any = None
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
 
 
 @dataclass

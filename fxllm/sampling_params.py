@@ -1,26 +1,43 @@
-"""SamplingParams and BeamSearchParams with vLLM's names, defaults and validation."""
+"""SamplingParams and BeamSearchParams with vLLM's names, defaults and validation.
+
+A request's parameters are checked twice: when they are built, and again when they are
+submitted (a field set after construction is caught there); each request samples from
+its own copy, normalized as vLLM normalizes it.
+"""
 
 from __future__ import annotations
 
+import copy
+import enum
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from fxllm.validation import INT64_MAX, INT64_MIN, check_bool, check_int, check_number, check_optional, is_int
 
 # Below this temperature sampling is greedy, as in vLLM.
 GREEDY_TEMPERATURE_EPSILON = 1e-5
+# Temperatures in (0, this) are raised to it, as vLLM does: dividing logits by less
+# overflows half-precision tensors.
+MIN_SAMPLING_TEMPERATURE = 1e-2
+# Penalty bounds, as OpenAI's API and vLLM.
+PENALTY_BOUND = 2.0
+# logprobs / prompt_logprobs = -1: the whole vocabulary.
+ALL_LOGPROBS = -1
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class RequestOutputKind(enum.Enum):
+    """vLLM's output kinds. Offline calls return finished outputs, so every kind gives the
+    whole completion; DELTA (streaming) has no meaning here and is refused."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int_list(name: str, value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
-        raise ValueError(f"{name} must be a list of ints, got {value!r}")
-    return list(value)
+# A per-request logits processor (vLLM 0.11): (output_ids, logits) -> logits, or
+# (prompt_ids, output_ids, logits) -> logits, on one row of logits.
+LogitsProcessor = Callable[..., Any]
 
 
 @dataclass
@@ -50,63 +67,94 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    extra_args: dict[str, Any] | None = None  # free for custom logits processors (vLLM's)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: up to max_model_len)
+    logits_processors: list[LogitsProcessor] | None = None  # vLLM 0.11's per-request processors
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    skip_clone: bool = False
 
     def __post_init__(self) -> None:
+        self._normalize()
+
+    def _normalize(self) -> None:
+        """Check every field, then bring it to the form the engine reads (as vLLM does)."""
+        self._validate()
+        if self.seed == -1:
+            self.seed = None
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self._validate()
+        if self.logprobs is True:
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
+        if 0 < self.temperature < MIN_SAMPLING_TEMPERATURE:
+            warnings.warn(
+                f"temperature {self.temperature} is below {MIN_SAMPLING_TEMPERATURE}, which overflows half-precision "
+                f"logits: raised to {MIN_SAMPLING_TEMPERATURE} (as vLLM does)",
+                UserWarning,
+                stacklevel=4,
+            )
+            self.temperature = MIN_SAMPLING_TEMPERATURE
+        if self.greedy:
+            if self.n > 1:
+                raise ValueError(f"n must be 1 when sampling greedily (temperature=0), got n={self.n}")
+            # Greedy ignores them: as vLLM, they are reset so that no row pays for them.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _validate(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        check_int("n", self.n, minimum=1)
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an int >= -1 (0 or -1 mean all tokens), got {self.top_k!r}")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        self.stop_token_ids = _int_list("stop_token_ids", self.stop_token_ids)
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+            check_number(name, getattr(self, name), minimum=-PENALTY_BOUND, maximum=PENALTY_BOUND)
+        check_number("repetition_penalty", self.repetition_penalty, minimum=0.0, exclusive_minimum=True)
+        check_number("temperature", self.temperature, minimum=0.0)
+        check_number("top_p", self.top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+        check_int("top_k", self.top_k, minimum=-1)  # 0 or -1: every token; above the vocabulary: every token
+        check_number("min_p", self.min_p, minimum=0.0, maximum=1.0)
+        check_optional(check_int, "seed", self.seed, minimum=INT64_MIN, maximum=INT64_MAX - self.n)
+        if self.stop is not None and not isinstance(self.stop, str):
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+                raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if self.stop is not None and any(s == "" for s in ([self.stop] if isinstance(self.stop, str) else self.stop)):
+            raise ValueError("stop cannot contain an empty string")
+        _check_int_list("stop_token_ids", self.stop_token_ids)
+        check_optional(check_int, "max_tokens", self.max_tokens, minimum=1)
+        check_int("min_tokens", self.min_tokens, minimum=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+            if value is not None and value is not True:
+                check_int(name, value, minimum=ALL_LOGPROBS)
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                     "spaces_between_special_tokens", "detokenize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                     "spaces_between_special_tokens", "detokenize", "skip_clone"):
+            check_bool(name, getattr(self, name))
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True: they are matched on the text")
         if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict) or not all(
-                _is_int(k) and _is_number(v) for k, v in self.logit_bias.items()
-            ):
-                raise ValueError(f"logit_bias must be a dict of token id -> float, got {self.logit_bias!r}")
-        if self.allowed_token_ids is not None:
-            self.allowed_token_ids = _int_list("allowed_token_ids", self.allowed_token_ids)
-            if not self.allowed_token_ids:
-                raise ValueError("allowed_token_ids must not be empty")
-        if self.bad_words is not None and (
-            not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words)
+            if not isinstance(self.logit_bias, dict) or not all(is_int(k) for k in self.logit_bias):
+                raise TypeError(f"logit_bias must be a dict of token id -> float, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                check_number(f"logit_bias[{token}]", bias)
+        _check_int_list("allowed_token_ids", self.allowed_token_ids)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) for w in self.bad_words):
+                raise TypeError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+            if not all(w.strip() for w in self.bad_words):
+                raise ValueError(f"bad_words must not hold blank strings, got {self.bad_words!r}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise TypeError(f"extra_args must be a dict, got {type(self.extra_args).__name__}")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
+            check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=1)
+        if self.logits_processors is not None and (
+            not isinstance(self.logits_processors, (list, tuple)) or not all(callable(p) for p in self.logits_processors)
         ):
-            raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+            raise TypeError("logits_processors must be a list of callables (output_ids, logits) -> logits")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.output_kind is RequestOutputKind.DELTA:
+            raise ValueError("output_kind=DELTA streams partial outputs, which offline calls do not: use CUMULATIVE")
 
     @property
     def greedy(self) -> bool:
@@ -121,23 +169,54 @@ class SamplingParams:
         ids = list(self.stop_token_ids) + list(self.allowed_token_ids or [])
         return ids + list((self.logit_bias or {}).keys())
 
+    def clone(self) -> "SamplingParams":
+        """A copy (vLLM's ``clone``): shallow with ``skip_clone``, else deep."""
+        return copy.copy(self) if self.skip_clone else copy.deepcopy(self)
+
+    def for_request(self) -> "SamplingParams":
+        """The copy a request samples with: every field checked again (one may have been set
+        after construction) and normalized; processors and extra args are shared, not copied."""
+        params = copy.copy(self)
+        params._normalize()
+        return params
+
+    def update_from_generation_config(self, generation_config: dict[str, Any], eos_token_id: int | None = None) -> None:
+        """vLLM's: the file's extra EOS ids become stop token ids (unless ``ignore_eos``)."""
+        eos_ids = generation_config.get("eos_token_id")
+        if eos_ids is None or self.ignore_eos:
+            return
+        extra = {eos_ids} if is_int(eos_ids) else set(eos_ids)
+        extra.discard(eos_token_id)
+        self.stop_token_ids = sorted(set(self.stop_token_ids) | extra)
+
     @classmethod
-    def from_generation_config(cls, generation_config: dict[str, Any]) -> "SamplingParams":
+    def from_generation_config(
+        cls, generation_config: dict[str, Any], overrides: dict[str, Any] | None = None
+    ) -> "SamplingParams":
         """Defaults from a model's generation_config.json, as vLLM's ``generation_config="auto"``.
 
         Like vLLM, only the sampling knobs the file sets explicitly are taken
         (``do_sample`` is ignored); ``max_new_tokens`` becomes ``max_tokens``.
-        """
+        ``overrides`` (vLLM's ``override_generation_config``) win over the file."""
+        merged = {**generation_config, **(overrides or {})}
         known = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        kwargs: dict[str, Any] = {k: generation_config[k] for k in known if generation_config.get(k) is not None}
-        if generation_config.get("max_new_tokens"):
-            kwargs["max_tokens"] = int(generation_config["max_new_tokens"])
+        kwargs: dict[str, Any] = {k: merged[k] for k in known if merged.get(k) is not None}
+        if merged.get("max_new_tokens"):
+            kwargs["max_tokens"] = int(merged["max_new_tokens"])
         return cls(**kwargs)
+
+
+def _check_int_list(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not all(is_int(v) for v in value):
+        raise TypeError(f"{name} must be a list of ints, got {value!r}")
 
 
 @dataclass
 class BeamSearchParams:
-    """vLLM's ``BeamSearchParams`` for ``LLM.beam_search``."""
+    """vLLM's ``BeamSearchParams`` for ``LLM.beam_search``. ``include_stop_str_in_output`` is
+    accepted as vLLM accepts it; like vLLM's, a beam's text is the decode of all its tokens."""
 
     beam_width: int
     max_tokens: int
@@ -147,11 +226,9 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.beam_width) or self.beam_width < 1:
-            raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not _is_number(self.length_penalty):
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        check_int("beam_width", self.beam_width, minimum=1)
+        check_int("max_tokens", self.max_tokens, minimum=1)
+        check_bool("ignore_eos", self.ignore_eos)
+        check_number("temperature", self.temperature, minimum=0.0)
+        check_number("length_penalty", self.length_penalty)
+        check_bool("include_stop_str_in_output", self.include_stop_str_in_output)

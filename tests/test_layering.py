@@ -11,16 +11,19 @@ import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "fxllm"
 
-# Lowest first. A module belongs to the layer of the longest prefix that names it.
+# Lowest first. A module belongs to the layer of the longest prefix that names it; the
+# package itself ("fxllm", its __init__) names only itself.
+PACKAGE = "fxllm"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("fxllm.config", "fxllm.sampling_params", "fxllm.outputs", "fxllm.utils", "fxllm.forward_context",
-              "fxllm.inputs", "fxllm.hf_config")),
+              "fxllm.inputs", "fxllm.hf_config", "fxllm.validation", "fxllm.metrics", "fxllm.lora")),
     ("parallel layout", ("fxllm.parallel",)),
     ("models", ("fxllm.models", "fxllm.attention")),
     ("passes", ("fxllm.passes",)),
     ("compiler", ("fxllm.compiler",)),
     ("runtime", ("fxllm.runtime",)),
-    ("API face", ("fxllm", "fxllm.llm", "fxllm.engine_args", "fxllm.beam_search")),
+    ("API face", ("fxllm", "fxllm.llm", "fxllm.engine_args", "fxllm.engine_arg_support", "fxllm.vllm_engine_args",
+                  "fxllm.beam_search", "fxllm.v1")),
     ("CLI", ("fxllm.cli", "fxllm.inspection")),
 ]
 
@@ -29,7 +32,8 @@ def layer_of(module: str) -> int | None:
     best: tuple[int, int] | None = None
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+            below = module.startswith(prefix + ".") and prefix != PACKAGE
+            if (module == prefix or below) and (best is None or len(prefix) > best[1]):
                 best = (index, len(prefix))
     return None if best is None else best[0]
 

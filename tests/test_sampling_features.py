@@ -255,24 +255,56 @@ def test_beam_search_matches_hf_num_beams(llm, llama_dir, hf_model):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"n": 0}, "n must be"),
-        ({"presence_penalty": 3.0}, "presence_penalty"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty"),
-        ({"min_p": 1.5}, "min_p"),
-        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-        ({"logprobs": -1}, "logprobs"),
-        ({"stop": [""]}, "stop"),
-        ({"stop": "x", "detokenize": False}, "detokenize"),
-        ({"logit_bias": {"a": 1.0}}, "logit_bias"),
-        ({"allowed_token_ids": []}, "allowed_token_ids"),
-        ({"bad_words": [" "]}, "bad_words"),
+        ({"n": 0}, ValueError, "n must be"),
+        ({"presence_penalty": 3.0}, ValueError, "presence_penalty"),
+        ({"presence_penalty": float("nan")}, ValueError, "presence_penalty must be a finite number"),
+        ({"frequency_penalty": float("nan")}, ValueError, "frequency_penalty must be a finite number"),
+        ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, ValueError, "repetition_penalty must be a finite number"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be a finite number"),
+        ({"temperature": float("-inf")}, ValueError, "temperature must be a finite number"),
+        ({"min_p": 1.5}, ValueError, "min_p"),
+        ({"min_tokens": 5, "max_tokens": 2}, ValueError, "min_tokens"),
+        ({"logprobs": -2}, ValueError, "logprobs"),
+        ({"stop": [""]}, ValueError, "stop"),
+        ({"stop": 123}, TypeError, "stop must be a string or a list of strings"),
+        ({"stop_token_ids": 5}, TypeError, "stop_token_ids must be a list of ints"),
+        ({"stop": "x", "detokenize": False}, ValueError, "detokenize"),
+        ({"logit_bias": {"a": 1.0}}, TypeError, "logit_bias"),
+        ({"logit_bias": {3: float("nan")}}, ValueError, r"logit_bias\[3\] must be a finite number"),
+        ({"allowed_token_ids": []}, ValueError, "allowed_token_ids"),
+        ({"bad_words": [" "]}, ValueError, "bad_words"),
+        ({"seed": 2**64}, ValueError, "seed must be an int in"),
+        ({"ignore_eos": "no"}, TypeError, "ignore_eos must be True or False"),
+        ({"max_tokens": 2.0}, TypeError, "max_tokens must be an int"),
+        ({"n": 2, "temperature": 0.0}, ValueError, "n must be 1 when sampling greedily"),
     ],
 )
-def test_every_field_is_validated(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_every_field_is_validated(kwargs, error, message):
+    with pytest.raises(error, match=message):
         SamplingParams(**kwargs)
+
+
+def test_fields_set_after_construction_are_checked_at_submission(llm):
+    params = SamplingParams(temperature=0.5, max_tokens=2)
+    params.temperature = float("nan")
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        llm.generate(PROMPT, params, use_tqdm=False)
+    assert _greedy(llm).outputs[0].token_ids  # still serving
+
+
+def test_parameters_are_normalized_as_vllm_does():
+    with pytest.warns(UserWarning, match="raised to 0.01"):
+        assert SamplingParams(temperature=0.001).temperature == 0.01
+    greedy = SamplingParams(temperature=0, top_p=0.5, top_k=3, min_p=0.2)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(logprobs=True).logprobs == 1
+    params = SamplingParams(stop_token_ids=[5], extra_args={"k": 1})
+    clone = params.clone()
+    assert clone == params and clone.stop_token_ids is not params.stop_token_ids
 
 
 def test_token_ids_in_sampling_params_are_checked_against_the_vocabulary(llm):

@@ -322,12 +322,12 @@ def test_sharded_state_round_trip_reads_one_file_per_rank(tensor_parallel_runs, 
 
 
 def test_an_unknown_load_format_is_a_clear_error():
-    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, sharded_state, got 'pt'"):
+    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, sharded_state, dummy, got 'pt'"):
         LLM(model="unused", load_format="pt")
 
 
 def _prompt_logprobs(llm: LLM) -> torch.Tensor:
-    output = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=1, prompt_logprobs=VOCAB_SIZE),
+    output = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=1, prompt_logprobs=-1),
                           use_tqdm=False)[0]
     return torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)] for entry in output.prompt_logprobs[1:]])
 
@@ -337,9 +337,10 @@ def test_dynamic_fp8_under_tensor_parallelism_reduces_its_row_parallel_outputs(t
     Per-row scales over a rank's half of the inputs differ from one device's, so the check is
     the FP8 tolerance of test_fp8.py against full precision, not equality with one device."""
     model_dir = tensor_parallel_runs["llama"]
-    reference = _prompt_logprobs(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS))
+    reference = _prompt_logprobs(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS,
+                                     max_logprobs=-1))
     llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, quantization="fp8",
-              tensor_parallel_size=2)
+              tensor_parallel_size=2, max_logprobs=-1)
     assert llm.compile_report().passes["tensor_parallel"] == 2 * CONFIGS["llama"]().num_hidden_layers + 1
     assert centered_distance(_prompt_logprobs(llm), reference) < FULL_PRECISION_TOLERANCE
 
@@ -357,8 +358,10 @@ def test_pre_quantized_fp8_checkpoints_split_their_scales_with_their_weights(var
     """Both sides dequantize the same FP8 weights with the same scales: only the order of the
     partial sums differs, so the logits agree to rounding."""
     model_dir = write_fp8.write_fp8_checkpoint(tensor_parallel_runs["llama"], tmp_path / variant, **PRE_QUANTIZED[variant])
-    single = _prompt_logprobs(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS))
-    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2)
+    single = _prompt_logprobs(LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS,
+                                  max_logprobs=-1))
+    llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=MAX_POSITIONS, tensor_parallel_size=2,
+              max_logprobs=-1)
     torch.testing.assert_close(_prompt_logprobs(llm), single, rtol=0, atol=LOGIT_TOLERANCE)
 
 

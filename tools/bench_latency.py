@@ -10,6 +10,7 @@ reads one row) times decode tok/s, against the 3.0 TB/s the H100 copies at.
     python tools/bench_latency.py --shape tiny --new-tokens 16 --enforce-eager   # CPU smoke run
     python tools/bench_latency.py --cudagraph-modes NONE FULL_AND_PIECEWISE --profile
     python tools/bench_latency.py --shape llama-3-8b --quantization none fp8
+    python tools/bench_latency.py --shape llama-3-8b --quantization none w4a16   # GPTQ INT4, random packed weights
     python tools/bench_latency.py --shape llama-3-8b --tensor-parallel-sizes 1 2 --profile
     python tools/bench_latency.py --shape qwen3-0.6b --pass-configs default off
     python tools/bench_latency.py --async-scheduling on off
@@ -55,7 +56,11 @@ PROMPT_ID_LIMIT = 10_000  # prompt ids below every shape's vocabulary
 SHAPES = tuple(random_model.SHAPES)
 # --pass-configs names; anything else is read as a JSON PassConfig.
 NAMED_PASS_CONFIGS = {"default": None, "off": {"enable_noop": False, "enable_fusion": False}}
-FP8_BYTES = 1
+# Bytes a linear weight takes per quantization (scales aside).
+LINEAR_BYTES = {"fp8": 1, "w4a16": 0.5}
+# --quantization names that load a pre-quantized checkpoint (random packed weights) rather than
+# quantizing the bf16 one: name -> the method the checkpoint says.
+PREQUANTIZED = {"w4a16": "gptq"}
 ASYNC_SCHEDULING = {"auto": None, "on": True, "off": False}
 # All-reduce kernels, named lower-cased without underscores: NCCL's and the one-shot kernel.
 ALL_REDUCE_KERNEL = "allreduce"
@@ -76,9 +81,9 @@ class Variant:
 
 
 def bytes_per_decode_step(
-    config: dict, context_tokens: float, element_bytes: int, linear_bytes: int | None = None
+    config: dict, context_tokens: float, element_bytes: int, linear_bytes: float | None = None
 ) -> dict[str, float]:
-    """Bytes one decode step reads: linear weights (``linear_bytes`` each, FP8: 1), lm_head
+    """Bytes one decode step reads: linear weights (``linear_bytes`` each: FP8 1, INT4 0.5), lm_head
     and the KV cache of ``context_tokens``."""
     hidden = config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
@@ -117,7 +122,7 @@ def device_ms_per_step(llm: LLM, prompt: dict, decode_steps: int) -> tuple[float
     return sum(per_kernel.values()), all_reduce, per_kernel
 
 
-def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
+def run(args: argparse.Namespace, model_dirs: dict[str, Path], variant: Variant) -> dict:
     from fxllm import LLM, SamplingParams
 
     compilation: dict = {"level": args.level}
@@ -125,11 +130,13 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
         compilation["cudagraph_mode"] = variant.cudagraph_mode
     if variant.pass_config_dict() is not None:
         compilation["pass_config"] = variant.pass_config_dict()
+    model_dir = model_dirs.get(variant.quantization, model_dirs[None])
+    quantization = PREQUANTIZED.get(variant.quantization, variant.quantization)
     # No prefix caching: every repeat must compute the prompt again, like the first.
     llm = LLM(
         model=str(model_dir), max_model_len=PROMPT_TOKENS + args.new_tokens, device=args.device,
         enforce_eager=args.enforce_eager, compilation_config=compilation, enable_prefix_caching=False,
-        quantization=variant.quantization, tensor_parallel_size=variant.tensor_parallel_size,
+        quantization=quantization, tensor_parallel_size=variant.tensor_parallel_size,
         async_scheduling=ASYNC_SCHEDULING[variant.async_scheduling],
     )
     rng = random.Random(0)
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace, model_dir: Path, variant: Variant) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     element_bytes = llm.llm_engine_config.model.dtype.itemsize
     # Decode steps see contexts of PROMPT_TOKENS + 1 ... PROMPT_TOKENS + new_tokens - 1 tokens.
-    linear_bytes = FP8_BYTES if variant.quantization == "fp8" else None
+    linear_bytes = LINEAR_BYTES.get(variant.quantization)
     step_bytes = bytes_per_decode_step(config, PROMPT_TOKENS + args.new_tokens / 2, element_bytes, linear_bytes)
     cards = variant.tensor_parallel_size
     bandwidth = step_bytes["total"] / cards * decode_tok_s  # per card
@@ -220,8 +227,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median counts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cudagraph-modes", nargs="+", default=[None], help="one row per mode (default: the engine's)")
-    parser.add_argument("--quantization", nargs="+", choices=("none", "fp8"), default=["none"],
-                        help="one row per quantization (fp8: dynamic FP8 at load)")
+    parser.add_argument("--quantization", nargs="+", choices=("none", "fp8", "w4a16"), default=["none"],
+                        help="one row per quantization (fp8: dynamic FP8 at load; w4a16: a GPTQ INT4 checkpoint "
+                             "of random packed weights, group 128)")
     parser.add_argument("--tensor-parallel-sizes", type=int, nargs="+", default=[1], help="one row per size")
     parser.add_argument("--pass-configs", nargs="+", default=["default"],
                         help="one row per pass config: default, off, or a JSON PassConfig")
@@ -243,7 +251,9 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
+        model_dirs = {None: random_model.write_random_model(args.shape, Path(scratch) / args.shape)}
+        if "w4a16" in args.quantization:
+            model_dirs["w4a16"] = random_model.write_random_int4_model(args.shape, Path(scratch) / f"{args.shape}-w4a16")
         variants = [
             Variant(mode, None if quantization == "none" else quantization, size, passes, overlap)
             for mode, quantization, size, passes, overlap in itertools.product(
@@ -251,7 +261,7 @@ def main() -> None:
                 args.async_scheduling,
             )
         ]
-        rows = [run(args, model_dir, variant) for variant in variants]
+        rows = [run(args, model_dirs, variant) for variant in variants]
     print_table(rows)
     print_top_kernels(rows)
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -73,6 +73,44 @@ def write_random_model(shape: str, directory: Path, seed: int = 0, dtype: torch.
     return directory
 
 
+INT4_GROUP_SIZE = 128
+# Scales of random 4-bit levels around 8 that give weights of about WEIGHT_STD.
+INT4_SCALE = WEIGHT_STD / 4
+
+
+def write_random_int4_model(shape: str, directory: Path, seed: int = 0, group_size: int = INT4_GROUP_SIZE) -> Path:
+    """The shape as a GPTQ W4A16 checkpoint (symmetric, ``group_size``) of random packed weights:
+    every linear layer but lm_head as ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, the rest
+    as ``write_random_model`` writes it. Written directly, without quantizing a bf16 model."""
+    write_random_model(shape, directory, seed)
+    from safetensors import safe_open
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        names = list(handle.keys())
+        tensors = {name: handle.get_tensor(name) for name in names}
+    for name in names:
+        if not name.endswith("proj.weight"):
+            continue
+        out_features, in_features = tensors.pop(name).shape
+        module = name.removesuffix(".weight")
+        groups = -(-in_features // group_size)  # the last group may be partial
+        tensors[f"{module}.qweight"] = torch.randint(
+            -(2**31), 2**31 - 1, (in_features // 8, out_features), generator=generator, dtype=torch.int32
+        )
+        tensors[f"{module}.qzeros"] = torch.full((groups, out_features // 8), 0x77777777, dtype=torch.int32)
+        tensors[f"{module}.scales"] = torch.full((groups, out_features), INT4_SCALE, dtype=torch.float16)
+        tensors[f"{module}.g_idx"] = (torch.arange(in_features) // group_size).to(torch.int32)
+    save_file(tensors, str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True, "desc_act": False,
+        "checkpoint_format": "gptq",
+    }  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
 def _write_tokenizer(directory: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

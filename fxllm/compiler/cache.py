@@ -1,14 +1,16 @@
 """The on-disk compile cache: compiled pieces keyed by everything that changes their code.
 
 A second process with the same key loads each piece instead of compiling it
-(DESIGN.md contract 9). Entries are written atomically, so a killed process never
-leaves a half-written artifact.
+(docs/ARCHITECTURE.md, contract 9). Entries are written atomically (a temporary file,
+then a rename), so a killed process never leaves a half-written artifact; an entry
+damaged anyway (a full disk, an edit) is discarded with a warning and compiled again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -17,8 +19,10 @@ import torch
 
 from fxllm.config import EngineConfig
 
+logger = logging.getLogger(__name__)
+
 # Source files whose code ends up in the traced graph or decides how it is compiled.
-_TRACED_PACKAGES = ("models", "runtime/attention", "compiler", "passes")
+_TRACED_PACKAGES = ("models", "attention", "compiler", "passes", "parallel")
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT_FORMAT = "binary"
 
@@ -74,6 +78,11 @@ class CompileCache:
     """Compiled Inductor artifacts under ``root/<engine key>/<piece key>.bin``."""
 
     def __init__(self, root: Path, engine_key: str):
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(
+                f"the compile cache directory {root} is a file: pass compilation_config={{'cache_dir': ...}} (or "
+                f"FXLLM_CACHE_DIR) naming a directory, or remove the file"
+            )
         self.directory = root / engine_key
 
     def _path(self, piece_key: str) -> Path:
@@ -85,7 +94,12 @@ class CompileCache:
             return None
         from torch._inductor import CompiledArtifact
 
-        return CompiledArtifact.load(path=str(path), format=ARTIFACT_FORMAT)
+        try:
+            return CompiledArtifact.load(path=str(path), format=ARTIFACT_FORMAT)
+        except Exception as error:  # truncated, emptied or overwritten: compile it again
+            logger.warning("discarding the damaged compile-cache entry %s (%s: %s)", path, type(error).__name__, error)
+            path.unlink(missing_ok=True)
+            return None
 
     def save(self, piece_key: str, artifact) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,11 +16,16 @@ from transformers import AutoConfig, PretrainedConfig
 from fxllm.config import ModelConfig
 from fxllm.models.interface import Model
 from fxllm.models.native_configs import read_native_config
-from fxllm.models.quantization import construct_with_fp8_linears, model_quantization
+from fxllm.models.quantization import (
+    construct_with_quantized_linears,
+    model_quantization,
+    packed_tensor_splits,
+    weight_scale_block,
+)
 from fxllm.models.registry import resolve_architecture
 from fxllm.models.sharded_state import load_sharded_state
 from fxllm.parallel.sharding import iterate_sharded_safetensors
-from fxllm.parallel.tp_config import TPLayout, tp_local_config
+from fxllm.parallel.tp_config import TPLayout, tp_layout, tp_local_config
 from fxllm.models.weights import iterate_safetensors, safetensors_files
 
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None
@@ -79,20 +85,41 @@ def load_hf_config(model_dir: Path, hf_overrides: HfOverrides) -> PretrainedConf
 
 
 def load_generation_config(source: str, model_dir: Path) -> dict:
-    """vLLM's ``generation_config``: "auto" reads the model's file, "vllm" ignores it, else a folder."""
+    """vLLM's ``generation_config``: "auto" reads the model's file, "vllm" ignores it, else a folder.
+    A file that is not valid JSON gives the defaults, with a warning naming it (as vLLM)."""
+    if not isinstance(source, str):
+        raise TypeError(f"generation_config must be 'auto', 'vllm' or a folder path, got {type(source).__name__}")
     if source == "vllm":
         return {}
-    folder = model_dir if source == "auto" else Path(source)
+    folder = model_dir if source == "auto" else Path(source).expanduser()
+    if source != "auto" and not folder.is_dir():
+        raise FileNotFoundError(f"generation_config={source!r}: no such folder")
     file = folder / "generation_config.json"
     if not file.exists():
         if source != "auto":
             raise FileNotFoundError(f"generation_config={source!r}: no generation_config.json in {folder}")
         return {}
-    return json.loads(file.read_text())
+    try:
+        values = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        warnings.warn(f"{file} is not valid JSON ({error}): sampling defaults are vLLM's", UserWarning, stacklevel=2)
+        return {}
+    if not isinstance(values, dict):
+        warnings.warn(f"{file} does not hold a JSON object: sampling defaults are vLLM's", UserWarning, stacklevel=2)
+        return {}
+    return values
+
+
+def model_tp_layout(hf_config: PretrainedConfig, rank: int, world_size: int) -> TPLayout:
+    """Rank ``rank``'s part of a model split over ``world_size`` ranks, its quantized tensors
+    included; a clear error where the model cannot split that way."""
+    return tp_layout(
+        hf_config, rank, world_size, weight_scale_block(hf_config), packed_tensor_splits(hf_config, world_size)
+    )
 
 
 def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLayout | None = None) -> Model:
-    """The model of ``model_config`` on ``device`` with its checkpoint's weights; FP8 linears
+    """The model of ``model_config`` on ``device`` with its checkpoint's weights; quantized linears
     where the checkpoint or ``quantization`` asks for them; the vision tower of a
     vision-language architecture as its ``multimodal`` config allows. With ``tp_layout``,
     this rank's part: built from the TP-local config, reading only its weight slices."""
@@ -109,16 +136,40 @@ def build_model(model_config: ModelConfig, device: torch.device, tp_layout: TPLa
     torch.set_default_dtype(model_config.dtype)
     try:
         with torch.device(device), _skip_parameter_init():
-            model = construct() if quantization is None else construct_with_fp8_linears(construct, quantization)
+            model = construct() if quantization is None else construct_with_quantized_linears(construct, quantization)
     finally:
         torch.set_default_dtype(previous)
     if model_config.load_format == "sharded_state":
         rank, world_size = (0, 1) if tp_layout is None else (tp_layout.rank, tp_layout.world_size)
         load_sharded_state(model, model_dir, rank, world_size)
+    elif model_config.load_format == "dummy":
+        _fill_dummy_weights(model)
     else:
         files = safetensors_files(model_dir)
         model.load_weights(iterate_sharded_safetensors(files, tp_layout) if sharded else iterate_safetensors(files))
     return model.eval().requires_grad_(False)
+
+
+# vLLM's load_format="dummy": small uniform weights, the same on every run.
+DUMMY_WEIGHT_BOUND = 1e-3
+DUMMY_WEIGHT_SEED = 0
+
+
+@torch.no_grad()
+def _fill_dummy_weights(model: nn.Module) -> None:
+    """Random weights of the checkpoint's shapes, nothing read from disk (benchmarks without
+    weights)."""
+    generator = torch.Generator(device="cpu").manual_seed(DUMMY_WEIGHT_SEED)
+    for name, parameter in model.named_parameters():
+        if not parameter.dtype.is_floating_point:
+            raise ValueError(
+                f"load_format='dummy' fills floating-point weights only, and {name} is {parameter.dtype} (an "
+                f"integer-quantized checkpoint): load its weights (load_format='auto')"
+            )
+        values = torch.empty(parameter.shape, dtype=torch.float32).uniform_(
+            -DUMMY_WEIGHT_BOUND, DUMMY_WEIGHT_BOUND, generator=generator
+        )
+        parameter.copy_(values.to(parameter.dtype))
 
 
 @contextlib.contextmanager

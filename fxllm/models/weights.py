@@ -47,6 +47,13 @@ class LoadsCheckpointTensors(Protocol):
         ...
 
 
+@runtime_checkable
+class FinishesLoading(Protocol):
+    """A layer that converts what it loaded once all of it is there (act-order INT layers)."""
+
+    def finish_loading(self) -> None: ...
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / SAFETENSORS_INDEX
     if index.exists():
@@ -117,7 +124,8 @@ def load_named_weights(
                 f"is the config's architecture right for these weights?"
             )
         param = params[target]
-        if tensor.dtype in _FP8_DTYPES and param.dtype not in _FP8_DTYPES:
+        quantized = tensor.dtype in _FP8_DTYPES or not (tensor.is_floating_point() or tensor.is_complex())
+        if quantized and param.is_floating_point() and param.dtype not in _FP8_DTYPES:
             raise ValueError(
                 f"checkpoint tensor {name!r} is {tensor.dtype}, but {target!r} is not a quantized layer; "
                 f"config.json needs the checkpoint's quantization_config (and must not list this layer as ignored)"
@@ -135,6 +143,10 @@ def load_named_weights(
     missing = sorted(name for name, count in pending.items() if count > 0)
     if missing:
         raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    with torch.no_grad():
+        for module in own_loaders.values():
+            if isinstance(module, FinishesLoading):
+                module.finish_loading()
 
 
 def _shard_rows(model: nn.Module, shard: FusedShard | None) -> ShardRows | None:

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from fxllm.parallel.plans import Split
-from fxllm.parallel.tp_config import TPLayout
+from fxllm.parallel.tp_config import PackedTensorSplit, TPLayout
 from fxllm.utils import cdiv
 
 
@@ -44,6 +44,9 @@ def shard_tensor(name: str, source, shape: list[int], layout: TPLayout) -> torch
     split = plan.split_of(name)
     if split is Split.REPLICATED or layout.world_size == 1:
         return source[:]
+    packed = next((spec for spec in layout.packed_tensors if name.endswith(spec.suffix)), None)
+    if packed is not None:
+        return _shard_packed(name, source, shape, split, layout, packed)
     if name.endswith(_FP8_SCALE_SUFFIXES):
         return _shard_fp8_scale(name, source, shape, split, layout)
     is_bias = len(shape) == 1
@@ -105,6 +108,43 @@ def _shard_fp8_scale(name: str, source, shape: list[int], split: Split, layout: 
     start, end = _output_range(split, layout, layout.intermediate_size)  # COLUMN: the MLP width
     _check_block_edges(name, end - start, block_n, "output", layout)
     return source[start // block_n : end // block_n]
+
+
+def _shard_packed(name: str, source, shape: list[int], split: Split, layout: TPLayout, spec: PackedTensorSplit):
+    """A tensor of a packed integer layer: this rank's outputs (column-parallel) or inputs
+    (row-parallel), cut where its elements are whole words and whole groups."""
+    if split is Split.FUSED_QKV or split is Split.VOCAB:
+        raise ValueError(f"{name!r}: {split.value} layers are not quantized under tensor parallelism")
+    if split is Split.ROW:
+        if spec.in_dim is None or spec.in_per_element == 0:
+            return source[:]
+        # A row-parallel layer's input is the attention heads or the MLP width.
+        widths = [w for w in {layout.num_heads * layout.head_dim, layout.intermediate_size}
+                  if cdiv(w, spec.in_per_element) == shape[spec.in_dim]]
+        if not widths:
+            raise ValueError(f"{name!r} of shape {tuple(shape)} matches no input width of this model")
+        columns = widths[0] // layout.world_size
+        for width in widths:
+            _check_whole(name, width // layout.world_size, spec.in_per_element, "input", layout)
+        first = layout.rank * columns // spec.in_per_element
+        return _take(source, spec.in_dim, first, first + columns // spec.in_per_element)
+    if spec.out_dim is None:
+        return source[:]
+    start, end = _output_range(split, layout, shape[spec.out_dim] * spec.out_per_element)
+    _check_whole(name, end - start, spec.out_per_element, "output", layout)
+    per = spec.out_per_element
+    return _take(source, spec.out_dim, start // per, cdiv(end, per))
+
+
+def _check_whole(name: str, size: int, per_element: int, dim: str, layout: TPLayout) -> None:
+    """Each rank's ``size`` features (all ranks alike) must be whole packed words or groups."""
+    if size % per_element:
+        raise ValueError(
+            f"tensor_parallel_size={layout.world_size} gives each rank {size} {dim} features of the layer of "
+            f"{name!r}, which are not whole {per_element}-wide groups (or packed words) of the quantized checkpoint; "
+            f"choose a tensor_parallel_size that splits this model's heads and MLP width into multiples of "
+            f"{per_element}"
+        )
 
 
 def _check_block_edges(name: str, size: int, block: int, dim: str, layout: TPLayout) -> None:

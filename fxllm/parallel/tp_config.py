@@ -13,6 +13,21 @@ from fxllm.utils import cdiv
 
 
 @dataclass(frozen=True)
+class PackedTensorSplit:
+    """Where a quantized layer's checkpoint tensor (ending in ``suffix``) keeps the layer's
+    output and input features, so a rank can cut out its part: along ``out_dim`` each
+    element covers ``out_per_element`` outputs (a word of packed values: several), along
+    ``in_dim`` ``in_per_element`` inputs (packed values, or a group of inputs sharing a
+    scale; 0: all of them, the tensor is whole on every rank). None: no such dim."""
+
+    suffix: str
+    out_dim: int | None
+    out_per_element: int
+    in_dim: int | None
+    in_per_element: int
+
+
+@dataclass(frozen=True)
 class TPLayout:
     """How a model's heads, MLP and vocabulary split over ``world_size`` ranks."""
 
@@ -26,6 +41,8 @@ class TPLayout:
     plan: ShardingPlan
     # (block_n, block_k) one stored weight scale covers, for a block-scaled FP8 checkpoint.
     scale_block: tuple[int, int] | None = None
+    # The packed tensors of an integer checkpoint (GPTQ, AWQ, compressed-tensors).
+    packed_tensors: tuple[PackedTensorSplit, ...] = ()
 
     @property
     def local_heads(self) -> int:
@@ -59,10 +76,15 @@ class TPLayout:
 
 
 def tp_layout(
-    config: PretrainedConfig, rank: int, world_size: int, scale_block: tuple[int, int] | None = None
+    config: PretrainedConfig,
+    rank: int,
+    world_size: int,
+    scale_block: tuple[int, int] | None = None,
+    packed_tensors: tuple[PackedTensorSplit, ...] = (),
 ) -> TPLayout:
     """The split of ``config`` over ``world_size`` ranks; a clear error where it cannot split.
-    ``scale_block``: the (block_n, block_k) of a block-scaled FP8 checkpoint's weight scales."""
+    ``scale_block``: the (block_n, block_k) of a block-scaled FP8 checkpoint's weight scales;
+    ``packed_tensors``: how an integer checkpoint's tensors split."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     intermediate = intermediate_size_of(config)
@@ -82,7 +104,8 @@ def tp_layout(
         )
     plan = plan_for(config.architectures[0])
     return TPLayout(
-        rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size, plan, scale_block
+        rank, world_size, heads, kv_heads, head_dim_of(config), intermediate, config.vocab_size, plan, scale_block,
+        packed_tensors,
     )
 
 

@@ -19,16 +19,22 @@ import operator
 import torch
 from torch import fx
 
-from fxllm.models.quantization import fp8_gemm  # noqa: F401  (registers fxllm::fp8_linear)
+from fxllm.models.quantization import fp8_gemm, int_gemm  # noqa: F401  (register the quantized linear ops)
 from fxllm.parallel import collectives, plans, sharding
 from fxllm.parallel.plans import Split
 from fxllm.parallel.tp_config import TPLayout
 from fxllm.passes.graph_pass import source_uuid
 
 ALL_REDUCE = torch.ops.fxllm.all_reduce.default
-# Linear layers whose weight is args[1]: plain, and FP8 (quantization="fp8" quantizes each
-# rank's shard at load, so a row-parallel FP8 output is a partial sum like any other).
-_LINEARS = (torch._C._nn.linear, torch.ops.fxllm.fp8_linear.default)
+# Linear layers whose weight is args[1]: plain, FP8 and integer (quantization="fp8" quantizes
+# each rank's shard at load, pre-quantized ranks read theirs, so a row-parallel quantized
+# output is a partial sum like any other).
+_LINEARS = (
+    torch._C._nn.linear,
+    torch.ops.fxllm.fp8_linear.default,
+    torch.ops.fxllm.int_weight_linear.default,
+    torch.ops.fxllm.int8_linear.default,
+)
 
 
 def _is_call(node: fx.Node, *targets) -> bool:

@@ -64,6 +64,8 @@ class CUDAGraphPlan:
         piecewise_compiled = compilation.level == CompilationLevel.PIECEWISE
         if mode is None:
             mode = CUDAGraphMode.FULL_AND_PIECEWISE if piecewise_compiled else CUDAGraphMode.FULL
+        if mode is CUDAGraphMode.FULL_DECODE_ONLY:
+            mode = CUDAGraphMode.FULL  # one mode here (see CUDAGraphMode)
         if mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_AND_PIECEWISE) and not piecewise_compiled:
             raise ValueError(
                 f"cudagraph_mode={mode.value} captures the pieces between attention ops, which exist only "
@@ -72,6 +74,8 @@ class CUDAGraphPlan:
             )
         sizes = compilation.cudagraph_capture_sizes or default_capture_sizes(config.scheduler.max_num_seqs)
         max_tokens = config.scheduler.max_num_batched_tokens
+        if compilation.max_cudagraph_capture_size is not None:
+            max_tokens = min(max_tokens, compilation.max_cudagraph_capture_size)
         sizes = tuple(size for size in sizes if size <= max_tokens)
         # A decode-only step has at most max_num_seqs tokens.
         full = tuple(size for size in sizes if size <= config.scheduler.max_num_seqs)

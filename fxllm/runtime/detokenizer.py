@@ -28,9 +28,17 @@ class IncrementalDetokenizer:
         self._output_ids: list[int] = []
         self._decoded = 0  # output tokens already in the text
         self._streamed = 0  # output tokens the stream has stepped through
-        self._context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+        self._context = self._whole_characters(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         if self._backend is not None:
             self._stream = self._new_stream()
+
+    def _whole_characters(self, context: list[int]) -> list[int]:
+        """``context`` without trailing tokens that end inside a character: their bytes belong to
+        the prompt, and decoding them with the output's would leak them into its text."""
+        decode = self._backend.decode if self._backend is not None else self._tokenizer.decode
+        while context and decode(context, skip_special_tokens=self._skip_special_tokens).endswith(INCOMPLETE_CHARACTER):
+            context = context[:-1]
+        return context
 
     def _new_stream(self):
         from tokenizers.decoders import DecodeStream
@@ -63,6 +71,18 @@ class IncrementalDetokenizer:
             self._streamed = len(self._output_ids)
         self._decoded = len(self._output_ids)
         return self._text
+
+    @property
+    def final_text(self) -> str:
+        """The whole output's text once no token will follow: the stream's, plus the bytes of a
+        last character cut short (decoded as replacement characters, as a plain decode does)."""
+        text = self.text
+        if self._backend is None or self._decoded == 0:
+            return text
+        skip = self._skip_special_tokens
+        context = self._backend.decode(self._context, skip_special_tokens=skip)
+        full = self._backend.decode(self._context + self._output_ids, skip_special_tokens=skip)
+        return full[len(context):] if full.startswith(context) and len(full) - len(context) > len(text) else text
 
     def _decode_in_bulk(self) -> bool:
         """The text the stream would give, from two decodes of the whole; False (nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -9,11 +10,13 @@ from typing import Any, Callable
 
 from fxllm.compiler import CompileReport
 from fxllm.config import EngineConfig
+from fxllm.metrics import Metric
 from fxllm.runtime.executor import Executor, make_executor
 from fxllm.runtime.kv_cache import KVCacheManager
 from fxllm.runtime.request import Request
 from fxllm.runtime.runner import ModelRunner
 from fxllm.runtime.scheduler import Scheduler, SchedulerOutput
+from fxllm.runtime.stats import EngineStats
 from fxllm.runtime.step_observer import StepObserver, StepPhases
 from fxllm.runtime.step_result import LaunchedStep, StepResult
 
@@ -28,17 +31,34 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.phases = StepPhases()  # timed only while an observer is attached
-        self.executor: Executor = make_executor(config, self.phases)
-        num_blocks, block_size = self.executor.num_blocks, config.cache.block_size
-        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.stats = EngineStats(config.model.model)
+        self._start_executor()
+        self._arrivals = itertools.count()
+        self._profiler: Any = None
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet taken (async scheduling)
         self._last_scheduled = SchedulerOutput()  # what the last step scheduled, for observers
+
+    def _start_executor(self) -> None:
+        """The executor and the KV-cache bookkeeping of its blocks."""
+        config = self.config
+        self.executor: Executor = make_executor(config, self.phases)
+        num_blocks, block_size = self.executor.num_blocks, config.cache.block_size
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.stats)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB) on %s",
             num_blocks, block_size, num_blocks * self.runner.bytes_per_block() / 2**30, config.device,
         )
+
+    def _restart_if_out_of_step(self) -> None:
+        """After a step failed half-way under tensor parallelism the ranks may disagree on what
+        runs next: start them afresh (the compile cache makes it quick) before the next call."""
+        if not self.executor.needs_restart:
+            return
+        logger.warning("restarting the tensor-parallel workers: the last step failed before every rank finished it")
+        self.executor.shutdown()
+        self._start_executor()
 
     @property
     def runner(self) -> ModelRunner:
@@ -53,6 +73,8 @@ class LLMEngine:
         return self.tokenizer
 
     def add_request(self, request: Request) -> None:
+        request.arrival_index = next(self._arrivals)
+        request.stats.arrival_time = time.time()
         self.scheduler.add(request)
 
     def has_unfinished(self) -> bool:
@@ -63,6 +85,7 @@ class LLMEngine:
         too), queued or running, they are dropped and their blocks freed: the engine serves the
         next call as if this one had never been made."""
         progress = None
+        self._restart_if_out_of_step()
         try:
             for request in requests:
                 self.add_request(request)
@@ -140,12 +163,46 @@ class LLMEngine:
     def abort(self, requests: list[Request]) -> None:
         """Drop unfinished requests and free their blocks (e.g. after an interrupt)."""
         self._in_flight = None  # its tokens are dropped; later steps queue behind its device work
+        now = time.monotonic()
         for request in requests:
             if not request.finished:
+                request.finish_reason = "abort"
                 self.scheduler.finish(request)
+                self.stats.on_finished(request, now)
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's counters, gauges and histograms since the engine started."""
+        scheduler, kv_cache = self.scheduler, self.kv_cache
+        return self.stats.snapshot(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting), kv_usage=kv_cache.usage,
+            preemptions=scheduler.num_preemptions, prefix_queries=kv_cache.prefix_queries,
+            prefix_hits=kv_cache.prefix_hits,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's blocks; False while requests hold blocks (nothing is done then)."""
+        return self.kv_cache.reset_prefix_cache()
+
+    def start_profile(self, directory: str) -> None:
+        """Profile every step from now on with the torch profiler, into ``directory``."""
+        if self._profiler is not None:
+            raise RuntimeError("the profiler is already running: call stop_profile() first")
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.config.device.type == "cuda" else [])
+        self._profiler = profile(activities=activities, on_trace_ready=tensorboard_trace_handler(directory))
+        self._profiler.start()
+
+    def stop_profile(self) -> None:
+        """Stop the profiler and write its trace (a file for TensorBoard or Perfetto)."""
+        if self._profiler is None:
+            raise RuntimeError("the profiler is not running: call start_profile() first")
+        profiler, self._profiler = self._profiler, None
+        profiler.stop()
 
     def collective_rpc(self, method: Any, args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
         """Run a runner method (by name) or ``method(runner, *args)`` on every rank; results in rank order."""
+        self._restart_if_out_of_step()
         return self.executor.collective_rpc(method, args, kwargs)
 
     def shutdown(self) -> None:

@@ -29,6 +29,7 @@ class KVCacheManager:
         # Blocks with ref count 0, least recently freed first (evicted first).
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_hits = 0  # tokens served from the cache, for stats and tests
+        self.prefix_queries = 0  # tokens looked up in the cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,6 +55,7 @@ class KVCacheManager:
         request.num_committed_blocks = len(hits)  # hits are cached blocks already
         request.num_computed_tokens = num_computed
         self.prefix_hits += num_computed
+        self.prefix_queries += request.num_tokens
         self._grow(request, needed)
         return num_new
 
@@ -84,6 +86,19 @@ class KVCacheManager:
             self.cached_blocks[block_hash] = block
         request.num_committed_blocks = num_full
 
+    @property
+    def usage(self) -> float:
+        """The share of blocks held by requests (cached free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; False (nothing done) while a request holds blocks."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        self.cached_blocks.clear()
+        self.block_hash = [None] * self.num_blocks
+        return True
+
     def free(self, request: Request) -> None:
         """Release a request's blocks; the tail goes into the queue first, so it is evicted first."""
         for block in reversed(request.block_ids):
@@ -112,7 +127,7 @@ class KVCacheManager:
         hashes, size = request.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             start, end = len(hashes) * size, (len(hashes) + 1) * size
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            parent = hashes[-1] if hashes else hash((_ROOT_HASH, request.cache_salt))
             tokens = tuple(request.all_token_ids[start:end])
             contents = request.multimodal.content_hashes(start, end) if request.multimodal is not None else ()
             hashes.append(hash((parent, tokens, contents) if contents else (parent, tokens)))

@@ -19,7 +19,7 @@ def request_outputs(requests: list[Request], num_prompts: int, tokenizer: Any) -
 
 def _request_output(requests: list[Request], tokenizer: Any) -> RequestOutput:
     first = requests[0]
-    decode = _token_text(tokenizer) if first.detokenizer is not None else None
+    decode = _token_text(tokenizer) if first.detokenizer is not None and tokenizer is not None else None
     completions = [
         CompletionOutput(
             index=request.completion_index,
@@ -39,6 +39,8 @@ def _request_output(requests: list[Request], tokenizer: Any) -> RequestOutput:
         outputs=completions,
         finished=all(request.finished for request in requests),
         prompt_logprobs=_dicts(first.prompt_logprobs, decode),
+        metrics=first.stats,
+        num_cached_tokens=first.num_cached_tokens,
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fxllm.metrics import RequestStateStats
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
@@ -55,6 +56,11 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
     multimodal: MultiModalPrompt | None = None  # images, videos and M-RoPE positions of a vision-language prompt
+    cache_salt: str | None = None  # hashed into its first prefix-cache block: other salts never share its blocks
+    priority: int = 0  # under scheduling_policy="priority": lower values are scheduled first
+    arrival_index: int = 0  # order of arrival: ties of priority, and FCFS
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
+    stats: RequestStateStats = field(default_factory=RequestStateStats)
     # Image or video index -> its embeddings [tokens, H], from the first step that computes one of its
     # tokens to the step that computes its last (see runtime/multimodal/embedder.py).
     encoder_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -94,6 +100,8 @@ class Request:
     def text(self) -> str:
         if self.detokenizer is None:
             return ""
+        if self.finish_reason is not None:
+            return self.detokenizer.final_text[: self.text_end]
         return self.detokenizer.text[: self.text_end]
 
     def banned_next_tokens(self) -> list[int]:
@@ -115,15 +123,19 @@ class Request:
             self.logprobs.append(logprobs)
             self.cumulative_logprob += logprobs.chosen_logprob
         params = self.sampling_params
+        stops_here = len(self.output_token_ids) >= params.min_tokens and token_id in self.stop_token_ids
+        if stops_here:
+            # The stop token stays in token_ids; its text joins the output only when asked (as vLLM).
+            if self.detokenizer is not None and params.include_stop_str_in_output:
+                self.detokenizer.add(token_id)
+            self.finish_reason = "stop"
+            self.stop_reason = token_id if token_id in params.stop_token_ids else None
+            return
         # Only stop strings need the text now; reading it decodes the tokens so far.
         new_text_from = len(self.detokenizer.text) if self.detokenizer is not None and params.stop else 0
         if self.detokenizer is not None:
             self.detokenizer.add(token_id)
         if len(self.output_token_ids) >= params.min_tokens:
-            if token_id in self.stop_token_ids:
-                self.finish_reason = "stop"
-                self.stop_reason = token_id if token_id in params.stop_token_ids else None
-                return
             if params.stop:
                 found = find_stop_string(self.detokenizer.text, new_text_from, params.stop)
                 if found is not None:

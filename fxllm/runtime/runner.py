@@ -31,11 +31,10 @@ from fxllm.attention.layer import AttentionSpec
 from fxllm.attention.selector import select_attention_backend
 from fxllm.forward_context import ForwardContext, GraphDispatch, set_forward_context
 from fxllm.models.interface import Model, attention_layers
-from fxllm.models.loader import build_model, weight_bytes
-from fxllm.models.quantization import weight_scale_block
+from fxllm.models.loader import build_model, model_tp_layout, weight_bytes
 from fxllm.models.sharded_state import save_sharded_state
 from fxllm.parallel.collectives import gather_logits
-from fxllm.parallel.tp_config import TPLayout, tp_layout
+from fxllm.parallel.tp_config import TPLayout
 from fxllm.runtime.cudagraph_dispatch import CUDAGraphPlan, capture_graphs
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
 from fxllm.runtime.penalty_state import PenaltyState
@@ -109,11 +108,7 @@ class ModelRunner:
         model_config = config.model
         world_size = config.parallel.tensor_parallel_size
         # This rank's part of a tensor-parallel model; None on one device.
-        self.tp_layout = (
-            tp_layout(model_config.hf_config, rank, world_size, weight_scale_block(model_config.hf_config))
-            if world_size > 1
-            else None
-        )
+        self.tp_layout = model_tp_layout(model_config.hf_config, rank, world_size) if world_size > 1 else None
         self.vocab_size = model_config.vocab_size
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
@@ -196,6 +191,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
+        if cache.kv_cache_memory_bytes is not None:
+            return cache.kv_cache_memory_bytes // self.bytes_per_block()
         if self.device.type == "cpu":
             # Host memory is shared with everything else: take no more than the scheduler
             # could ever fill (every sequence at max_model_len).

@@ -62,7 +62,7 @@ class SamplingBatch:
                 return torch.full((len(values),), first, dtype=dtype, device=device)
             return torch.tensor(values, dtype=dtype, device=device)
 
-        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         all_greedy = all(greedy)
         return cls(

@@ -11,9 +11,9 @@ is re-queued to recompute (no swapping).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from fxllm.config import SchedulerConfig
@@ -21,6 +21,7 @@ from fxllm.runtime.kv_cache import KVCacheManager
 from fxllm.runtime.request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from fxllm.runtime.stats import EngineStats
     from fxllm.runtime.step_result import StepResult
 
 
@@ -47,15 +48,29 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, stats: EngineStats | None = None):
         self.config = config
         self.kv_cache = kv_cache
+        self.stats = stats
+        self.by_priority = config.policy == "priority"
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        request.stats.queued_ts = time.monotonic()
+        self._queue(request)
+
+    def _queue(self, request: Request) -> None:
+        """FCFS: to the back. Priority: after every waiting request of lower or equal rank."""
+        if not self.by_priority:
+            self.waiting.append(request)
+            return
+        rank = (request.priority, request.arrival_index)
+        index = len(self.waiting)
+        while index > 0 and (self.waiting[index - 1].priority, self.waiting[index - 1].arrival_index) > rank:
+            index -= 1
+        self.waiting.insert(index, request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -83,6 +98,9 @@ class Scheduler:
             if num_new is None:
                 break
             self.waiting.popleft()
+            if not request.stats.scheduled_ts:
+                request.stats.scheduled_ts = time.monotonic()
+                request.num_cached_tokens = request.num_computed_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             output.scheduled.append(ScheduledRequest(request, num_new))
@@ -100,6 +118,7 @@ class Scheduler:
         blocks to the prefix cache and finish requests; returns the requests it finished."""
         sampled = iter(zip(result.sampled, result.logprobs))
         finished = []
+        now = time.monotonic()
         for scheduled in output.scheduled:
             request = scheduled.request
             if scheduled.samples:
@@ -112,10 +131,23 @@ class Scheduler:
                 request.prompt_logprobs.extend(result.prompt_logprobs.get(request, ()))
             if scheduled.samples:
                 request.append_output(token_id, logprobs)
+                self._record_token(request, now)
                 if request.finish_reason is not None:
                     self.finish(request)
                     finished.append(request)
+                    if self.stats is not None:
+                        self.stats.on_finished(request, now)
         return finished
+
+    def _record_token(self, request: Request, now: float) -> None:
+        stats = request.stats
+        stats.num_generation_tokens += 1
+        if stats.num_generation_tokens == 1:
+            stats.first_token_ts = now
+            stats.first_token_latency = now - stats.queued_ts
+        if self.stats is not None:
+            self.stats.on_token(request, now)
+        stats.last_token_ts = now
 
     def finish(self, request: Request) -> None:
         """Remove a finished (or aborted) request and free its blocks."""
@@ -129,16 +161,27 @@ class Scheduler:
     def _make_room(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
         """Allocate for ``request``, preempting the newest running requests as needed."""
         while not self.kv_cache.allocate(request, num_new):
-            victim = self.running.pop()
+            victim = self._victim()
             self._preempt(victim)
             output.preempted.append(victim)
             if victim is request:
                 return False
         return True
 
+    def _victim(self) -> Request:
+        """The running request to preempt: the newest (FCFS), or the lowest in priority."""
+        if not self.by_priority:
+            return self.running.pop()
+        victim = max(self.running, key=lambda r: (r.priority, r.arrival_index))
+        self.running.remove(victim)
+        return victim
+
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.by_priority:
+            self._queue(request)
+        else:
+            self.waiting.appendleft(request)

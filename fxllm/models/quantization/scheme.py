@@ -10,6 +10,9 @@ Three sources, one ``Fp8Scheme``:
   format ``float-quantized`` or ``naive-quantized``): ``*.weight`` float8_e4m3fn with
   ``*.weight_scale`` [1] (strategy "tensor") or [out, 1] ("channel"), and ``*.input_scale``
   [1] where input activations are static.
+
+Integer checkpoints (GPTQ, AWQ, compressed-tensors ``pack-quantized`` / ``int-quantized``)
+are parsed by int_scheme.py into an ``IntWeightScheme`` or ``Int8Scheme``.
 """
 
 from __future__ import annotations
@@ -17,22 +20,36 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
+
+import torch
+
+from fxllm.models.quantization import int_scheme
+from fxllm.models.quantization.int_scheme import Int8Scheme, IntWeightScheme, UnsupportedScheme
+from fxllm.parallel.tp_config import PackedTensorSplit
 
 # vLLM's names for the methods, as ``LLM(quantization=...)`` takes them.
 FP8 = "fp8"
-COMPRESSED_TENSORS = "compressed-tensors"
-QUANTIZATION_METHODS = (FP8, COMPRESSED_TENSORS)
+COMPRESSED_TENSORS = int_scheme.COMPRESSED_TENSORS
+GPTQ, AWQ = int_scheme.GPTQ, int_scheme.AWQ
+QUANTIZATION_METHODS = (FP8, COMPRESSED_TENSORS, GPTQ, AWQ)
+# Methods that only describe a checkpoint: nothing is quantized at load.
+CHECKPOINT_METHODS = (COMPRESSED_TENSORS, GPTQ, AWQ)
 SUPPORTED = (
     "quantization='fp8' (weights quantized to FP8 at load), or a pre-quantized checkpoint, detected from "
-    "config.json's quantization_config: transformers' FP8 format (quant_method 'fp8' with weight_block_size) or "
-    "compressed-tensors FP8 (quant_method 'compressed-tensors', format 'float-quantized' or 'naive-quantized', "
-    "8-bit float weights with strategy 'tensor' or 'channel')"
+    "config.json's quantization_config: transformers' FP8 format (quant_method 'fp8' with weight_block_size); "
+    "compressed-tensors (quant_method 'compressed-tensors') FP8 (format 'float-quantized' or 'naive-quantized', "
+    "8-bit float weights with strategy 'tensor' or 'channel'), W4A16 / W8A16 (format 'pack-quantized', int "
+    "weights with strategy 'group' or 'channel', symmetric or not) or W8A8 INT8 (format 'int-quantized', 8-bit "
+    "per-channel weights, activations dynamic per token or static per tensor); GPTQ (quant_method 'gptq', 4 or 8 "
+    "bits, group_size -1 or a power of two, sym true or false, desc_act, checkpoint_format 'gptq' or 'gptq_v2'); "
+    "AWQ (quant_method 'awq', 4 bits, version 'gemm', zero points)"
 )
 # Kept in the model dtype whatever the checkpoint says (fxllm module names).
 UNQUANTIZED_MODULES = frozenset({"lm_head"})
 
 _CT_FORMATS = ("float-quantized", "naive-quantized")
+_CT_INT_FORMATS = ("pack-quantized", "int-quantized")
 _CT_WEIGHT_STRATEGIES = ("tensor", "channel")
 _CT_STATUSES_WITH_WEIGHTS = ("compressed", "frozen")
 
@@ -73,24 +90,26 @@ class Fp8Scheme:
         return not any(_compressed_tensors_matches(pattern, checkpoint_module) for pattern in self.ignore)
 
 
+QuantizationScheme = Union[Fp8Scheme, IntWeightScheme, Int8Scheme]
+
 QUANTIZE_ON_LOAD = Fp8Scheme(
     method=FP8, prequantized=False, weight_scales=WeightScales.CHANNEL, activations=ActivationScheme.DYNAMIC
 )
 
 
-def resolve_quantization(requested: Any, hf_config: Any) -> Fp8Scheme | None:
+def resolve_quantization(requested: Any, hf_config: Any) -> QuantizationScheme | None:
     """The scheme for ``LLM(quantization=requested)`` on a checkpoint with this config, or None."""
     if requested is not None and requested not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization={requested!r} is not supported; supported: None, {SUPPORTED}")
     checkpoint = getattr(hf_config, "quantization_config", None)
     if checkpoint is None:
-        if requested == COMPRESSED_TENSORS:
+        if requested in CHECKPOINT_METHODS:
             raise ValueError(
-                "quantization='compressed-tensors' needs a checkpoint saved in that format (config.json "
+                f"quantization={requested!r} needs a checkpoint saved in that format (config.json "
                 "quantization_config); for a full-precision checkpoint pass quantization='fp8'"
             )
         return QUANTIZE_ON_LOAD if requested == FP8 else None
-    scheme = parse_quantization_config(checkpoint)
+    scheme = parse_quantization_config(checkpoint, _checkpoint_dtype(hf_config))
     if requested is not None and requested != scheme.method:
         raise ValueError(
             f"quantization={requested!r} does not match the checkpoint, which is quantized with {scheme.method!r} "
@@ -106,7 +125,7 @@ def quantization_method(requested: Any, hf_config: Any) -> str | None:
     return scheme.method if scheme is not None else None
 
 
-def model_quantization(method: str | None, hf_config: Any) -> Fp8Scheme | None:
+def model_quantization(method: str | None, hf_config: Any) -> QuantizationScheme | None:
     """The scheme the model builder applies for ModelConfig.quantization ``method``."""
     return resolve_quantization(method, hf_config)
 
@@ -115,19 +134,36 @@ def weight_scale_block(hf_config: Any) -> tuple[int, int] | None:
     """(block_n, block_k) one stored weight scale covers in a block-scaled FP8 checkpoint; None
     otherwise (tensor parallelism keeps a rank's slices aligned to it)."""
     scheme = resolve_quantization(None, hf_config)
-    return scheme.weight_block if scheme is not None and scheme.weight_scales is WeightScales.BLOCK else None
+    if not isinstance(scheme, Fp8Scheme):
+        return None
+    return scheme.weight_block if scheme.weight_scales is WeightScales.BLOCK else None
 
 
-def parse_quantization_config(config: Any) -> Fp8Scheme:
+def _checkpoint_dtype(hf_config: Any) -> torch.dtype:
+    """The dtype the checkpoint's floating tensors (compressed-tensors scales among them) are saved in."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def parse_quantization_config(config: Any, checkpoint_dtype: torch.dtype = torch.float32) -> QuantizationScheme:
     if hasattr(config, "to_dict"):  # a transformers QuantizationConfigMixin
         config = config.to_dict()
     if not isinstance(config, dict):
         raise ValueError(f"config.json quantization_config must be an object, got {type(config).__name__}; {SUPPORTED}")
     method = config.get("quant_method")
-    if method == FP8:
-        return _parse_transformers_fp8(config)
-    if method == COMPRESSED_TENSORS:
-        return _parse_compressed_tensors(config)
+    try:
+        if method == FP8:
+            return _parse_transformers_fp8(config)
+        if method == COMPRESSED_TENSORS:
+            return _parse_compressed_tensors(config, checkpoint_dtype)
+        if method == GPTQ:
+            return int_scheme.parse_gptq(config)
+        if method == AWQ:
+            return int_scheme.parse_awq(config)
+    except UnsupportedScheme as error:
+        raise _malformed(str(error)) from None
     raise ValueError(f"checkpoint quantization quant_method={method!r} is not supported; supported: {SUPPORTED}")
 
 
@@ -171,7 +207,7 @@ def _parse_transformers_fp8(config: dict) -> Fp8Scheme:
     )
 
 
-def _parse_compressed_tensors(config: dict) -> Fp8Scheme:
+def _parse_compressed_tensors(config: dict, checkpoint_dtype: torch.dtype) -> QuantizationScheme:
     groups = config.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         count = len(groups) if isinstance(groups, dict) else 0
@@ -180,7 +216,11 @@ def _parse_compressed_tensors(config: dict) -> Fp8Scheme:
     if not isinstance(group, dict):
         raise _malformed(f"config_groups.{group_name} must be an object")
     data_format = group.get("format") or config.get("format")
-    if data_format not in _CT_FORMATS:
+    weights = group.get("weights")
+    integer = isinstance(weights, dict) and weights.get("type") == "int"
+    if integer and data_format not in _CT_INT_FORMATS:
+        raise _malformed(f"format {data_format!r} with int weights; {' or '.join(_CT_INT_FORMATS)} is supported")
+    if not integer and data_format not in _CT_FORMATS:
         raise _malformed(f"format {data_format!r}; FP8 weights are stored as {' or '.join(_CT_FORMATS)}")
     status = config.get("quantization_status", "compressed")
     if status not in _CT_STATUSES_WITH_WEIGHTS:
@@ -193,7 +233,14 @@ def _parse_compressed_tensors(config: dict) -> Fp8Scheme:
         raise _malformed("kv_cache_scheme (an FP8 KV cache) is not supported")
     if (config.get("sparsity_config") or {}).get("format", "dense") != "dense":
         raise _malformed("sparse checkpoints (sparsity_config) are not supported")
-    weight_scales = _ct_weight_scales(group_name, group.get("weights"))
+    if config.get("transform_config"):
+        raise _malformed("transform_config (weights rotated by Hadamard or other transforms) is not supported")
+    ignore = tuple(_strings("ignore", config.get("ignore") or []))
+    if integer:
+        return int_scheme.parse_compressed_tensors_int(
+            data_format, weights, group.get("input_activations"), ignore, checkpoint_dtype
+        )
+    weight_scales = _ct_weight_scales(group_name, weights)
     activations = _ct_activations(group_name, group.get("input_activations"))
     return Fp8Scheme(
         method=COMPRESSED_TENSORS,
@@ -201,7 +248,7 @@ def _parse_compressed_tensors(config: dict) -> Fp8Scheme:
         weight_scales=weight_scales,
         activations=activations,
         scale_name="weight_scale",
-        ignore=tuple(_strings("ignore", config.get("ignore") or [])),
+        ignore=ignore,
         ignore_rule=COMPRESSED_TENSORS,
     )
 
@@ -256,3 +303,18 @@ def _transformers_skip_matches(pattern: str, name: str) -> bool:
     boundary, or a suffix ("fc1" skips "model.decoder.layers.23.fc1")."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return re.match(rf"(?:{pattern}){boundary}", name) is not None or name.endswith(pattern)
+
+
+def packed_tensor_splits(hf_config: Any, world_size: int) -> tuple[PackedTensorSplit, ...]:
+    """How an integer checkpoint's packed tensors split over ``world_size`` tensor-parallel
+    ranks (parallel.sharding cuts them); () for other checkpoints."""
+    scheme = resolve_quantization(None, hf_config)
+    if not isinstance(scheme, IntWeightScheme):
+        return ()
+    if scheme.act_order and world_size > 1:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} with an act-order checkpoint ({scheme.method} desc_act / actorder "
+            f"'group') is not supported yet: a rank's inputs would not hold whole groups. Use tensor_parallel_size=1 "
+            f"or a checkpoint quantized without act-order"
+        )
+    return int_scheme.packed_tensor_splits(scheme)

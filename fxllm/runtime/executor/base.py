@@ -42,6 +42,12 @@ class Executor(abc.ABC):
         """Release the ranks; the executor serves nothing afterwards. Safe to call twice."""
 
     @property
+    def needs_restart(self) -> bool:
+        """Whether the ranks may be out of step (a step failed half-way): the engine then starts
+        a new executor before the next step."""
+        return False
+
+    @property
     def compile_report(self) -> CompileReport:
         return self.driver.compile_report
 

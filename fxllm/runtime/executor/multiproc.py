@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 
 from fxllm.config import CompilationLevel, EngineConfig
-from fxllm.models.quantization import weight_scale_block
+from fxllm.models.loader import model_tp_layout
 from fxllm.parallel.collectives import stop_one_shot_all_reduce, use_one_shot_all_reduce
 from fxllm.parallel.plans import plan_for
-from fxllm.parallel.tp_config import tp_layout
 from fxllm.runtime.executor.base import Executor, RemoteMethod, call_on_runner
 from fxllm.runtime.executor.interrupts import interrupts_deferred
 from fxllm.runtime.executor.step_sync import RemoteCall, StepSync
@@ -54,7 +53,7 @@ def check_tensor_parallel_support(config: EngineConfig) -> None:
             f"set CUDA_VISIBLE_DEVICES or lower tensor_parallel_size"
         )
     # Heads, KV heads and MLP width must split over the ranks: a clear error here, not in a worker.
-    tp_layout(model_config.hf_config, 0, size, weight_scale_block(model_config.hf_config))
+    model_tp_layout(model_config.hf_config, 0, size)
 
 
 class HostGroupSync:
@@ -131,6 +130,8 @@ class MultiprocExecutor(Executor):
         self._links = self._workers.links
         self._step_sync = StepSync(self.driver.inputs, self._links)
         self._async_scheduling = config.scheduler.async_scheduling
+        # Set while a step or call is under way on the ranks: still set after one fails half-way.
+        self._unfinished = False
         self._finalizer = weakref.finalize(self, _shut_down, self.driver, self._workers, self._step_sync)
 
     def execute_model(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
@@ -140,13 +141,19 @@ class MultiprocExecutor(Executor):
     def _execute_model(self, step: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
         driver = self.driver
         plan = driver.prepare(step, previous)
+        self._unfinished = True
         # Sent before the pending tokens are filled in: every rank fills its own (on CPU the
         # host arrays are the device buffers, and would carry them otherwise).
         self._step_sync.send(plan.prepared, plan.dispatch, driver.worker_logit_rows(plan))
         launched = driver.execute(plan, previous)
         if self._async_scheduling and plan.sampling:
             self._step_sync.share_sampled(launched.token_ids)
+        self._unfinished = False
         return launched
+
+    @property
+    def needs_restart(self) -> bool:
+        return self._unfinished or any(code is not None for code in self._workers.exit_codes)
 
     def collective_rpc(
         self, method: RemoteMethod, args: tuple = (), kwargs: dict[str, Any] | None = None
@@ -155,11 +162,13 @@ class MultiprocExecutor(Executor):
             return self._raising_worker_errors(self._collective_rpc, method, args, kwargs or {})
 
     def _collective_rpc(self, method: RemoteMethod, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+        self._unfinished = True
         self._step_sync.send_call(RemoteCall(method, args, kwargs))
         try:
             own = call_on_runner(self.driver, method, args, kwargs)
         finally:
             replies = self._links.gather_replies()  # always: the workers answer either way
+        self._unfinished = False
         results = [own]
         for rank, (ok, value) in enumerate(replies, start=1):
             if not ok:

@@ -256,6 +256,13 @@ class WorkerGroup:
         self._scratch.cleanup()
 
     @property
+    def exit_codes(self) -> list[int | None]:
+        """Each worker's exit code; None while it runs."""
+        for process in self._processes:
+            process.join(timeout=0)
+        return [process.exitcode for process in self._processes]
+
+    @property
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
 

@@ -57,7 +57,8 @@ class ArchitectureProcessor:
 
     def rewrite_text(self, text: str) -> str | None:
         """The prompt text with textual placeholders turned into placeholder tokens, where the
-        architecture has such (InternVL's ``<image>``); None to keep the tokens as they are."""
+        architecture has such and the text holds them (InternVL's ``<image>``); None to keep the
+        tokens as they are."""
         return None
 
     def arrange(self, token_ids: list[int], counts: dict[str, int], index: int) -> tuple[list[int], list[tuple[int, str]]]:
@@ -124,6 +125,8 @@ def load_hf_processor(model_dir: Path) -> Any:
 
 def token_id(tokenizer: Any, token: str, model_dir: Path) -> int:
     """The id of a special token the architecture needs, or an error naming it."""
+    if tokenizer is None:
+        raise ValueError(f"the prompts of {model_dir} need its tokenizer (for {token!r}): drop skip_tokenizer_init")
     found = tokenizer.convert_tokens_to_ids(token)
     if found is None or found == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer of {model_dir} has no {token!r} token, which this architecture needs")

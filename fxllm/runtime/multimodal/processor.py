@@ -120,9 +120,17 @@ class MultiModalProcessor:
         self.config = config
         self.cache = ProcessedInputCache(config.input_cache_bytes)
 
-    def process(self, token_ids: list[int], multi_modal_data: Any, index: int, text: str | None = None) -> MultiModalPrompt:
-        """``text``: the prompt's text where ``token_ids`` were tokenized from it, which lets an
-        architecture with textual placeholders (InternVL's ``<image>``) find them."""
+    def clear_cache(self) -> None:
+        """Drop every processed image and video kept for reuse (LLM.reset_mm_cache)."""
+        self.cache = ProcessedInputCache(self.config.input_cache_bytes)
+
+    def process(
+        self, token_ids: list[int], multi_modal_data: Any, index: int, text: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> MultiModalPrompt:
+        """``text``: the prompt's text where ``token_ids`` were tokenized from it (with
+        ``add_special_tokens``), which lets an architecture with textual placeholders (InternVL's
+        ``<image>``) find them."""
         given = check_mm_data(multi_modal_data, self.config, index)
         _check_images(given.get("image", []), index)
         _check_videos(given.get("video", []), index)
@@ -132,7 +140,9 @@ class MultiModalProcessor:
                 raise ValueError(f"prompt {index}: this checkpoint has no {modality} processor or {modality} token")
         # Every placeholder needs an item and every item a placeholder, zero of a modality included.
         counts = {modality: len(given.get(modality, [])) for modality in architecture.placeholder_ids}
-        token_ids = self._rewritten(token_ids, text)
+        rewritten = None if text is None else architecture.rewrite_text(text)
+        if rewritten is not None:
+            token_ids = self.tokenizer.encode(rewritten, add_special_tokens=add_special_tokens)
         token_ids, places = architecture.arrange(token_ids, counts, index)
         remaining = {modality: iter(given.get(modality, [])) for modality in counts}
         expanded: list[int] = []
@@ -151,16 +161,6 @@ class MultiModalProcessor:
         expanded += token_ids[cursor:]
         positions, delta = architecture.positions(expanded, inputs)
         return MultiModalPrompt(expanded, tuple(inputs), positions, delta)
-
-    def _rewritten(self, token_ids: list[int], text: str | None) -> list[int]:
-        """The tokens of the architecture's rewritten text, where it rewrites the text and the
-        tokens came from that text (not from the caller's own prompt_token_ids)."""
-        if text is None:
-            return token_ids
-        rewritten = self.architecture.rewrite_text(text)
-        if rewritten is None or rewritten == text or self.tokenizer.encode(text) != token_ids:
-            return token_ids
-        return self.tokenizer.encode(rewritten)
 
     def _process_item(self, modality: str, item: Any) -> tuple[str, ProcessedInput]:
         key = content_hash(item, (("modality", modality), *self.config.processor_kwargs))

@@ -1,9 +1,10 @@
-"""Build any model with FP8 linear layers, leaving the model files untouched.
+"""Build any model with quantized linear layers, leaving the model files untouched.
 
 While the model class constructs itself, each ``nn.Linear`` moves to the meta device
 as it is registered, so the full-precision model never exists at once (the peak is one
-layer). Afterwards every linear of the decoder becomes an ``Fp8Linear``; ``lm_head`` and
-the layers the checkpoint leaves unquantized get real storage for the loader to fill.
+layer). Afterwards every linear of the decoder becomes the scheme's layer (``Fp8Linear``,
+``IntWeightLinear`` or ``Int8Linear``); ``lm_head`` and the layers the checkpoint leaves
+unquantized get real storage for the loader to fill.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from fxllm.models.quantization.fp8_linear import Fp8Linear
-from fxllm.models.quantization.scheme import UNQUANTIZED_MODULES, Fp8Scheme
+from fxllm.models.quantization.int_linear import Int8Linear, IntWeightLinear
+from fxllm.models.quantization.int_scheme import Int8Scheme, IntWeightScheme
+from fxllm.models.quantization.scheme import UNQUANTIZED_MODULES, Fp8Scheme, QuantizationScheme
 
 
-def construct_with_fp8_linears(construct: Callable[[], nn.Module], scheme: Fp8Scheme) -> nn.Module:
+def construct_with_quantized_linears(construct: Callable[[], nn.Module], scheme: QuantizationScheme) -> nn.Module:
     """``construct()`` the model (inside the caller's device and default-dtype context) with
-    its linear layers in FP8 as ``scheme`` says."""
+    its linear layers quantized as ``scheme`` says."""
 
     def linear_to_meta(parent: nn.Module, name: str, module: nn.Module) -> nn.Module | None:
         return module.to("meta") if type(module) is nn.Linear else None
@@ -36,11 +39,23 @@ def construct_with_fp8_linears(construct: Callable[[], nn.Module], scheme: Fp8Sc
         shards = _checkpoint_shards(model, name, module.out_features)
         if _is_quantized(name, shards, scheme):
             sizes = [size for _, size in shards]
-            fp8 = Fp8Linear(module.in_features, module.out_features, module.bias is not None, scheme, sizes)
-            model.set_submodule(name, fp8)
+            model.set_submodule(name, _quantized_linear(module, scheme, sizes))
         else:
             _materialize(module)
     return model
+
+
+def _quantized_linear(linear: nn.Linear, scheme: QuantizationScheme, shard_sizes: list[int]) -> nn.Module:
+    shape = (linear.in_features, linear.out_features, linear.bias is not None)
+    if isinstance(scheme, IntWeightScheme):
+        return IntWeightLinear(*shape, scheme)
+    if isinstance(scheme, Int8Scheme):
+        return Int8Linear(*shape, scheme)
+    return Fp8Linear(*shape, scheme, shard_sizes)
+
+
+def _label(scheme: QuantizationScheme) -> str:
+    return "FP8" if isinstance(scheme, Fp8Scheme) else scheme.label
 
 
 def _checkpoint_shards(model: nn.Module, name: str, out_features: int) -> list[tuple[str, int]]:
@@ -59,7 +74,7 @@ def _checkpoint_shards(model: nn.Module, name: str, out_features: int) -> list[t
     return [(scope + checkpoint_leaf, sizes[index]) for index, checkpoint_leaf in parts]
 
 
-def _is_quantized(name: str, shards: list[tuple[str, int]], scheme: Fp8Scheme) -> bool:
+def _is_quantized(name: str, shards: list[tuple[str, int]], scheme: QuantizationScheme) -> bool:
     if name.rpartition(".")[2] in UNQUANTIZED_MODULES:
         return False
     quantized = {scheme.quantizes(checkpoint_name) for checkpoint_name, _ in shards}
@@ -67,7 +82,7 @@ def _is_quantized(name: str, shards: list[tuple[str, int]], scheme: Fp8Scheme) -
         names = ", ".join(checkpoint_name for checkpoint_name, _ in shards)
         raise ValueError(
             f"the checkpoint's quantization_config leaves some of {names} unquantized but not all; fxllm fuses "
-            f"them into one layer ({name}), which must be all FP8 or none"
+            f"them into one layer ({name}), which must be all {_label(scheme)} or none"
         )
     return quantized.pop()
 

@@ -1,0 +1,1 @@
+"""Names vLLM scripts import from ``vllm.v1`` (fxllm's own types under vLLM's paths)."""
