@@ -87,7 +87,7 @@ def test_vllm_example_call_limits_the_tiles_and_matches_transformers(internvl_di
     output = llm.generate(request, GREEDY, use_tqdm=False)[0]
     assert output.prompt_token_ids.count(IMG_CONTEXT) == (4 + 1) * TOKENS_PER_TILE
     prompt_ids, _ = processor_inputs(twin, PROMPT, (LONG,), max_patches=4)
-    pixels = original_internvl_pixels(LONG, max_tiles=4)
+    pixels = {"pixel_values": original_internvl_pixels(LONG, max_tiles=4)}
     assert output.prompt_token_ids == prompt_ids
     assert output.outputs[0].token_ids == greedy_with_images(hf_model(twin), prompt_ids, pixels, NEW_TOKENS)
 

@@ -1,4 +1,4 @@
-"""InternVL (both layouts, each decoder), Fuyu, LLaVA and the new text decoders (InternLM2, Phi-3,
+"""InternVL (both layouts, each decoder), Fuyu, LLaVA, LLaVA-NeXT and the new text decoders (InternLM2, Phi-3,
 Persimmon) on a CUDA device in bfloat16 (skipped without one): greedy tokens may differ from
 transformers' fp32 ones only between near ties — at the first differing token, each side's token
 is among the other's top-k."""
@@ -66,9 +66,9 @@ def test_bf16_vision_language_models_diverge_only_between_near_ties(checkpoints,
     prompts = batch(case)
     outputs = llm.generate([request(text, images) for text, images in prompts], PARAMS, use_tqdm=False)
     for (text, images), output in zip(prompts, outputs):
-        model, prompt_ids, pixel_values = case.oracle_inputs(reference_dir, text, tuple(IMAGES[n] for n in images))
+        model, prompt_ids, image_inputs = case.oracle_inputs(reference_dir, text, tuple(IMAGES[n] for n in images))
         assert output.prompt_token_ids == prompt_ids
-        reference = greedy_steps(model, prompt_ids, pixel_values, NEW_TOKENS, TOP_K)
+        reference = greedy_steps(model, prompt_ids, image_inputs, NEW_TOKENS, TOP_K)
         assert_diverges_only_between_near_ties(output.outputs[0], reference)
 
 

@@ -20,7 +20,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 BLOCK = 4
 # Chunks of 7 tokens end inside the images of every prompt below.
 CHUNKED_BUDGET = 7
-MAX_MODEL_LEN = 96
+MAX_MODEL_LEN = 160
 TEXT = "Once upon a time there was"
 
 

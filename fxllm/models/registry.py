@@ -11,6 +11,7 @@ from fxllm.models.internlm2 import InternLM2ForCausalLM
 from fxllm.models.internvl import InternVLChatModel, InternVLForConditionalGeneration
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.llava import LlavaForConditionalGeneration
+from fxllm.models.llava_next import LlavaNextForConditionalGeneration
 from fxllm.models.opt import OPTForCausalLM
 from fxllm.models.persimmon import PersimmonForCausalLM
 from fxllm.models.phi3 import Phi3ForCausalLM
@@ -36,6 +37,7 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
     "FuyuForCausalLM": FuyuForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
 }
 # Encoders without an LM head: they only pool (embed / encode / score), never generate.
 POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
@@ -49,6 +51,7 @@ MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
     "InternVLForConditionalGeneration": frozenset({"image"}),
     "FuyuForCausalLM": frozenset({"image"}),
     "LlavaForConditionalGeneration": frozenset({"image"}),
+    "LlavaNextForConditionalGeneration": frozenset({"image"}),
 }
 
 

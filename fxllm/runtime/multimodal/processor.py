@@ -22,7 +22,7 @@ from fxllm.runtime.multimodal.cache import ProcessedInput, ProcessedInputCache, 
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt, VisionInput
 from fxllm.runtime.multimodal.fuyu import FuyuProcessor
 from fxllm.runtime.multimodal.internvl import InternVLChatProcessor, InternVLHFProcessor
-from fxllm.runtime.multimodal.llava import LlavaProcessor
+from fxllm.runtime.multimodal.llava import LlavaNextProcessor, LlavaProcessor
 from fxllm.runtime.multimodal.qwen2_vl import Qwen2VLProcessor
 
 # Architecture (config.json) -> its part of the processing.
@@ -33,6 +33,7 @@ ARCHITECTURE_PROCESSORS: dict[str, type[ArchitectureProcessor]] = {
     "InternVLForConditionalGeneration": InternVLHFProcessor,
     "FuyuForCausalLM": FuyuProcessor,
     "LlavaForConditionalGeneration": LlavaProcessor,
+    "LlavaNextForConditionalGeneration": LlavaNextProcessor,
 }
 VIDEO_ARRAY_DIMS = 4  # [frames, height, width, channels]
 
