@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the engine is imported only by the subcommands that need it
 USAGE_ERROR = 2
 BENCHMARKS = (
     "throughput", "latency", "startup", "kernels", "step_sync", "fp8_gemm", "int_gemm", "vision", "host_step", "attention",
-    "decode_settings", "all_reduce",
+    "decode_settings", "all_reduce", "moe",
 )
 DEFAULT_INSPECT_DIR = "fxllm_inspect"
 DEFAULT_MAX_TOKENS = 64
@@ -131,7 +131,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
             "throughput: many requests (workload T); latency: batch-1 decode (L); startup: load + compile time (S); "
             "kernels: kernels per decoder layer; step_sync: tensor parallelism's per-step broadcast; "
             "fp8_gemm: FP8 GEMM paths per step size (GPU); int_gemm: INT4 / INT8 GEMMs against bf16 (GPU); vision: the VL vision tower eager vs compiled; "
-            "host_step: host time of a step, phase by phase"
+            "host_step: host time of a step, phase by phase; moe: the fused MoE kernel, batch-1 decode and "
+            "workload T on the Qwen3-30B-A3B shape (GPU)"
         ),
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script unchanged")

@@ -481,7 +481,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # vLLM's engine-level logits processors: classes (or their qualified names), built per engine.
     logits_processors: tuple = field(default=(), compare=False, hash=False)
-    profiler_dir: str | None = None  # where start_profile() writes its traces
+    profiler: ProfilerConfig = field(default_factory=lambda: ProfilerConfig.from_user(None))  # start_profile()
 
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
@@ -569,18 +569,68 @@ def _rope_scaled_limit(hf_config: Any, limit: int) -> int:
     return max(limit, int(base * factor))
 
 
-def torch_profiler_dir(profiler_config: dict | None) -> str | None:
-    """vLLM's ``profiler_config={"profiler": "torch", "torch_profiler_dir": ...}``, else
-    ``FXLLM_TORCH_PROFILER_DIR``; None when neither names a directory."""
-    if profiler_config is not None:
-        if not isinstance(profiler_config, dict):
-            raise TypeError(f"profiler_config must be a dict, got {type(profiler_config).__name__}")
-        profiler = profiler_config.get("profiler", "torch")
-        if profiler not in (None, "torch"):
-            raise ValueError(f"profiler_config: fxllm profiles with the torch profiler only, got profiler={profiler!r}")
-        unknown = sorted(set(profiler_config) - {"profiler", "torch_profiler_dir"})
-        if unknown:
-            raise ValueError(f"profiler_config has keys fxllm does not read: {unknown}; it reads torch_profiler_dir")
-        if profiler_config.get("torch_profiler_dir"):
-            return str(profiler_config["torch_profiler_dir"])
-    return os.environ.get("FXLLM_TORCH_PROFILER_DIR") or None
+@dataclass(frozen=True)
+class ProfilerConfig:
+    """vLLM's ``ProfilerConfig`` for ``LLM.start_profile()``: the torch profiler's options, and
+    which engine steps it records (after ``delay_iterations``, at most ``max_iterations``;
+    0 = until ``stop_profile()``). ``LLM(profiler_config=...)`` takes it or a dict of its fields."""
+
+    profiler: str | None = "torch"
+    torch_profiler_dir: str | None = None  # None: FXLLM_TORCH_PROFILER_DIR
+    torch_profiler_with_stack: bool = True
+    torch_profiler_record_shapes: bool = False
+    torch_profiler_with_memory: bool = False
+    torch_profiler_with_flops: bool = False
+    delay_iterations: int = 0
+    max_iterations: int = 0
+
+    def __post_init__(self) -> None:
+        if self.profiler not in (None, "torch"):
+            raise ValueError(f"profiler_config: fxllm profiles with the torch profiler only, got profiler={self.profiler!r}")
+        for name in ("delay_iterations", "max_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"profiler_config {name} must be an int >= 0, got {value!r}")
+
+    @classmethod
+    def from_user(cls, value: "ProfilerConfig | dict | None") -> "ProfilerConfig":
+        if value is None:
+            config = cls()
+        elif isinstance(value, cls):
+            config = value
+        elif isinstance(value, dict):
+            config = _fields_from_dict(cls, value, "profiler_config")
+        else:
+            raise TypeError(f"profiler_config must be a ProfilerConfig or a dict, got {type(value).__name__}")
+        if not config.torch_profiler_dir:
+            config = replace(config, torch_profiler_dir=os.environ.get("FXLLM_TORCH_PROFILER_DIR") or None)
+        return config
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """vLLM's KV transfer (disaggregated prefill) settings. fxllm keeps the KV cache in its own
+    engine: an engine given one is refused with a message naming it."""
+
+    kv_connector: str | None = None
+    kv_role: str | None = None
+    kv_rank: int | None = None
+    kv_parallel_size: int = 1
+    kv_buffer_size: float = 1e9
+    kv_buffer_device: str = "cuda"
+    kv_ip: str = "127.0.0.1"
+    kv_port: int = 14579
+    kv_connector_extra_config: dict = field(default_factory=dict, hash=False)
+    kv_connector_module_path: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightTransferConfig:
+    """vLLM's weight transfer settings (trainer-to-engine weight sync). Not supported yet: an
+    engine given one is refused with a message naming it."""
+
+    backend: str = "nccl"
+
+
+# vLLM's name for the whole engine configuration (logits processors are given it).
+VllmConfig = EngineConfig

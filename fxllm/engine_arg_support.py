@@ -100,6 +100,8 @@ REFUSED_BECAUSE: dict[str, str] = {
         (("tokenizer_mode",), "fxllm loads the Hugging Face tokenizer ('auto' or 'hf')"),
         (("logprobs_mode",), "logprobs are those of the raw distribution ('raw_logprobs')"),
         (("enable_prompt_embeds",), "prompt embeddings are not supported yet"),
+        (("kv_transfer_config", "kv_events_config", "ec_transfer_config"),
+         "fxllm keeps the KV cache inside its engine (no transfer between engines)"),
     ]
     for name in names
 }

@@ -36,6 +36,7 @@ from fxllm.config import (
     MultiModalConfig,
     ParallelConfig,
     PoolerConfig,
+    ProfilerConfig,
     SchedulerConfig,
     cpu_kvcache_space_bytes,
     derive_max_model_len,
@@ -44,7 +45,6 @@ from fxllm.config import (
     resolve_device,
     resolve_dtype,
     resolve_runner_type,
-    torch_profiler_dir,
     worker_multiproc_method,
 )
 from fxllm.engine_arg_support import HONOURED, NO_EFFECT, Support, is_default, refusal, support_of
@@ -123,7 +123,7 @@ class EngineArgs(_VllmOnlyArgs):
     skip_tokenizer_init: bool = False
     scheduling_policy: str = "fcfs"
     logits_processors: list | None = None
-    profiler_config: dict | None = None  # {"profiler": "torch", "torch_profiler_dir": ...}
+    profiler_config: ProfilerConfig | dict | None = None  # start_profile()'s settings
 
     def create_engine_config(self) -> EngineConfig:
         """Check every argument, read the checkpoint's configs and resolve the engine's settings."""
@@ -187,7 +187,7 @@ class EngineArgs(_VllmOnlyArgs):
                 disable_custom_all_reduce=self.disable_custom_all_reduce,
             ),
             logits_processors=tuple(self.logits_processors or ()),
-            profiler_dir=torch_profiler_dir(self.profiler_config),
+            profiler=ProfilerConfig.from_user(self.profiler_config),
         )
         if self.tensor_parallel_size > 1:
             check_tensor_parallel_support(config)  # before any worker starts

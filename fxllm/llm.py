@@ -144,15 +144,9 @@ class LLM:
     @_one_call_at_a_time
     def start_profile(self, profile_prefix: str | None = None) -> None:
         """Profile the engine's steps with the torch profiler until ``stop_profile()``, into
-        ``profiler_config["torch_profiler_dir"]`` (or ``FXLLM_TORCH_PROFILER_DIR``)."""
+        ``profiler_config``'s ``torch_profiler_dir`` (or ``FXLLM_TORCH_PROFILER_DIR``)."""
         self._require_runner("generate", "start_profile")
-        directory = self.llm_engine_config.profiler_dir
-        if directory is None:
-            raise ValueError(
-                "start_profile() needs a directory: LLM(..., profiler_config={'profiler': 'torch', "
-                "'torch_profiler_dir': '/path'}) or FXLLM_TORCH_PROFILER_DIR"
-            )
-        self.llm_engine.start_profile(str(Path(directory) / profile_prefix) if profile_prefix else directory)
+        self.llm_engine.start_profile(profile_prefix)
 
     @_one_call_at_a_time
     def stop_profile(self) -> None:

@@ -161,6 +161,19 @@ def test_bench_latency_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subproce
     assert result["tok_s"] > 0 and result["bytes_per_step"]["total"] > result["bytes_per_step"]["lm_head"]
 
 
+def test_bench_moe_runs_on_a_tiny_shape(tmp_path, capfd, one_thread_subprocesses):
+    result, out = _bench(
+        tmp_path, capfd, "moe", "kernel", "decode", "throughput", "--shape", "tiny-moe", "--device", "cpu",
+        "--enforce-eager", "--rows", "1", "4", "--new-tokens", "8", "--repeats", "1", "--num-requests", "2",
+        "--input-len", "8", "16", "--output-len", "4", "8", "--quantization", "fp8",
+    )
+    assert [row["tokens"] for row in result["kernel"]] == [1, 4] and all(row["torch_us"] > 0 for row in result["kernel"])
+    decode = result["decode"]
+    assert decode["decode_tok_s"] > 0 and decode["bytes_per_step"]["active_experts"] > 0
+    assert decode["bound_tok_s"] > 0 and "batch-1 decode" in out
+    assert result["throughput"]["requests"] == 2 and "workload T" in out
+
+
 def test_bench_startup_runs_on_a_tiny_shape_with_its_breakdown(tmp_path, capfd, one_thread_subprocesses):
     result, out = _bench(
         tmp_path, capfd, "startup", "--shape", "tiny", "--levels", "0", "--max-model-len", "64", "--decode-tokens", "4",

@@ -23,6 +23,9 @@ class Model(nn.Module):
     # HF checkpoint module name -> (our fused parameter, shard index): q/k/v and gate/up
     # kept apart in the checkpoint, fused into one projection here (see weights.FusedShard).
     fused_weights: ClassVar[Mapping[str, Any]] = {}
+    # MoE layers: an expert's checkpoint module name (``experts.<i>.<name>``) -> where its weight
+    # goes in the layer's stacked expert parameters (see weights.ExpertShard).
+    expert_weights: ClassVar[Mapping[str, Any]] = {}
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

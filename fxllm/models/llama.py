@@ -19,6 +19,8 @@ from fxllm.attention import Attention
 
 # Qwen2 decoders (also the language models of Qwen2-VL and Qwen2.5-VL): q/k/v biases, none on o_proj.
 _QWEN2_TEXT_MODEL_TYPES = frozenset({"qwen2", "qwen2_vl_text", "qwen2_5_vl_text"})
+# Per-head RMSNorms on q and k before RoPE.
+_QK_NORM_MODEL_TYPES = frozenset({"qwen3", "qwen3_moe"})
 
 
 def layer_sliding_window(config: PretrainedConfig, index: int) -> int | None:
@@ -44,10 +46,11 @@ class LlamaAttentionBlock(nn.Module):
         model_type = config.model_type
         attention_bias = getattr(config, "attention_bias", False)
         qwen2 = model_type in _QWEN2_TEXT_MODEL_TYPES
-        qkv_bias = attention_bias or qwen2  # Qwen2 always has q/k/v biases
+        # Qwen2 always has q/k/v biases; Qwen2-MoE where its qkv_bias says so.
+        qkv_bias = attention_bias or qwen2 or getattr(config, "qkv_bias", False)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias and not qwen2)
-        self.qk_norm = model_type == "qwen3"
+        self.qk_norm = model_type in _QK_NORM_MODEL_TYPES
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -12,6 +12,8 @@ from fxllm.models.internvl import InternVLChatModel, InternVLForConditionalGener
 from fxllm.models.llama import LlamaForCausalLM
 from fxllm.models.llava import LlavaForConditionalGeneration
 from fxllm.models.llava_next import LlavaNextForConditionalGeneration
+from fxllm.models.moe_decoder import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from fxllm.models.olmoe import OlmoeForCausalLM
 from fxllm.models.opt import OPTForCausalLM
 from fxllm.models.persimmon import PersimmonForCausalLM
 from fxllm.models.phi3 import Phi3ForCausalLM
@@ -26,6 +28,10 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "PersimmonForCausalLM": PersimmonForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,

@@ -28,6 +28,35 @@ class FusedShard:
 
 
 @dataclass(frozen=True)
+class ExpertShard:
+    """Where a checkpoint tensor of one expert (``...experts.<expert>.<name>.weight``) goes: into
+    that expert's slice of the stacked parameter ``...experts.<stacked_name>`` [experts, rows,
+    cols], at the rows of part ``index`` of equal parts (gate and up halves), or all of them
+    where ``index`` is None."""
+
+    stacked_name: str
+    index: int | None = None
+
+
+@runtime_checkable
+class LoadsExpertTensors(Protocol):
+    """A layer of stacked experts (the module named ``experts``): it writes each expert's
+    checkpoint tensors into its parameters itself (as they are, or quantized)."""
+
+    def expected_expert_writes(self) -> dict[str, int]:
+        """Parameter name -> how many checkpoint tensors write into it (one per expert and shard)."""
+        ...
+
+    def load_expert_tensor(self, checkpoint_name: str, expert: int, shard: ExpertShard, tensor: torch.Tensor) -> tuple[str, ...]:
+        """Write one expert's tensor where ``shard`` says; return the names of the parameters written."""
+        ...
+
+
+# The module whose children are a checkpoint's experts, numbered: ``experts.0``, ``experts.1``, ...
+EXPERTS_MODULE = "experts"
+
+
+@dataclass(frozen=True)
 class ShardRows:
     """The output rows (dim 0) of a layer that one checkpoint tensor fills: a fused shard's."""
 
@@ -100,15 +129,34 @@ def load_named_weights(
     """Copy checkpoint tensors into ``model`` by HF name, filling fused parameters.
 
     The model declares ``fused_weights`` (checkpoint module name -> FusedShard) and
-    ``fused_shard_sizes(fused_name)``. Layers that are ``LoadsCheckpointTensors`` take
-    their tensors themselves. Every parameter must be written exactly once per shard.
+    ``fused_shard_sizes(fused_name)``, and for MoE layers ``expert_weights`` (an expert's
+    checkpoint module name -> ExpertShard). Layers that are ``LoadsCheckpointTensors`` take
+    their tensors themselves. Every parameter must be written exactly once per shard (and
+    per expert).
     """
     params = dict(model.named_parameters())
     fused_weights: Mapping[str, FusedShard] = model.fused_weights if isinstance(model, Model) else {}
+    expert_weights: Mapping[str, ExpertShard] = model.expert_weights if isinstance(model, Model) else {}
     own_loaders = {name: m for name, m in model.named_modules() if isinstance(m, LoadsCheckpointTensors)}
+    expert_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoadsExpertTensors)}
     pending = {name: _num_shards(model, name, fused_weights) for name in params}
+    for layer_name, layer in expert_layers.items():
+        pending.update({f"{layer_name}.{param}": count for param, count in layer.expected_expert_writes().items()})
     for name, tensor in weights:
         if name in skip or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        expert = _resolve_expert(name, expert_weights)
+        if expert is not None:
+            layer_name, index, shard = expert
+            if layer_name not in expert_layers:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} is an expert's, but {type(model).__name__} has no experts at "
+                    f"{layer_name!r}; is the config's architecture right for these weights?"
+                )
+            with torch.no_grad():
+                written = expert_layers[layer_name].load_expert_tensor(name, index, shard, tensor)
+            for param_name in written:
+                pending[f"{layer_name}.{param_name}"] -= 1
             continue
         target, shard = _resolve(name, fused_weights)
         layer_name, _, leaf = target.rpartition(".")
@@ -147,6 +195,18 @@ def load_named_weights(
         for module in own_loaders.values():
             if isinstance(module, FinishesLoading):
                 module.finish_loading()
+
+
+def _resolve_expert(name: str, expert_weights: Mapping[str, ExpertShard]) -> tuple[str, int, ExpertShard] | None:
+    """(experts layer, expert, shard) of a checkpoint tensor ``...experts.<expert>.<module>.weight``;
+    None for any other tensor."""
+    parts = name.split(".")
+    if len(parts) < 4:
+        return None
+    *scope, experts, expert, module, leaf = parts
+    if experts != EXPERTS_MODULE or not expert.isdigit() or module not in expert_weights or leaf != "weight":
+        return None
+    return ".".join([*scope, experts]), int(expert), expert_weights[module]
 
 
 def _shard_rows(model: nn.Module, shard: FusedShard | None) -> ShardRows | None:

@@ -73,12 +73,22 @@ OPT_PLAN = ShardingPlan({
     "embed_tokens": Split.VOCAB,  # also the tied lm_head; project_in/out and positions replicated
     "lm_head": Split.VOCAB,
 })
+# Mixture-of-experts decoders: every rank holds every expert, I/N of each. An expert's gate and
+# up projections are column-parallel and its down projection row-parallel, like a dense MLP's;
+# the stacked experts (model parameters under "experts", the fxllm::fused_moe op) then output
+# a partial sum. Routers ("gate") and Qwen2-MoE's shared_expert_gate are replicated. (OLMoE has
+# no plan: its q/k norms span all heads, which no rank holds.)
+QWEN_MOE_PLAN = ShardingPlan({**LLAMA_PLAN.splits, "experts": Split.ROW})
+MIXTRAL_PLAN = ShardingPlan({**QWEN_MOE_PLAN.splits, "w1": Split.COLUMN, "w3": Split.COLUMN, "w2": Split.ROW})
 PLANS: dict[str, ShardingPlan] = {
     "LlamaForCausalLM": LLAMA_PLAN,
     "MistralForCausalLM": LLAMA_PLAN,
     "Qwen2ForCausalLM": LLAMA_PLAN,
     "Qwen3ForCausalLM": LLAMA_PLAN,
     "GraniteForCausalLM": LLAMA_PLAN,
+    "MixtralForCausalLM": MIXTRAL_PLAN,
+    "Qwen2MoeForCausalLM": QWEN_MOE_PLAN,
+    "Qwen3MoeForCausalLM": QWEN_MOE_PLAN,
     "Gemma3ForCausalLM": LLAMA_PLAN,
     "GPT2LMHeadModel": GPT2_PLAN,
     "OPTForCausalLM": OPT_PLAN,

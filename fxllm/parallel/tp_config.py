@@ -12,6 +12,11 @@ from fxllm.parallel.plans import ShardingPlan, plan_for
 from fxllm.utils import cdiv
 
 
+# Widths of MoE models' experts and shared experts (Qwen-MoE), split over ranks like the MLP's.
+# (Mixtral's and OLMoE's experts are intermediate_size wide.)
+MOE_WIDTHS = ("moe_intermediate_size", "shared_expert_intermediate_size")
+
+
 @dataclass(frozen=True)
 class PackedTensorSplit:
     """Where a quantized layer's checkpoint tensor (ending in ``suffix``) keeps the layer's
@@ -97,6 +102,10 @@ def tp_layout(
         problems.append(f"it is not a multiple of num_key_value_heads={kv_heads} (KV heads are replicated then)")
     if intermediate % world_size:
         problems.append(f"intermediate_size={intermediate} is not divisible by it")
+    for name in MOE_WIDTHS:
+        width = getattr(config, name, None)
+        if width and width % world_size:
+            problems.append(f"{name}={width} is not divisible by it")
     if problems:
         raise ValueError(
             f"tensor_parallel_size={world_size} cannot split this model: {'; '.join(problems)}. "
@@ -121,5 +130,8 @@ def tp_local_config(config: PretrainedConfig, layout: TPLayout) -> PretrainedCon
         local.ffn_dim = layout.local_intermediate
     else:
         local.intermediate_size = layout.local_intermediate
+    for name in MOE_WIDTHS:
+        if getattr(config, name, None):
+            setattr(local, name, getattr(config, name) // layout.world_size)
     local.vocab_size = layout.local_vocab
     return local

@@ -4,8 +4,9 @@ The model traced local shapes (``parallel.tp_config``) and holds only its weight
 slices (``parallel.sharding``); what makes the ranks compute the single-device
 result is here, in the graph (DESIGN.md contract 8):
 - after each linear the architecture's plan (``parallel.plans``) makes row-parallel
-  (Llama's o_proj and down_proj, GPT-2's c_proj, OPT's out_proj and fc2): an all-reduce
-  of the partial sums;
+  (Llama's o_proj and down_proj, GPT-2's c_proj, OPT's out_proj and fc2), and after each
+  MoE layer (``fxllm::fused_moe``) whose stacked experts it splits: an all-reduce of the
+  partial sums;
 - the vocab-parallel embedding: ids outside this rank's shard are looked up as row 0
   and their rows zeroed, then an all-reduce assembles every token's embedding.
 The logits shards are gathered where the logits are computed (``collectives.gather_logits``).
@@ -19,6 +20,7 @@ import operator
 import torch
 from torch import fx
 
+from fxllm.models.moe import fused_moe  # noqa: F401  (registers fxllm::fused_moe)
 from fxllm.models.quantization import fp8_gemm, int_gemm  # noqa: F401  (register the quantized linear ops)
 from fxllm.parallel import collectives, plans, sharding
 from fxllm.parallel.plans import Split
@@ -35,6 +37,8 @@ _LINEARS = (
     torch.ops.fxllm.int_weight_linear.default,
     torch.ops.fxllm.int8_linear.default,
 )
+FUSED_MOE = torch.ops.fxllm.fused_moe.default
+_FUSED_MOE_W2_ARG = 3  # fused_moe(hidden, router_logits, w13, w2, top_k, renormalize)
 
 
 def _is_call(node: fx.Node, *targets) -> bool:
@@ -66,6 +70,9 @@ class TensorParallelPass:
         matches = 0
         for node in list(graph.nodes):
             if _is_call(node, *_LINEARS) and self._split_of(node.args[1]) is Split.ROW:
+                self._reduce_after(graph, node)
+                matches += 1
+            elif _is_call(node, FUSED_MOE) and self._split_of(node.args[_FUSED_MOE_W2_ARG]) is Split.ROW:
                 self._reduce_after(graph, node)
                 matches += 1
             elif _is_call(node, torch.nn.functional.embedding) and self._split_of(node.args[1]) is Split.VOCAB:

@@ -120,6 +120,8 @@ class LLMEngine:
         host: the host's work for the two (scheduling, inputs, bookkeeping) overlaps the
         device's. A request that finishes on a token still in flight may already have a step
         launched for it; that step's token is dropped."""
+        if self._profiler is not None:
+            self._profiler.step()
         if not self.phases.observers:
             return self._step()
         start = time.perf_counter()
@@ -183,14 +185,32 @@ class LLMEngine:
         """Forget the prefix cache's blocks; False while requests hold blocks (nothing is done then)."""
         return self.kv_cache.reset_prefix_cache()
 
-    def start_profile(self, directory: str) -> None:
-        """Profile every step from now on with the torch profiler, into ``directory``."""
+    def start_profile(self, profile_prefix: str | None = None) -> None:
+        """Profile the engine's steps with the torch profiler (``config.profiler``): the steps after
+        ``delay_iterations``, until ``stop_profile()`` or ``max_iterations`` steps."""
+        settings = self.config.profiler
         if self._profiler is not None:
             raise RuntimeError("the profiler is already running: call stop_profile() first")
-        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        if not settings.torch_profiler_dir:
+            raise ValueError(
+                "start_profile() needs a directory: LLM(..., profiler_config={'profiler': 'torch', "
+                "'torch_profiler_dir': '/path'}) or FXLLM_TORCH_PROFILER_DIR"
+            )
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.config.device.type == "cuda" else [])
-        self._profiler = profile(activities=activities, on_trace_ready=tensorboard_trace_handler(directory))
+        directory = settings.torch_profiler_dir
+        # Steps are the profiler's steps: wait out the delay, then record up to max_iterations.
+        active = settings.max_iterations or 2**31 - 1
+        self._profiler = profile(
+            activities=activities,
+            schedule=schedule(wait=settings.delay_iterations, warmup=0, active=active, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(directory, worker_name=profile_prefix),
+            with_stack=settings.torch_profiler_with_stack,
+            record_shapes=settings.torch_profiler_record_shapes,
+            profile_memory=settings.torch_profiler_with_memory,
+            with_flops=settings.torch_profiler_with_flops,
+        )
         self._profiler.start()
 
     def stop_profile(self) -> None:

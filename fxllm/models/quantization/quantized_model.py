@@ -1,10 +1,12 @@
 """Build any model with quantized linear layers, leaving the model files untouched.
 
-While the model class constructs itself, each ``nn.Linear`` moves to the meta device
-as it is registered, so the full-precision model never exists at once (the peak is one
-layer). Afterwards every linear of the decoder becomes the scheme's layer (``Fp8Linear``,
-``IntWeightLinear`` or ``Int8Linear``); ``lm_head`` and the layers the checkpoint leaves
-unquantized get real storage for the loader to fill.
+While the model class constructs itself, each ``nn.Linear`` (and each MoE layer's stacked
+experts, ``FusedMoE``) moves to the meta device as it is registered, so the full-precision
+model never exists at once (the peak is one layer). Afterwards every linear of the decoder
+becomes the scheme's layer (``Fp8Linear``, ``IntWeightLinear`` or ``Int8Linear``) and, under
+FP8, every ``FusedMoE`` an ``Fp8FusedMoE`` (quantized at load; pre-quantized FP8 experts are
+not read yet); ``lm_head`` and the layers the checkpoint leaves unquantized get real storage
+for the loader to fill.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from fxllm.models.moe.layer import FusedMoE
 from fxllm.models.quantization.fp8_linear import Fp8Linear
+from fxllm.models.quantization.fp8_moe import Fp8FusedMoE
 from fxllm.models.quantization.int_linear import Int8Linear, IntWeightLinear
 from fxllm.models.quantization.int_scheme import Int8Scheme, IntWeightScheme
 from fxllm.models.quantization.scheme import UNQUANTIZED_MODULES, Fp8Scheme, QuantizationScheme
@@ -26,7 +30,7 @@ def construct_with_quantized_linears(construct: Callable[[], nn.Module], scheme:
     its linear layers quantized as ``scheme`` says."""
 
     def linear_to_meta(parent: nn.Module, name: str, module: nn.Module) -> nn.Module | None:
-        return module.to("meta") if type(module) is nn.Linear else None
+        return module.to("meta") if type(module) in (nn.Linear, FusedMoE) else None
 
     handle = register_module_module_registration_hook(linear_to_meta)
     try:
@@ -34,6 +38,19 @@ def construct_with_quantized_linears(construct: Callable[[], nn.Module], scheme:
     finally:
         handle.remove()
     for name, module in list(model.named_modules()):
+        if type(module) is FusedMoE:
+            if not isinstance(scheme, Fp8Scheme):
+                raise ValueError(
+                    f"this checkpoint's MoE experts ({name}) are {_label(scheme)}-quantized, which fxllm does not "
+                    f"read yet; load a full-precision checkpoint (quantization='fp8' quantizes its experts)"
+                )
+            if scheme.prequantized:
+                raise ValueError(
+                    f"this checkpoint's MoE experts ({name}) are pre-quantized FP8, which fxllm does not read yet; "
+                    f"load a full-precision checkpoint with quantization='fp8'"
+                )
+            model.set_submodule(name, Fp8FusedMoE.like(module))
+            continue
         if type(module) is not nn.Linear:
             continue
         shards = _checkpoint_shards(model, name, module.out_features)

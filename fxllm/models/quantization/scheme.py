@@ -45,8 +45,9 @@ SUPPORTED = (
     "bits, group_size -1 or a power of two, sym true or false, desc_act, checkpoint_format 'gptq' or 'gptq_v2'); "
     "AWQ (quant_method 'awq', 4 bits, version 'gemm', zero points)"
 )
-# Kept in the model dtype whatever the checkpoint says (fxllm module names).
-UNQUANTIZED_MODULES = frozenset({"lm_head"})
+# Kept in the model dtype whatever the checkpoint says (fxllm module names). MoE routers ("gate",
+# Qwen2-MoE's "shared_expert_gate") choose and weigh experts: rounding them would change which run.
+UNQUANTIZED_MODULES = frozenset({"lm_head", "gate", "shared_expert_gate"})
 
 _CT_FORMATS = ("float-quantized", "naive-quantized")
 _CT_INT_FORMATS = ("pack-quantized", "int-quantized")

@@ -1,0 +1,1 @@
+"""Helpers for images that vLLM scripts import from ``vllm.multimodal``."""
