@@ -289,9 +289,9 @@ def test_max_model_len_above_the_models_limit_is_rejected(llama_dir):
         LLM(model=str(llama_dir), enforce_eager=True, max_model_len=100000)
 
 
-def test_length_dependent_rope_is_a_clear_error(llama_dir):
-    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    with pytest.raises(ValueError, match="changes with the sequence length"):
+def test_unknown_rope_type_is_a_clear_error(llama_dir):
+    rope = {"rope_type": "spiral", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="unknown rope type 'spiral'; supported: default, "):
         LLM(model=str(llama_dir), enforce_eager=True, max_model_len=MAX_MODEL_LEN, hf_overrides={"rope_parameters": rope})
 
 

@@ -46,6 +46,12 @@ class Model(nn.Module):
         """Token embeddings [T, H] (models that take ``inputs_embeds``)."""
         raise NotImplementedError(f"{type(self).__name__} takes token ids, not embeddings")
 
+    def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """One embedding [tokens, H] per image or video: ``pixel_values`` are the items' processed
+        inputs concatenated along dim 0, ``grids`` each item's layout in the architecture's terms
+        (Qwen2-VL's patch grid, InternVL's tile count, Fuyu's patch rows and columns)."""
+        raise NotImplementedError(f"{type(self).__name__} has no vision encoder")
+
     def compile_vision_encoder(self) -> bool:
         """Compile the vision tower, where there is one; whether it did."""
         return False

@@ -111,7 +111,11 @@ class LlamaModel(nn.Module):
         self.embedding_multiplier = getattr(config, "embedding_multiplier", None) or 1.0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) * self.embedding_multiplier  # [T, hidden]
+        return self.forward_embeds(self.embed_tokens(input_ids), positions)
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """From token embeddings [T, hidden] (a vision-language model's, images merged in)."""
+        hidden = inputs_embeds * self.embedding_multiplier  # Granite scales images' rows too, as HF
         rotary = self.rotary(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(rotary, hidden)
@@ -130,3 +134,10 @@ class LlamaForCausalLM(FusedDecoderForCausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden], for a vision-language model built around this decoder."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_embeds(inputs_embeds, positions)

@@ -15,6 +15,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from fxllm.config import ModelConfig
 from fxllm.models.interface import Model
+from fxllm.models.native_configs import read_native_config
 from fxllm.models.quantization import (
     construct_with_quantized_linears,
     model_quantization,
@@ -64,10 +65,14 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def load_hf_config(model_dir: Path, hf_overrides: HfOverrides) -> PretrainedConfig:
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir))
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"could not read {model_dir / 'config.json'}: {error}") from error
+    """config.json as transformers reads it, or as fxllm does for architectures whose config class
+    is remote code (``native_configs``), with ``hf_overrides`` applied."""
+    config = read_native_config(model_dir)
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(str(model_dir))
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"could not read {model_dir / 'config.json'}: {error}") from error
     if hf_overrides is None:
         return config
     if callable(hf_overrides):

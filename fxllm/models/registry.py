@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from fxllm.models.bert import BertModel
+from fxllm.models.fuyu import FuyuForCausalLM
 from fxllm.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from fxllm.models.gpt2 import GPT2LMHeadModel
 from fxllm.models.interface import ModelClass
+from fxllm.models.internlm2 import InternLM2ForCausalLM
+from fxllm.models.internvl import InternVLChatModel, InternVLForConditionalGeneration
 from fxllm.models.llama import LlamaForCausalLM
+from fxllm.models.llava import LlavaForConditionalGeneration
+from fxllm.models.llava_next import LlavaNextForConditionalGeneration
 from fxllm.models.moe_decoder import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from fxllm.models.olmoe import OlmoeForCausalLM
 from fxllm.models.opt import OPTForCausalLM
+from fxllm.models.persimmon import PersimmonForCausalLM
+from fxllm.models.phi3 import Phi3ForCausalLM
 from fxllm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, ModelClass] = {
@@ -18,6 +25,9 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "PersimmonForCausalLM": PersimmonForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
@@ -29,6 +39,11 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "InternVLChatModel": InternVLChatModel,
+    "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
+    "FuyuForCausalLM": FuyuForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
 }
 # Encoders without an LM head: they only pool (embed / encode / score), never generate.
 POOLING_ONLY_ARCHITECTURES = frozenset({"BertModel"})
@@ -38,6 +53,11 @@ MULTIMODAL_ARCHITECTURES: dict[str, frozenset[str]] = {
     "Qwen2VLForConditionalGeneration": frozenset({"image", "video"}),
     "Qwen2_5_VLForConditionalGeneration": frozenset({"image", "video"}),
     "Gemma3ForConditionalGeneration": frozenset(),
+    "InternVLChatModel": frozenset({"image"}),
+    "InternVLForConditionalGeneration": frozenset({"image"}),
+    "FuyuForCausalLM": frozenset({"image"}),
+    "LlavaForConditionalGeneration": frozenset({"image"}),
+    "LlavaNextForConditionalGeneration": frozenset({"image"}),
 }
 
 

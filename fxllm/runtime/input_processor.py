@@ -36,7 +36,9 @@ def load_tokenizer(source: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        # fxllm runs no code from checkpoints: a config.json with auto_map (InternLM2, InternVL)
+        # must not make transformers ask whether to import it.
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"could not load a tokenizer from {source}: {error}") from error
 
@@ -94,7 +96,7 @@ class InputProcessor:
         multimodal = model_config.multimodal
         self.mm_processor: MultiModalProcessor | None = None
         if multimodal is not None and multimodal.takes_any():
-            self.mm_processor = MultiModalProcessor(Path(model_config.model), model_config.hf_config, multimodal)
+            self.mm_processor = MultiModalProcessor(Path(model_config.model), model_config.hf_config, multimodal, tokenizer)
         self._request_counter = itertools.count()
 
     def next_request_id(self) -> str:
@@ -172,7 +174,10 @@ class InputProcessor:
                 f"prompt {index}: per-prompt mm_processor_kwargs are not supported yet; pass them to "
                 f"LLM(mm_processor_kwargs=...)"
             )
-        mm_prompt = self.mm_processor.process(processed.token_ids, data, index)
+        # The text lets an architecture find textual placeholders (InternVL's <image>), where the
+        # tokens came from it rather than from the caller's prompt_token_ids.
+        text = None if "prompt_token_ids" in prompt else processed.text
+        mm_prompt = self.mm_processor.process(processed.token_ids, data, index, text, add_special_tokens)
         return ProcessedPrompt(processed.text, mm_prompt.token_ids, mm_prompt, processed.cache_salt)
 
     def tokenize(self, prompt: PromptType, index: int, add_special_tokens: bool = True) -> ProcessedPrompt:

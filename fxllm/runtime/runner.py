@@ -5,8 +5,8 @@ A step's requests are flattened into one token dimension T (DESIGN.md contract 1
 ``block_tables``, ``seq_lens`` and ``query_start_loc``. The model is called inside
 the forward context, then logits are computed only for rows that sample.
 
-A vision-language model takes ``inputs_embeds[T, H]`` and M-RoPE ``positions[3, T]``
-instead: the embedder merges image embeddings into the token embeddings each step.
+A vision-language model takes ``inputs_embeds[T, H]`` instead (and Qwen2-VL M-RoPE
+``positions[3, T]``): the embedder merges image embeddings into the token embeddings each step.
 Its steps run without CUDA graphs (they would need the embeddings in a persistent
 buffer too).
 """

@@ -32,7 +32,7 @@ def content_hash(item: Any, processor_kwargs: tuple[tuple[str, Any], ...]) -> st
 
 @dataclass(frozen=True)
 class ProcessedInput:
-    pixel_values: torch.Tensor  # [num_patches, patch_dim]
+    pixel_values: torch.Tensor  # in the layout the architecture's vision tower reads
     grid: Grid
     seconds_per_grid: float = 0.0  # videos: the seconds one temporal patch spans (0 for images)
 

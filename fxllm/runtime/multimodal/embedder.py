@@ -6,7 +6,9 @@ prefill, or a prefix-cache hit that stops mid-image): the whole image is encoded
 its first token is scheduled, kept on the request, sliced chunk by chunk, and dropped
 once its last token is computed. So one image's embeddings always come from one
 encoder run. Videos go through the same vision tower (their frames are its temporal
-patches) and the same path.
+patches) and the same path. Where only some tokens of an item's span take embeddings
+(Fuyu's rows of patches end in newline tokens), its ``embed_mask`` says which; the others
+keep their token embeddings.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class _ItemSlice:
 
 class MultiModalEmbedder:
     def __init__(self, model: nn.Module):
-        self.model = model  # has embed_input_ids and encode_images
+        self.model = model  # a Model that takes inputs_embeds: embed_input_ids and encode_images
         self.items_encoded = 0  # images and videos, for stats and tests
 
     def inputs_embeds(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor) -> torch.Tensor:
@@ -41,8 +43,15 @@ class MultiModalEmbedder:
         self._encode_missing(slices, input_ids.device)
         for piece in slices:
             outputs = piece.request.encoder_outputs
-            embeds[piece.row : piece.row + piece.end - piece.start] = outputs[piece.item][piece.start : piece.end]
-            if piece.end == piece.request.multimodal.items[piece.item].length:
+            item = piece.request.multimodal.items[piece.item]
+            rows = embeds[piece.row : piece.row + piece.end - piece.start]
+            if item.embed_mask is None:
+                rows.copy_(outputs[piece.item][piece.start : piece.end])
+            else:  # only some of the span's tokens take embeddings, in order
+                mask = item.embed_mask[piece.start : piece.end]
+                first = int(item.embed_mask[: piece.start].sum())
+                rows[mask.to(rows.device)] = outputs[piece.item][first : first + int(mask.sum())]
+            if piece.end == item.length:
                 del outputs[piece.item]  # its last token is computed in this step
         return embeds
 

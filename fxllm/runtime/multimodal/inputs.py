@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-Grid = tuple[int, int, int]  # (frames, patch rows, patch columns)
+# What a model's vision tower reads besides the pixel values of one item, in that architecture's
+# terms: Qwen2-VL's (frames, patch rows, patch columns), InternVL's (tiles,), Fuyu's (rows, columns).
+Grid = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -18,11 +20,14 @@ class VisionInput:
     offset: int
     length: int
     content_hash: str  # of the pixels and the processor arguments: equal hashes, equal embeddings
-    pixel_values: torch.Tensor  # [num_patches, channels * temporal_patch * patch * patch], on the host
+    pixel_values: torch.Tensor  # on the host, in the layout the architecture's vision tower reads
     grid: Grid
     # M-RoPE temporal positions of its frames are floor(frame * time_interval): 1 for images
     # and Qwen2-VL videos; Qwen2.5-VL spaces video frames by their time.
     time_interval: float = 1.0
+    # Which of its ``length`` tokens take its embeddings, one each in order ([length] bool); the
+    # others stay text (Fuyu's row-end newlines). None: every one.
+    embed_mask: torch.Tensor | None = None
 
     @property
     def end(self) -> int:
@@ -33,8 +38,9 @@ class VisionInput:
 class MultiModalPrompt:
     token_ids: list[int]  # each placeholder expanded to one token per embedding
     items: tuple[VisionInput, ...]  # images and videos, in prompt order
-    mrope_positions: np.ndarray  # [3, len(token_ids)] int64
-    mrope_delta: int  # a token at index i >= len(token_ids) has position i + mrope_delta in every row
+    # M-RoPE models only (None for the others, whose positions are token indices):
+    mrope_positions: np.ndarray | None = None  # [3, len(token_ids)] int64
+    mrope_delta: int = 0  # a token at index i >= len(token_ids) has position i + mrope_delta in every row
 
     def content_hashes(self, start: int, end: int) -> tuple[str, ...]:
         """Content hashes of the images and videos whose placeholders overlap tokens [start, end)."""
