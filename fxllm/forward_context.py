@@ -2,7 +2,7 @@
 
 The runner enters ``set_forward_context`` around each model call; the attention op
 reads per-step metadata and its layer's KV cache from here, so the traced graph
-sees only tensors and a layer name (DESIGN.md contract 3).
+sees only tensors and a layer name (docs/ARCHITECTURE.md, contract 3).
 """
 
 from __future__ import annotations

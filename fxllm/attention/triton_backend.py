@@ -2,7 +2,7 @@
 
 Reads only device tensors of the metadata (never its host lists), launches with grids
 from shapes, and reuses its scratch buffers, so a step can be captured in a CUDA
-graph (DESIGN.md contract 3). A step whose token count equals its request count is
+graph (docs/ARCHITECTURE.md, contract 3). A step whose token count equals its request count is
 all decodes (the scheduler gives every request at least one token) and takes the
 split (flash-decoding) path; any other step runs the unified kernel. Pooling steps
 (no KV cache) run the torch reference's per-request attention.

@@ -13,7 +13,7 @@ Three jobs, one kernel each (plus the reduce of the split decode):
   saves decode steps the write kernel's launch.
 
 Everything a kernel reads per step lives in device tensors (no host sync), so the
-launches are safe to capture in CUDA graphs (DESIGN.md contract 3).
+launches are safe to capture in CUDA graphs (docs/ARCHITECTURE.md, contract 3).
 
 Layouts: query/out [T, num_heads, head_dim]; key/value [T, num_kv_heads, head_dim];
 key_cache/value_cache [num_blocks, block_size, num_kv_heads, head_dim]. Any strides

@@ -3,7 +3,7 @@
 Dynamo caches compiled frames on the code object, which every instance of a model
 class shares. So each engine traces a function with a code object of its own, and
 afterwards calls the graph it got directly: no guard evaluation per step and no
-way to recompile (DESIGN.md contract 4).
+way to recompile (docs/ARCHITECTURE.md, contract 4).
 
 A model takes two tensors (contract 1): ``input_ids[T]`` (or ``inputs_embeds[T, H]``
 for a vision-language model, whose images are merged in before the graph) and

@@ -1,7 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL: a Qwen2 decoder with M-RoPE, fed by a vision tower.
 
 The compiled graph is the language model alone: ``forward(inputs_embeds[T, H],
-positions[3, T]) -> hidden[T, H]`` (DESIGN.md contract 1). The runner builds
+positions[3, T]) -> hidden[T, H]`` (docs/ARCHITECTURE.md, contract 1). The runner builds
 ``inputs_embeds`` outside it: ``embed_input_ids`` for every token, then the image and
 video embeddings from ``encode_images`` (the vision tower: eager, or compiled by regions
 with ``compile_mm_encoder``) written over their placeholder tokens.

@@ -2,7 +2,7 @@
 
 They run outside the compiled language-model graph: their token count (patches per
 image) and their per-image attention segments change with every image, which the
-one-dynamic-dim graph of DESIGN.md contract 1 cannot express, and they run once per
+one-dynamic-dim graph of docs/ARCHITECTURE.md, contract 1 cannot express, and they run once per
 image, not once per step. They run eagerly, or with ``compile_mm_encoder`` each block's
 two regions around its attention compiled (``compile_regions``). Attention is
 bidirectional within an image (Qwen2.5-VL: within a window, except in its

@@ -1,4 +1,4 @@
-"""Tensor parallelism as the compiler sees it (DESIGN.md contract 8).
+"""Tensor parallelism as the compiler sees it (docs/ARCHITECTURE.md, contract 8).
 
 Model code stays single-device: each rank builds its model from a TP-local view of
 the config (``tp_config``), loads only its slices of the checkpoint (``sharding``),

@@ -2,7 +2,7 @@
 
 The model traced local shapes (``parallel.tp_config``) and holds only its weight
 slices (``parallel.sharding``); what makes the ranks compute the single-device
-result is here, in the graph (DESIGN.md contract 8):
+result is here, in the graph (docs/ARCHITECTURE.md, contract 8):
 - after each linear the architecture's plan (``parallel.plans``) makes row-parallel
   (Llama's o_proj and down_proj, GPT-2's c_proj, OPT's out_proj and fc2), and after each
   MoE layer (``fxllm::fused_moe``) whose stacked experts it splits: an all-reduce of the

@@ -1,7 +1,7 @@
 """PoolingRunner: runs whole prompts through a pooling model and pools one vector per prompt.
 
 No KV cache, no chunked prefill, no prefix caching: each forward holds complete
-prompts, flattened into one token dimension T as the generative runner does (DESIGN.md
+prompts, flattened into one token dimension T as the generative runner does (docs/ARCHITECTURE.md,
 contract 1), and attention sees only the step's own K/V (the forward context holds no
 caches). The model is compiled by the same pipeline as a generative one.
 """

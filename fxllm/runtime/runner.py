@@ -1,6 +1,6 @@
 """ModelRunner: owns the model, the KV cache tensors and the sampler, and runs one step.
 
-A step's requests are flattened into one token dimension T (DESIGN.md contract 1):
+A step's requests are flattened into one token dimension T (docs/ARCHITECTURE.md, contract 1):
 ``input_ids[T]``, ``positions[T]``, ``slot_mapping[T]`` plus per-request
 ``block_tables``, ``seq_lens`` and ``query_start_loc``. The model is called inside
 the forward context, then logits are computed only for rows that sample.

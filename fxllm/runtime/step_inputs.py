@@ -1,7 +1,7 @@
 """A step's model inputs: built on the host with numpy, copied once into persistent device buffers.
 
 The device buffers never move, so CUDA graphs captured on views of them replay
-with each step's values (DESIGN.md contract 6). On CUDA the host side is pinned and
+with each step's values (docs/ARCHITECTURE.md, contract 6). On CUDA the host side is pinned and
 copies are non-blocking; on CPU host and device buffers are the same tensors.
 
 Padding (to a CUDA-graph size): padded tokens get slot -1 (the KV write skips them)

@@ -8,7 +8,7 @@
 2. down: those rows of ``act`` times the expert's down projection, scaled by the entries'
    routing weights, written to ``partial`` [T*top_k, H].
 The top_k partial outputs of each token are summed last. No host sync and no data-dependent
-size anywhere (DESIGN.md: MoE), so a FULL CUDA graph holds the whole layer. FP8 experts'
+size anywhere (docs/ARCHITECTURE.md, contract 10), so a FULL CUDA graph holds the whole layer. FP8 experts'
 weight tiles widen to the activation dtype in registers (exactly) and each finished column
 is multiplied by its row's scale: one byte read per weight.
 

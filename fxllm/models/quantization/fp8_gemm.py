@@ -2,7 +2,7 @@
 
 One opaque custom op, so Dynamo sees one node whatever the device and step size: the
 choice of GEMM below is made when the op runs (once per captured size under CUDA
-graphs), never as a branch on T inside the traced graph (DESIGN.md contract 1).
+graphs), never as a branch on T inside the traced graph (docs/ARCHITECTURE.md, contract 1).
 
 The GEMMs (``Fp8Gemm``):
 - DEQUANTIZE: the weight rounded to the activation dtype, then a plain matmul. CPU,
