@@ -411,6 +411,39 @@ class ParallelConfig:
     disable_custom_all_reduce: bool = False
 
 
+# Structured-output backends: "auto" chooses xgrammar, the only one fxllm has.
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """vLLM's ``structured_outputs_config``: the backend, and JSON options for every request."""
+
+    backend: str = "auto"
+    disable_any_whitespace: bool = False  # compact JSON for every request
+    disable_additional_properties: bool = False  # always in effect with xgrammar (its strict mode)
+
+    def __post_init__(self) -> None:
+        if self.backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise ValueError(
+                f"structured outputs backend {self.backend!r} is not supported: fxllm runs structured outputs on "
+                f"xgrammar; use backend 'auto' or 'xgrammar'"
+            )
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"structured_outputs_config.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_user(cls, value: "StructuredOutputsConfig | dict | None") -> "StructuredOutputsConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return _fields_from_dict(cls, value, "structured_outputs_config")
+        raise TypeError(f"structured_outputs_config must be a dict or a StructuredOutputsConfig, got {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -422,6 +455,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # vLLM's engine-level logits processors: classes (or their qualified names), built per engine.
     logits_processors: tuple = field(default=(), compare=False, hash=False)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     profiler_dir: str | None = None  # where start_profile() writes its traces
 
 

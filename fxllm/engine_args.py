@@ -37,6 +37,7 @@ from fxllm.config import (
     ParallelConfig,
     PoolerConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
     cpu_kvcache_space_bytes,
     derive_max_model_len,
     mm_input_cache_bytes,
@@ -123,6 +124,10 @@ class EngineArgs(_VllmOnlyArgs):
     skip_tokenizer_init: bool = False
     scheduling_policy: str = "fcfs"
     logits_processors: list | None = None
+    structured_outputs_config: StructuredOutputsConfig | dict | None = None  # {"backend": "xgrammar", ...}
+    guided_decoding_backend: str | None = None  # vLLM 0.11's names of structured_outputs_config's fields
+    guided_decoding_disable_any_whitespace: bool | None = None
+    guided_decoding_disable_additional_properties: bool | None = None
     profiler_config: dict | None = None  # {"profiler": "torch", "torch_profiler_dir": ...}
 
     def create_engine_config(self) -> EngineConfig:
@@ -187,6 +192,7 @@ class EngineArgs(_VllmOnlyArgs):
                 disable_custom_all_reduce=self.disable_custom_all_reduce,
             ),
             logits_processors=tuple(self.logits_processors or ()),
+            structured_outputs=self._structured_outputs_config(),
             profiler_dir=torch_profiler_dir(self.profiler_config),
         )
         if self.tensor_parallel_size > 1:
@@ -238,6 +244,20 @@ class EngineArgs(_VllmOnlyArgs):
                 raise ValueError(refusal(field_.name, value))
         if no_effect:
             warnings.warn(f"these vLLM arguments change nothing in fxllm: {'; '.join(no_effect)}", UserWarning, stacklevel=4)
+
+
+    def _structured_outputs_config(self) -> StructuredOutputsConfig:
+        """``structured_outputs_config``, or the same settings under vLLM 0.11's guided_decoding_* names."""
+        older = {
+            name: getattr(self, f"guided_decoding_{name}")
+            for name in ("backend", "disable_any_whitespace", "disable_additional_properties")
+            if getattr(self, f"guided_decoding_{name}") is not None
+        }
+        if older and self.structured_outputs_config is not None:
+            raise ValueError(
+                "structured_outputs_config and guided_decoding_* set the same things: pass structured_outputs_config only"
+            )
+        return StructuredOutputsConfig.from_user(older or self.structured_outputs_config)
 
 
     def _config_overrides(self) -> Any:

@@ -16,7 +16,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "fxllm"
 PACKAGE = "fxllm"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("fxllm.config", "fxllm.sampling_params", "fxllm.outputs", "fxllm.utils", "fxllm.forward_context",
-              "fxllm.inputs", "fxllm.hf_config", "fxllm.validation", "fxllm.metrics")),
+              "fxllm.inputs", "fxllm.hf_config", "fxllm.validation", "fxllm.metrics", "fxllm.structured_outputs")),
     ("parallel layout", ("fxllm.parallel",)),
     ("models", ("fxllm.models", "fxllm.attention")),
     ("passes", ("fxllm.passes",)),

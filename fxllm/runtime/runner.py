@@ -42,6 +42,7 @@ from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
+from fxllm.runtime.structured_outputs.bitmask import GrammarBitmask
 from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.step_observer import StepPhases
 from fxllm.runtime.step_result import LaunchedStep
@@ -114,6 +115,7 @@ class ModelRunner:
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
         self.penalty_state = PenaltyState(config.scheduler.max_num_seqs, self.vocab_size, self.device)
+        self.grammar_bitmask = GrammarBitmask(config.scheduler.max_num_seqs, self.vocab_size, self.device)
         self.backend = select_attention_backend(self.device)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
@@ -309,8 +311,12 @@ class ModelRunner:
                 logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
         launched = LaunchedStep(plan.step, plan.sampling)
         if plan.sampling:
+            with self.phases("grammar masks"):
+                grammar = self.grammar_bitmask.fill(plan.sampling)
             with self.phases("sampling batch"):
-                batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device, self.penalty_state)
+                batch = SamplingBatch.from_requests(
+                    plan.sampling, self.vocab_size, self.device, self.penalty_state, grammar
+                )
             with self.phases("device work"):
                 sampled = self.sampler(logits[:num_samples], batch)
             launched.set_sampled(sampled)

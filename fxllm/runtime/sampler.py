@@ -1,6 +1,8 @@
 """Batched sampling on the device, as vLLM defines it.
 
-Order: raw logits -> logprobs (vLLM's default: before any processing) ->
+Order: raw logits -> the structured-outputs mask of constrained rows (as vLLM, before
+logprobs: they are those of the constrained distribution) -> logprobs (vLLM's default:
+before any other processing) ->
 allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias ->
 penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> sample (plain
 temperature sampling on a GPU: one Triton pass, sampling_kernels.py).
@@ -17,6 +19,7 @@ import torch
 
 from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.request import Request
+from fxllm.runtime.structured_outputs.bitmask import StepBitmask
 
 
 @dataclass
@@ -38,6 +41,7 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     penalties: "Penalties | None"
     num_logprobs: int | None  # most top logprobs any row asks for
+    grammar: StepBitmask | None = None  # the structured-outputs masks of constrained rows
 
     @property
     def processes_logits(self) -> bool:
@@ -45,7 +49,8 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(
-        cls, requests: list[Request], vocab_size: int, device: torch.device, penalty_state: PenaltyState
+        cls, requests: list[Request], vocab_size: int, device: torch.device, penalty_state: PenaltyState,
+        grammar: StepBitmask | None = None,
     ) -> "SamplingBatch":
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
@@ -79,6 +84,7 @@ class SamplingBatch:
             bias=_logit_bias(requests, device),
             penalties=Penalties.from_requests(requests, penalty_state),
             num_logprobs=max(asked) if asked else None,
+            grammar=grammar,
         )
 
 
@@ -173,7 +179,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # [B, V] in the model's dtype: fp32 where a step needs it, the one-pass sampler reads
-        # them as they are (an argmax is the same in either).
+        # them as they are (an argmax is the same in either). Masked in place: the caller's
+        # tensor holds this step's logits only.
+        if batch.grammar is not None:
+            batch.grammar.apply(logits)
         raw_logprobs = logits.float().log_softmax(dim=-1) if batch.num_logprobs is not None else None
         if batch.processes_logits:
             logits = _process(logits.float(), batch)
