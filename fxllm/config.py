@@ -453,11 +453,14 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # vLLM's engine-level logits processors: classes (or their qualified names), built per engine.
+    # vLLM's batch-level logits processors: their classes (engine_args loads qualified names), built per engine.
     logits_processors: tuple = field(default=(), compare=False, hash=False)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     profiler_dir: str | None = None  # where start_profile() writes its traces
 
+
+# vLLM's name of the engine's configuration: what its logits processors are built with.
+VllmConfig = EngineConfig
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 

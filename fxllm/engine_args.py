@@ -55,6 +55,7 @@ from fxllm.models.pooling import is_pooling_checkpoint, resolve_pooler_config, s
 from fxllm.models.quantization import quantization_method as resolve_quantization_method
 from fxllm.models.registry import MULTIMODAL_ARCHITECTURES, POOLING_ONLY_ARCHITECTURES, resolve_architecture
 from fxllm.runtime.executor.multiproc import check_tensor_parallel_support
+from fxllm.runtime.logits_processors import load_logits_processor_classes
 from fxllm.validation import INT64_MAX, INT64_MIN, check_bool, check_int, check_number, check_optional
 from fxllm.vllm_engine_args import VLLM_ENGINE_ARGS
 
@@ -191,7 +192,7 @@ class EngineArgs(_VllmOnlyArgs):
                 self.tensor_parallel_size, worker_multiproc_method(),
                 disable_custom_all_reduce=self.disable_custom_all_reduce,
             ),
-            logits_processors=tuple(self.logits_processors or ()),
+            logits_processors=self._logits_processor_classes(runner_type),
             structured_outputs=self._structured_outputs_config(),
             profiler_dir=torch_profiler_dir(self.profiler_config),
         )
@@ -244,6 +245,13 @@ class EngineArgs(_VllmOnlyArgs):
                 raise ValueError(refusal(field_.name, value))
         if no_effect:
             warnings.warn(f"these vLLM arguments change nothing in fxllm: {'; '.join(no_effect)}", UserWarning, stacklevel=4)
+
+
+    def _logits_processor_classes(self, runner_type: str) -> tuple:
+        """The classes of ``logits_processors``, loaded (a name that does not load is an error here)."""
+        if self.logits_processors and runner_type == "pooling":
+            raise ValueError("logits_processors apply to generative models, but this one pools: drop them")
+        return load_logits_processor_classes(tuple(self.logits_processors or ()))
 
 
     def _structured_outputs_config(self) -> StructuredOutputsConfig:

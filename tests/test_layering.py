@@ -16,14 +16,15 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "fxllm"
 PACKAGE = "fxllm"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("fxllm.config", "fxllm.sampling_params", "fxllm.outputs", "fxllm.utils", "fxllm.forward_context",
-              "fxllm.inputs", "fxllm.hf_config", "fxllm.validation", "fxllm.metrics", "fxllm.structured_outputs")),
+              "fxllm.inputs", "fxllm.hf_config", "fxllm.validation", "fxllm.metrics", "fxllm.structured_outputs",
+              "fxllm.v1.sample")),
     ("parallel layout", ("fxllm.parallel",)),
     ("models", ("fxllm.models", "fxllm.attention")),
     ("passes", ("fxllm.passes",)),
     ("compiler", ("fxllm.compiler",)),
     ("runtime", ("fxllm.runtime",)),
     ("API face", ("fxllm", "fxllm.llm", "fxllm.engine_args", "fxllm.engine_arg_support", "fxllm.vllm_engine_args",
-                  "fxllm.beam_search")),
+                  "fxllm.beam_search", "fxllm.v1")),
     ("CLI", ("fxllm.cli", "fxllm.inspection")),
 ]
 

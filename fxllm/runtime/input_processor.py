@@ -17,6 +17,7 @@ from fxllm.config import EngineConfig
 from fxllm.inputs import PromptType
 from fxllm.runtime.chat import CONTENT_FORMATS, render_conversation
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
+from fxllm.runtime.logits_processors import validate_request_params
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.runtime.multimodal.processor import MultiModalProcessor, check_mm_data
 from fxllm.runtime.request import Request
@@ -372,6 +373,7 @@ class InputProcessor:
             )
         bad_word_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [])
         _check_some_token_allowed(params, bad_word_ids, stop_ids, self.vocab_size, index)
+        validate_request_params(self.config.logits_processors, params, index)
         grammar = self.compiled_grammar(params, index)
         requests = []
         for completion in range(params.n):

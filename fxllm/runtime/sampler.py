@@ -3,8 +3,10 @@
 Order: raw logits -> the structured-outputs mask of constrained rows (as vLLM, before
 logprobs: they are those of the constrained distribution) -> logprobs (vLLM's default:
 before any other processing) ->
-allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias ->
-penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> sample (plain
+allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias -> custom logits
+processors (vLLM's batch-level ones that may change an argmax, then per-request callables) ->
+penalties -> greedy argmax, or temperature -> min_p -> argmax-invariant batch-level
+processors -> top-k -> top-p -> sample (plain
 temperature sampling on a GPU: one Triton pass, sampling_kernels.py).
 No loop over the vocabulary; the only per-request Python is building the batch's
 tensors and the noise draw of seeded requests (each from its own generator, so a
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxllm.runtime.logits_processors import ProcessorStep, apply_request_processors
 from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.request import Request
 from fxllm.runtime.structured_outputs.bitmask import StepBitmask
@@ -42,15 +45,19 @@ class SamplingBatch:
     penalties: "Penalties | None"
     num_logprobs: int | None  # most top logprobs any row asks for
     grammar: StepBitmask | None = None  # the structured-outputs masks of constrained rows
+    processors: ProcessorStep | None = None  # the engine's batch-level logits processors
+    # The step's requests, when one of them has per-request logits processors.
+    with_request_processors: list[Request] | None = None
 
     @property
     def processes_logits(self) -> bool:
-        return any(x is not None for x in (self.allowed, self.banned, self.bias, self.penalties))
+        parts = (self.allowed, self.banned, self.bias, self.penalties, self.with_request_processors)
+        return any(x is not None for x in parts) or (self.processors is not None and self.processors.changes_argmax)
 
     @classmethod
     def from_requests(
         cls, requests: list[Request], vocab_size: int, device: torch.device, penalty_state: PenaltyState,
-        grammar: StepBitmask | None = None,
+        grammar: StepBitmask | None = None, processors: ProcessorStep | None = None,
     ) -> "SamplingBatch":
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
@@ -85,6 +92,8 @@ class SamplingBatch:
             penalties=Penalties.from_requests(requests, penalty_state),
             num_logprobs=max(asked) if asked else None,
             grammar=grammar,
+            processors=processors,
+            with_request_processors=requests if any(p.logits_processors for p in params) else None,
         )
 
 
@@ -212,6 +221,8 @@ class Sampler:
         logits = logits.float() / batch.temperature[:, None]
         if batch.min_p is not None:
             logits = _apply_min_p(logits, batch.min_p)
+        if batch.processors is not None:
+            logits = batch.processors.apply(logits, argmax_invariant=True)
         if batch.top_k is not None or batch.top_p is not None:
             logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         return _sample_exponential(logits, batch.generators, self.generator)
@@ -220,7 +231,8 @@ class Sampler:
 def _samples_in_one_pass(logits: torch.Tensor, batch: SamplingBatch) -> bool:
     """Plain temperature sampling on a GPU runs as one Triton pass (sampling_kernels.py);
     min_p, top-k and top-p need the whole row's distribution first, and stay in torch."""
-    return logits.is_cuda and batch.min_p is None and batch.top_k is None and batch.top_p is None
+    plain = batch.min_p is None and batch.top_k is None and batch.top_p is None
+    return logits.is_cuda and plain and (batch.processors is None or not batch.processors.has_argmax_invariant)
 
 
 def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -232,6 +244,10 @@ def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.bias is not None:
         rows, tokens, values = batch.bias
         logits = logits.index_put((rows, tokens), values, accumulate=True)
+    if batch.processors is not None:
+        logits = batch.processors.apply(logits, argmax_invariant=False)
+    if batch.with_request_processors is not None:
+        apply_request_processors(logits, batch.with_request_processors)
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
     return logits
