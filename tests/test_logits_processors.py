@@ -176,3 +176,14 @@ def test_batch_updates_keep_every_request_at_its_index_whatever_the_step_order()
         logits = torch.tensor([[float(r.sampling_params.extra_args["id"])] for r in live])
         processed = step.apply(logits, argmax_invariant=False)
         assert torch.equal(processed, logits + 1.0)
+
+
+@pytest.mark.gpu
+def test_the_examples_processors_on_a_gpu_engine_with_its_defaults(llama_dir):
+    """Compiled, CUDA graphs; batch-level processors make the engine wait for each step's tokens."""
+    outputs = example.run(str(llama_dir), example.TargetTokenLogitsProcessor, TARGETS, max_model_len=MAX_MODEL_LEN)
+    max_tokens = example.sampling_params(TARGETS)[0].max_tokens
+    assert outputs[0].outputs[0].token_ids == [TARGETS[0]] * max_tokens
+    assert outputs[2].outputs[0].token_ids == [TARGETS[1]] * max_tokens
+    # The other requests are not forced (their exact tokens are checked on the CPU).
+    assert len(set(outputs[1].outputs[0].token_ids + outputs[3].outputs[0].token_ids)) > 2

@@ -388,3 +388,41 @@ def test_the_bitmask_matches_xgrammars_and_leaves_other_rows_alone():
     xgr.apply_token_bitmask_inplace(expected, full, vocab_size=vocab, indices=[1, 3])
     apply_token_bitmask(logits, bitmask, torch.tensor([1, 3]))
     assert torch.equal(logits, expected)
+
+
+# ---- on a GPU: compiled, CUDA graphs, async scheduling, the one-pass sampling kernel -------------
+
+
+@pytest.mark.gpu
+def test_structured_outputs_on_a_gpu_engine_with_its_defaults(llama_dir):
+    llm = LLM(model=str(llama_dir), max_model_len=MAX_MODEL_LEN)  # compiled, CUDA graphs, async scheduling
+    assert llm.llm_engine.async_scheduling
+    prompts = _prompts(NUM_PROMPTS)
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    schema = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    params = _sampled(schema)  # plain temperature sampling: the one-pass kernel
+    params[:4] = [free] * 4
+    params[4:8] = _sampled(StructuredOutputsParams(regex=REGEX), 4)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    # (Exact tokens of free requests are checked on the CPU: in half precision a batch's shape
+    # can change the logits themselves.)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outputs[:4])
+    for output in outputs[4:8]:
+        assert re.fullmatch(REGEX, output.outputs[0].text)
+    for output in outputs[8:]:
+        assert output.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.gpu
+def test_the_bitmask_on_a_gpu_matches_xgrammars_kernel():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    vocab, words = 151936, 4748
+    logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, generator=generator)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (64, words), dtype=torch.int32, device="cuda", generator=generator)
+    rows = list(range(0, 64, 3))
+    expected = logits.clone()
+    xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=vocab, indices=rows)
+    apply_token_bitmask(logits, bitmask[rows], torch.tensor(rows, device="cuda"))
+    assert torch.equal(logits, expected)

@@ -33,7 +33,6 @@ class StepBitmask:
 class GrammarBitmask:
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device):
         self.max_rows = max_rows
-        self.vocab_size = vocab_size
         self.words = cdiv(vocab_size, BITS_PER_WORD)
         self.device = device
         self.host: torch.Tensor | None = None  # [max_rows, words] int32; allocated on first use

@@ -28,14 +28,13 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...], config: StructuredOutputsConfig):
         xgr = import_xgrammar()
-        self.vocab_size = vocab_size
         self.config = config
         # The EOS ids end a grammar (with each request's own stop tokens: matcher.py).
-        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
+        tokenizer_info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(eos_token_ids) or None
         )
         # Our cache below keys on the constraint itself; xgrammar's would hold a second copy.
-        self._compiler = xgr.GrammarCompiler(self.tokenizer_info, cache_enabled=False)
+        self._compiler = xgr.GrammarCompiler(tokenizer_info, cache_enabled=False)
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self.num_compiled = 0  # constraints compiled (not served from the cache)
 
@@ -49,7 +48,7 @@ class GrammarCompiler:
             self._cache.move_to_end(key)
             return compiled
         try:
-            compiled = self._compile(params, key)
+            compiled = self._compile(key)
         except Exception as error:  # xgrammar raises RuntimeError, ValueError and its own types
             raise ValueError(
                 f"prompt {index}: the structured outputs {params.kind} does not compile: {_first_line(error)}"
@@ -73,7 +72,7 @@ class GrammarCompiler:
     def _any_whitespace(self, params: StructuredOutputsParams) -> bool:
         return not (params.disable_any_whitespace or self.config.disable_any_whitespace)
 
-    def _compile(self, params: StructuredOutputsParams, key: tuple) -> Any:
+    def _compile(self, key: tuple) -> Any:
         kind, spec, json_options = key
         compiler = self._compiler
         if kind in ("json", "json_object"):
