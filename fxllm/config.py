@@ -470,6 +470,39 @@ class ParallelConfig:
     disable_custom_all_reduce: bool = False
 
 
+# Structured-output backends: "auto" chooses xgrammar, the only one fxllm has.
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """vLLM's ``structured_outputs_config``: the backend, and JSON options for every request."""
+
+    backend: str = "auto"
+    disable_any_whitespace: bool = False  # compact JSON for every request
+    disable_additional_properties: bool = False  # always in effect with xgrammar (its strict mode)
+
+    def __post_init__(self) -> None:
+        if self.backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise ValueError(
+                f"structured outputs backend {self.backend!r} is not supported: fxllm runs structured outputs on "
+                f"xgrammar; use backend 'auto' or 'xgrammar'"
+            )
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"structured_outputs_config.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_user(cls, value: "StructuredOutputsConfig | dict | None") -> "StructuredOutputsConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return _fields_from_dict(cls, value, "structured_outputs_config")
+        raise TypeError(f"structured_outputs_config must be a dict or a StructuredOutputsConfig, got {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
@@ -479,10 +512,14 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # vLLM's engine-level logits processors: classes (or their qualified names), built per engine.
+    # vLLM's batch-level logits processors: their classes (engine_args loads qualified names), built per engine.
     logits_processors: tuple = field(default=(), compare=False, hash=False)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     profiler: ProfilerConfig = field(default_factory=lambda: ProfilerConfig.from_user(None))  # start_profile()
 
+
+# vLLM's name of the engine's configuration: what its logits processors are built with.
+VllmConfig = EngineConfig
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
@@ -631,6 +668,3 @@ class WeightTransferConfig:
 
     backend: str = "nccl"
 
-
-# vLLM's name for the whole engine configuration (logits processors are given it).
-VllmConfig = EngineConfig

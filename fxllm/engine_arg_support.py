@@ -34,7 +34,8 @@ HONOURED = frozenset({
     "disable_mm_preprocessor_cache", "num_gpu_blocks_override", "compilation_config", "generation_config",
     "override_generation_config", "async_scheduling", "pooler_config", "override_pooler_config",
     "scheduling_policy", "logits_processors", "rope_scaling", "rope_theta", "language_model_only",
-    "distributed_executor_backend", "profiler_config",
+    "distributed_executor_backend", "profiler_config", "structured_outputs_config", "guided_decoding_backend",
+    "guided_decoding_disable_any_whitespace", "guided_decoding_disable_additional_properties",
 })
 
 # Arguments that change nothing fxllm computes or holds: logging, hub downloads, transports
@@ -81,9 +82,7 @@ REFUSED_BECAUSE: dict[str, str] = {
           "enable_tower_connector_lora", "specialize_active_lora"),
          "LoRA adapters are not supported yet"),
         (("speculative_config",), "speculative decoding is not supported yet"),
-        (("structured_outputs_config", "guided_decoding_backend", "guided_decoding_disable_additional_properties",
-          "guided_decoding_disable_any_whitespace", "reasoning_parser", "reasoning_parser_plugin", "reasoning_config"),
-         "structured outputs are not supported yet"),
+        (("reasoning_parser", "reasoning_parser_plugin", "reasoning_config"), "reasoning parsers are not supported yet"),
         (("kv_cache_dtype", "calculate_kv_scales", "kv_cache_dtype_skip_layers"),
          "the KV cache is stored in the model's dtype only"),
         (("data_parallel_size", "data_parallel_rank", "data_parallel_start_rank", "data_parallel_size_local",

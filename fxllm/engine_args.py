@@ -38,6 +38,7 @@ from fxllm.config import (
     PoolerConfig,
     ProfilerConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
     cpu_kvcache_space_bytes,
     derive_max_model_len,
     mm_input_cache_bytes,
@@ -54,6 +55,7 @@ from fxllm.models.pooling import is_pooling_checkpoint, resolve_pooler_config, s
 from fxllm.models.quantization import quantization_method as resolve_quantization_method
 from fxllm.models.registry import MULTIMODAL_ARCHITECTURES, POOLING_ONLY_ARCHITECTURES, resolve_architecture
 from fxllm.runtime.executor.multiproc import check_tensor_parallel_support
+from fxllm.runtime.logits_processors import load_logits_processor_classes
 from fxllm.validation import INT64_MAX, INT64_MIN, check_bool, check_int, check_number, check_optional
 from fxllm.vllm_engine_args import VLLM_ENGINE_ARGS
 
@@ -123,6 +125,10 @@ class EngineArgs(_VllmOnlyArgs):
     skip_tokenizer_init: bool = False
     scheduling_policy: str = "fcfs"
     logits_processors: list | None = None
+    structured_outputs_config: StructuredOutputsConfig | dict | None = None  # {"backend": "xgrammar", ...}
+    guided_decoding_backend: str | None = None  # vLLM 0.11's names of structured_outputs_config's fields
+    guided_decoding_disable_any_whitespace: bool | None = None
+    guided_decoding_disable_additional_properties: bool | None = None
     profiler_config: ProfilerConfig | dict | None = None  # start_profile()'s settings
 
     def create_engine_config(self) -> EngineConfig:
@@ -186,7 +192,8 @@ class EngineArgs(_VllmOnlyArgs):
                 self.tensor_parallel_size, worker_multiproc_method(),
                 disable_custom_all_reduce=self.disable_custom_all_reduce,
             ),
-            logits_processors=tuple(self.logits_processors or ()),
+            logits_processors=self._logits_processor_classes(runner_type),
+            structured_outputs=self._structured_outputs_config(),
             profiler=ProfilerConfig.from_user(self.profiler_config),
         )
         if self.tensor_parallel_size > 1:
@@ -238,6 +245,27 @@ class EngineArgs(_VllmOnlyArgs):
                 raise ValueError(refusal(field_.name, value))
         if no_effect:
             warnings.warn(f"these vLLM arguments change nothing in fxllm: {'; '.join(no_effect)}", UserWarning, stacklevel=4)
+
+
+    def _logits_processor_classes(self, runner_type: str) -> tuple:
+        """The classes of ``logits_processors``, loaded (a name that does not load is an error here)."""
+        if self.logits_processors and runner_type == "pooling":
+            raise ValueError("logits_processors apply to generative models, but this one pools: drop them")
+        return load_logits_processor_classes(tuple(self.logits_processors or ()))
+
+
+    def _structured_outputs_config(self) -> StructuredOutputsConfig:
+        """``structured_outputs_config``, or the same settings under vLLM 0.11's guided_decoding_* names."""
+        older = {
+            name: getattr(self, f"guided_decoding_{name}")
+            for name in ("backend", "disable_any_whitespace", "disable_additional_properties")
+            if getattr(self, f"guided_decoding_{name}") is not None
+        }
+        if older and self.structured_outputs_config is not None:
+            raise ValueError(
+                "structured_outputs_config and guided_decoding_* set the same things: pass structured_outputs_config only"
+            )
+        return StructuredOutputsConfig.from_user(older or self.structured_outputs_config)
 
 
     def _config_overrides(self) -> Any:

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+# GuidedDecodingParams is re-exported: vLLM scripts import both from here.
+from fxllm.structured_outputs import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401
 from fxllm.validation import INT64_MAX, INT64_MIN, check_bool, check_int, check_number, check_optional, is_int
 
 # Below this temperature sampling is greedy, as in vLLM.
@@ -70,6 +72,8 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = None  # free for custom logits processors (vLLM's)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: up to max_model_len)
     logits_processors: list[LogitsProcessor] | None = None  # vLLM 0.11's per-request processors
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar ...
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name of structured_outputs
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     skip_clone: bool = False
 
@@ -79,6 +83,8 @@ class SamplingParams:
     def _normalize(self) -> None:
         """Check every field, then bring it to the form the engine reads (as vLLM does)."""
         self._validate()
+        if self.guided_decoding is not None:
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if self.seed == -1:
             self.seed = None
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -151,6 +157,14 @@ class SamplingParams:
             not isinstance(self.logits_processors, (list, tuple)) or not all(callable(p) for p in self.logits_processors)
         ):
             raise TypeError("logits_processors must be a list of callables (output_ids, logits) -> logits")
+        for name in ("structured_outputs", "guided_decoding"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, StructuredOutputsParams):
+                raise TypeError(f"{name} must be a StructuredOutputsParams, got {type(value).__name__}")
+            if value is not None:
+                value.validate()
+        if self.guided_decoding is not None and self.structured_outputs not in (None, self.guided_decoding):
+            raise ValueError("structured_outputs and guided_decoding are one setting under two names: pass one")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         if self.output_kind is RequestOutputKind.DELTA:

@@ -17,7 +17,8 @@ PACKAGE = "fxllm"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("fxllm.config", "fxllm.sampling_params", "fxllm.outputs", "fxllm.utils", "fxllm.forward_context",
               "fxllm.inputs", "fxllm.hf_config", "fxllm.validation", "fxllm.metrics", "fxllm.lora", "fxllm.logger",
-              "fxllm.multimodal", "fxllm.distributed", "fxllm.platforms")),
+              "fxllm.multimodal", "fxllm.distributed", "fxllm.platforms", "fxllm.structured_outputs",
+              "fxllm.v1.sample")),
     ("parallel layout", ("fxllm.parallel",)),
     ("models", ("fxllm.models", "fxllm.attention")),
     ("passes", ("fxllm.passes",)),

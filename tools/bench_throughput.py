@@ -25,6 +25,13 @@ and sums them by kind: steps of decodes alone (one CUDA graph each) against step
 carry prompt tokens, and for the decode steps the KV cache bytes they read per second.
 Under async scheduling a step's wall time is the time between launches, which in a
 steady run is the device's time for the step.
+
+``--structured`` runs the workload a second time with every request under a JSON schema
+(structured outputs on xgrammar) and reports its throughput beside the free run's, with
+the host milliseconds per step that filling and copying the token bitmasks takes. The
+random model then gets a real tokenizer (``--structured-tokenizer``, the default model's
+if not given: 49,152 tokens, the rest of the vocabulary is padding), since JSON cannot be
+written with the word-level one. Requests end where their JSON does or at max_tokens.
 """
 
 from __future__ import annotations
@@ -64,6 +71,20 @@ PROFILE_AFTER_STEPS = 200  # past the first steps, which prefill most of the 256
 PROFILE_TOP_KERNELS = 15
 PROFILER_WARMUP_STEPS = 1  # the profiler's own start-up lands here, not in the measured steps
 STEP_LOG_BATCH_BUCKETS = (1, 32, 64, 128, 192, 256)  # decode steps summed by batch size up to each bound
+# --structured: a record with nested objects, arrays, enums and bounded integers. Strings and arrays
+# are unbounded, so that random weights write long outputs as the free run does.
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+                    "required": ["city", "zip"]},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "role", "address", "notes"],
+}
 
 
 @dataclass
@@ -83,10 +104,13 @@ def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tup
     return Workload(prompts, max_tokens)
 
 
-def bench_fxllm(llm: LLM, workload: Workload) -> dict:
+def bench_fxllm(llm: LLM, workload: Workload, schema: dict | None = None) -> dict:
     from fxllm import SamplingParams
+    from fxllm.sampling_params import StructuredOutputsParams
 
-    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+    constraint = None if schema is None else StructuredOutputsParams(json=schema)
+    params = [SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=n, structured_outputs=constraint)
+              for n in workload.max_tokens]
     prompts = [{"prompt_token_ids": ids} for ids in workload.prompts]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -164,6 +188,52 @@ def summarize_steps(records: list[StepRecord], kv_bytes_per_token: int, preempti
         "decode_only": summary(decodes),
         "decode_only_by_batch": by_batch,
     }
+
+
+def run_structured(llm: LLM, workload: Workload) -> dict:
+    """The workload with every request under STRUCTURED_SCHEMA, with host ms per step by phase.
+    The schema is compiled first, by a warm-up request (a one-off cost, reported apart)."""
+    from fxllm import SamplingParams
+    from fxllm.sampling_params import StructuredOutputsParams
+
+    start = time.perf_counter()
+    warmup = SamplingParams(max_tokens=WARMUP_TOKENS, structured_outputs=StructuredOutputsParams(json=STRUCTURED_SCHEMA))
+    llm.generate({"prompt_token_ids": WARMUP_PROMPT}, warmup, use_tqdm=False)
+    compile_seconds = time.perf_counter() - start
+    seconds_by_phase: dict[str, float] = {}
+    steps = []
+
+    class PhaseTotals:
+        def on_phase(self, phase: str, seconds: float) -> None:
+            seconds_by_phase[phase] = seconds_by_phase.get(phase, 0.0) + seconds
+
+        def on_step_end(self, scheduled, seconds: float) -> None:
+            if scheduled.scheduled:
+                steps.append(seconds)
+
+    observer = PhaseTotals()
+    llm.llm_engine.add_step_observer(observer)
+    try:
+        result = bench_fxllm(llm, workload, STRUCTURED_SCHEMA)
+    finally:
+        llm.llm_engine.remove_step_observer(observer)
+    per_step = {phase: round(total * 1e3 / len(steps), 3) for phase, total in seconds_by_phase.items()}
+    result["steps"] = len(steps)
+    result["schema_compile_and_warmup_s"] = round(compile_seconds, 3)
+    result["grammar_mask_ms_per_step"] = per_step.get("grammar masks", 0.0)
+    result["host_ms_per_step_by_phase"] = per_step
+    return result
+
+
+def use_tokenizer(model_dir: Path, source: str | None) -> None:
+    """Replace the random model's word-level tokenizer by a real one (the default model's)."""
+    from transformers import AutoTokenizer
+
+    if source is None:
+        from fxllm import default_model
+
+        source = default_model()
+    AutoTokenizer.from_pretrained(source).save_pretrained(model_dir)
 
 
 def profile_steps(llm: LLM, workload: Workload, skip: int, steps: int, top: int) -> dict:
@@ -301,6 +371,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     if args.compare_torch_sampler:
         _release(on_gpu)
         result["fxllm_torch_sampler"] = _run_with_torch_sampler(args, model_dir, workload)
+    if args.structured:
+        _release(on_gpu)
+        result["fxllm_structured"] = run_structured(_engine(args, model_dir, args.pass_config), workload)
     return result
 
 
@@ -325,12 +398,16 @@ def print_table(result: dict) -> None:
     print(f"{'fxllm level ' + str(result['level']):<34} {fx['requests']:>8} {fx['output_tok_s']:>12} "
           f"{fx['total_tok_s']:>11} {fx['seconds']:>8}")
     others = (("fxllm_passes_off", "FX passes off"), ("fxllm_sync", "async scheduling off"),
-              ("fxllm_torch_sampler", "torch sampling path"))
+              ("fxllm_torch_sampler", "torch sampling path"), ("fxllm_structured", "JSON schema"))
     for key, label in others:
         if key in result:
             other = result[key]
             print(f"{'fxllm level ' + str(result['level']) + ', ' + label:<34} {other['requests']:>8} "
                   f"{other['output_tok_s']:>12} {other['total_tok_s']:>11} {other['seconds']:>8}")
+    if "fxllm_structured" in result:
+        structured = result["fxllm_structured"]
+        print(f"JSON schema run: {structured['steps']} steps, {structured['grammar_mask_ms_per_step']} host ms per step "
+              f"filling and copying the token bitmasks")
     if "hf" in result:
         hf, same = result["hf"], result["fxllm_same_as_hf"]
         print(f"{'HF generate (useful tokens)':<34} {hf['requests']:>8} {hf['useful_tok_s']:>12} "
@@ -377,6 +454,10 @@ def parse_args() -> argparse.Namespace:
                         help="also run the workload with the sampler's torch path (not the one-pass GPU kernel)")
     parser.add_argument("--compare-sync", action="store_true",
                         help="also run the workload with async scheduling off (each step waits for the last one's tokens)")
+    parser.add_argument("--structured", action="store_true",
+                        help="also run the workload with every request under a JSON schema (see above)")
+    parser.add_argument("--structured-tokenizer", default=None, metavar="DIR",
+                        help="the tokenizer of --structured runs (default: the default model's)")
     parser.add_argument("--pass-config", type=json.loads, default=None, metavar="JSON",
                         help='pass_config of the main run, e.g. \'{"enable_qk_norm_rope_fusion": false}\'')
     parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
@@ -407,6 +488,8 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model.write_random_model(args.shape, Path(scratch) / args.shape)
+        if args.structured:
+            use_tokenizer(model_dir, args.structured_tokenizer)
         result = run(args, model_dir)
     print_table(result)
     if "steps" in result:

@@ -17,9 +17,12 @@ from fxllm.config import EngineConfig
 from fxllm.inputs import PromptType
 from fxllm.runtime.chat import CONTENT_FORMATS, render_conversation
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
+from fxllm.runtime.logits_processors import validate_request_params
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.runtime.multimodal.processor import MultiModalProcessor, check_mm_data
 from fxllm.runtime.request import Request
+from fxllm.runtime.structured_outputs.compiler import GrammarCompiler
+from fxllm.runtime.structured_outputs.matcher import RequestGrammar
 from fxllm.sampling_params import ALL_LOGPROBS, SamplingParams
 from fxllm.validation import check_bool, check_int
 
@@ -98,6 +101,7 @@ class InputProcessor:
         if multimodal is not None and multimodal.takes_any():
             self.mm_processor = MultiModalProcessor(Path(model_config.model), model_config.hf_config, multimodal, tokenizer)
         self._request_counter = itertools.count()
+        self._grammar_compiler: GrammarCompiler | None = None  # built for the first constrained request
 
     def next_request_id(self) -> str:
         return str(next(self._request_counter))
@@ -374,6 +378,8 @@ class InputProcessor:
             )
         bad_word_ids = tokenize_bad_words(self.tokenizer, params.bad_words or [])
         _check_some_token_allowed(params, bad_word_ids, stop_ids, self.vocab_size, index)
+        validate_request_params(self.config.logits_processors, params, index)
+        grammar = self.compiled_grammar(params, index)
         requests = []
         for completion in range(params.n):
             generator = None
@@ -402,9 +408,26 @@ class InputProcessor:
                     multimodal=prompt.multimodal,
                     cache_salt=prompt.cache_salt,
                     priority=priority,
+                    grammar=None if grammar is None else RequestGrammar(grammar, frozenset(stop_ids)),
                 )
             )
         return requests
+
+    def compiled_grammar(self, params: SamplingParams, index: int) -> Any:
+        """The request's structured-outputs constraint compiled (once per distinct constraint), or None."""
+        constraint = params.structured_outputs
+        if constraint is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(
+                f"sampling params of prompt {index}: structured outputs need a tokenizer, but this engine was built "
+                f"with skip_tokenizer_init=True"
+            )
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.vocab_size, self.eos_token_ids, self.config.structured_outputs
+            )
+        return self._grammar_compiler.compile(constraint, index)
 
 
 def _check_some_token_allowed(

@@ -7,7 +7,9 @@ A prompt with ``n`` completions becomes ``n`` requests (``completion_index``
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +18,11 @@ from fxllm.runtime.detokenizer import IncrementalDetokenizer, find_stop_string
 from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.multimodal.inputs import MultiModalPrompt
 from fxllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from fxllm.runtime.structured_outputs.matcher import RequestGrammar
+
+logger = logging.getLogger(__name__)
 
 
 class RequestStatus(enum.Enum):
@@ -64,6 +71,7 @@ class Request:
     # Image or video index -> its embeddings [tokens, H], from the first step that computes one of its
     # tokens to the step that computes its last (see runtime/multimodal/embedder.py).
     encoder_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    grammar: RequestGrammar | None = None  # under structured outputs: the tokens that may come next
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -83,10 +91,10 @@ class Request:
 
     @property
     def samples_from_output(self) -> bool:
-        """Whether sampling its next token reads the tokens it generated on the host (bad words),
-        so a step cannot be launched for it while one of them is still on the device. (Penalties
-        count tokens on the device: runtime/penalty_state.py.)"""
-        return bool(self.bad_word_ids)
+        """Whether sampling its next token reads the tokens it generated on the host (bad words, a
+        grammar, per-request logits processors), so a step cannot be launched for it while one of
+        them is still on the device. (Penalties count tokens on the device: runtime/penalty_state.py.)"""
+        return bool(self.bad_word_ids) or self.grammar is not None or bool(self.sampling_params.logits_processors)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -117,6 +125,8 @@ class Request:
         return banned
 
     def append_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        if self.grammar is not None and not self._grammar_accepts(token_id):
+            return
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if logprobs is not None and self.logprobs is not None:
@@ -143,5 +153,20 @@ class Request:
                     self.finish_reason, self.stop_reason = "stop", stop
                     self.text_end = index + len(stop) if params.include_stop_str_in_output else index
                     return
+        if self.grammar is not None and self.grammar.terminated:
+            self.finish_reason = "stop"
+            return
         if len(self.output_token_ids) >= self.max_tokens:
             self.finish_reason = "length"
+
+    def _grammar_accepts(self, token_id: int) -> bool:
+        """Advance the grammar on a sampled token. One it does not allow (a logits processor put
+        back a token the mask had removed) ends the request, "abort", without that token."""
+        if self.grammar.accept(token_id):
+            return True
+        logger.warning(
+            "request %s: sampled token %d is not allowed by its structured outputs constraint (a logits processor "
+            "may have restored a masked token): the request is aborted", self.request_id, token_id,
+        )
+        self.finish_reason = "abort"
+        return False

@@ -36,12 +36,14 @@ from fxllm.models.sharded_state import save_sharded_state
 from fxllm.parallel.collectives import gather_logits
 from fxllm.parallel.tp_config import TPLayout
 from fxllm.runtime.cudagraph_dispatch import CUDAGraphPlan, capture_graphs
+from fxllm.runtime.logits_processors import ProcessorBatch
 from fxllm.runtime.multimodal.embedder import MultiModalEmbedder
 from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.sampler import Sampler, SamplingBatch
 from fxllm.runtime.request import Request
 from fxllm.runtime.scheduler import SchedulerOutput
 from fxllm.runtime.step_inputs import PreparedStep, StepInputs
+from fxllm.runtime.structured_outputs.bitmask import GrammarBitmask
 from fxllm.runtime.logprobs import TokenLogprobs
 from fxllm.runtime.step_observer import StepPhases
 from fxllm.runtime.step_result import LaunchedStep
@@ -114,6 +116,14 @@ class ModelRunner:
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
         self.penalty_state = PenaltyState(config.scheduler.max_num_seqs, self.vocab_size, self.device)
+        self.grammar_bitmask = GrammarBitmask(config.scheduler.max_num_seqs, self.vocab_size, self.device)
+        # vLLM's batch-level processors, on the rank that samples; they read outputs on the host,
+        # so their engine runs step by step under async scheduling.
+        self.logits_processors: ProcessorBatch | None = None
+        if config.logits_processors and rank == 0:
+            pin = self.device.type == "cuda"
+            instances = [cls(config, self.device, pin) for cls in config.logits_processors]
+            self.logits_processors = ProcessorBatch(instances, self.device)
         self.backend = select_attention_backend(self.device)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
@@ -309,10 +319,15 @@ class ModelRunner:
                     rows = torch.cat([rows.long(), torch.tensor(extra_rows, device=self.device)])
                 # One logits computation for every row that needs one (one gather under TP).
                 logits = self._logits(hidden[rows]) if rows.numel() else None  # [S + prompt rows, vocab]
-        launched = LaunchedStep(plan.step, plan.sampling)
+        launched = LaunchedStep(plan.step, plan.sampling, reads_outputs=self.logits_processors is not None)
         if plan.sampling:
+            with self.phases("grammar masks"):
+                grammar = self.grammar_bitmask.fill(plan.sampling)
             with self.phases("sampling batch"):
-                batch = SamplingBatch.from_requests(plan.sampling, self.vocab_size, self.device, self.penalty_state)
+                processors = self.logits_processors.step(plan.sampling) if self.logits_processors else None
+                batch = SamplingBatch.from_requests(
+                    plan.sampling, self.vocab_size, self.device, self.penalty_state, grammar, processors
+                )
             with self.phases("device work"):
                 sampled = self.sampler(logits[:num_samples], batch)
             launched.set_sampled(sampled)

@@ -1,8 +1,12 @@
 """Batched sampling on the device, as vLLM defines it.
 
-Order: raw logits -> logprobs (vLLM's default: before any processing) ->
-allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias ->
-penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> sample (plain
+Order: raw logits -> the structured-outputs mask of constrained rows (as vLLM, before
+logprobs: they are those of the constrained distribution) -> logprobs (vLLM's default:
+before any other processing) ->
+allowed_token_ids / banned tokens (min_tokens, bad_words) / logit_bias -> custom logits
+processors (vLLM's batch-level ones that may change an argmax, then per-request callables) ->
+penalties -> greedy argmax, or temperature -> min_p -> argmax-invariant batch-level
+processors -> top-k -> top-p -> sample (plain
 temperature sampling on a GPU: one Triton pass, sampling_kernels.py).
 No loop over the vocabulary; the only per-request Python is building the batch's
 tensors and the noise draw of seeded requests (each from its own generator, so a
@@ -15,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fxllm.runtime.logits_processors import ProcessorStep, apply_request_processors
 from fxllm.runtime.penalty_state import PenaltyState
 from fxllm.runtime.request import Request
+from fxllm.runtime.structured_outputs.bitmask import StepBitmask
 
 
 @dataclass
@@ -38,14 +44,20 @@ class SamplingBatch:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     penalties: "Penalties | None"
     num_logprobs: int | None  # most top logprobs any row asks for
+    grammar: StepBitmask | None = None  # the structured-outputs masks of constrained rows
+    processors: ProcessorStep | None = None  # the engine's batch-level logits processors
+    # The step's requests, when one of them has per-request logits processors.
+    with_request_processors: list[Request] | None = None
 
     @property
     def processes_logits(self) -> bool:
-        return any(x is not None for x in (self.allowed, self.banned, self.bias, self.penalties))
+        parts = (self.allowed, self.banned, self.bias, self.penalties, self.with_request_processors)
+        return any(x is not None for x in parts) or (self.processors is not None and self.processors.changes_argmax)
 
     @classmethod
     def from_requests(
-        cls, requests: list[Request], vocab_size: int, device: torch.device, penalty_state: PenaltyState
+        cls, requests: list[Request], vocab_size: int, device: torch.device, penalty_state: PenaltyState,
+        grammar: StepBitmask | None = None, processors: ProcessorStep | None = None,
     ) -> "SamplingBatch":
         params = [r.sampling_params for r in requests]
         greedy = [p.greedy for p in params]
@@ -79,6 +91,9 @@ class SamplingBatch:
             bias=_logit_bias(requests, device),
             penalties=Penalties.from_requests(requests, penalty_state),
             num_logprobs=max(asked) if asked else None,
+            grammar=grammar,
+            processors=processors,
+            with_request_processors=requests if any(p.logits_processors for p in params) else None,
         )
 
 
@@ -173,7 +188,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # [B, V] in the model's dtype: fp32 where a step needs it, the one-pass sampler reads
-        # them as they are (an argmax is the same in either).
+        # them as they are (an argmax is the same in either). Masked in place: the caller's
+        # tensor holds this step's logits only.
+        if batch.grammar is not None:
+            batch.grammar.apply(logits)
         raw_logprobs = logits.float().log_softmax(dim=-1) if batch.num_logprobs is not None else None
         if batch.processes_logits:
             logits = _process(logits.float(), batch)
@@ -203,6 +221,8 @@ class Sampler:
         logits = logits.float() / batch.temperature[:, None]
         if batch.min_p is not None:
             logits = _apply_min_p(logits, batch.min_p)
+        if batch.processors is not None:
+            logits = batch.processors.apply(logits, argmax_invariant=True)
         if batch.top_k is not None or batch.top_p is not None:
             logits = _apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         return _sample_exponential(logits, batch.generators, self.generator)
@@ -211,7 +231,8 @@ class Sampler:
 def _samples_in_one_pass(logits: torch.Tensor, batch: SamplingBatch) -> bool:
     """Plain temperature sampling on a GPU runs as one Triton pass (sampling_kernels.py);
     min_p, top-k and top-p need the whole row's distribution first, and stay in torch."""
-    return logits.is_cuda and batch.min_p is None and batch.top_k is None and batch.top_p is None
+    plain = batch.min_p is None and batch.top_k is None and batch.top_p is None
+    return logits.is_cuda and plain and (batch.processors is None or not batch.processors.has_argmax_invariant)
 
 
 def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -223,6 +244,10 @@ def _process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.bias is not None:
         rows, tokens, values = batch.bias
         logits = logits.index_put((rows, tokens), values, accumulate=True)
+    if batch.processors is not None:
+        logits = batch.processors.apply(logits, argmax_invariant=False)
+    if batch.with_request_processors is not None:
+        apply_request_processors(logits, batch.with_request_processors)
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
     return logits

@@ -21,6 +21,7 @@ PHASES = (
     "schedule",  # Scheduler.schedule
     "launch",  # the executor launching the step (the next three, and sending it to other ranks)
     "inputs",  # the step's input buffers, built on the host and copied
+    "grammar masks",  # the structured-outputs token bitmasks, filled on the host and copied
     "sampling batch",  # sampling parameters as device tensors
     "device work",  # model, logits and sampler: on a GPU the time to queue them, on a CPU to run them
     "wait for tokens",  # until the sampled tokens reach the host

@@ -30,9 +30,10 @@ class LaunchedStep:
     """A step whose device work is queued: its sampled ids stay on the device for the next step
     and are copied to the host without blocking; ``result()`` waits for that copy alone."""
 
-    def __init__(self, step: SchedulerOutput, sampling: list[Request]):
+    def __init__(self, step: SchedulerOutput, sampling: list[Request], reads_outputs: bool = False):
         self.step = step
         self.sampling = sampling  # the requests that sample, in row order
+        self.reads_outputs = reads_outputs  # the engine's logits processors read every request's outputs
         self.token_ids: torch.Tensor | None = None  # [S] on the device: the next step's pending inputs
         self.prompt_logprobs: dict[Request, list[TokenLogprobs]] = {}
         self._host: SamplerOutput | None = None  # the sampler's output, on its way to the host
@@ -47,7 +48,7 @@ class LaunchedStep:
     @functools.cached_property
     def needs_outputs(self) -> bool:
         """Whether a request's next sampling reads its outputs: the host must have them first."""
-        return any(request.samples_from_output for request in self.sampling)
+        return self.reads_outputs or any(request.samples_from_output for request in self.sampling)
 
     def set_sampled(self, output: SamplerOutput) -> None:
         self.token_ids = output.token_ids
